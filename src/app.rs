@@ -1,0 +1,393 @@
+//! The running daemon: build (load config, open store, bind listeners), run until shutdown,
+//! reload without restart.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::{SharedClock, SystemClock};
+use crate::config::{self, Config, ConfigError};
+use crate::notify::Senders;
+use crate::server::{self, Surface};
+use crate::store::Store;
+use crate::worker::Worker;
+
+/// The config in force and the clients built from it; swapped whole on reload.
+pub struct Live {
+    pub config: Arc<Config>,
+    pub senders: Senders,
+}
+
+impl Live {
+    pub fn new(config: Config) -> anyhow::Result<Live> {
+        let senders = Senders::new(&config).map_err(anyhow::Error::msg)?;
+        Ok(Live {
+            config: Arc::new(config),
+            senders,
+        })
+    }
+}
+
+/// What the HTTP edge, the worker and the background tasks share.
+pub struct Shared {
+    pub live: Arc<ArcSwap<Live>>,
+    pub store: Store,
+    pub worker: Arc<Worker>,
+    pub clock: SharedClock,
+    pub config_path: PathBuf,
+    reload_lock: tokio::sync::Mutex<()>,
+    last_call_ms: AtomicI64,
+    shutting_down: AtomicBool,
+}
+
+impl Shared {
+    /// Loads, validates and render-checks the config file again; swaps it in when good, keeps
+    /// the old one (and says why) when not. Calls arriving meanwhile use the old config.
+    pub async fn reload(&self, trigger: &str) -> Result<(), ConfigError> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let path = self.config_path.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let config = config::load(&path)?;
+            let problems = crate::commands::render_problems(&config);
+            if !problems.is_empty() {
+                return Err(ConfigError {
+                    source: path,
+                    problems,
+                });
+            }
+            Ok(config)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(ConfigError {
+                source: self.config_path.clone(),
+                problems: vec![config::Problem::new("reload", e.to_string())],
+            })
+        });
+        let config = match loaded {
+            Ok(c) => c,
+            Err(e) => {
+                crate::metrics::reload("failure");
+                tracing::error!(trigger, "reload refused, keeping the running config: {e}");
+                return Err(e);
+            }
+        };
+        let old = self.live.load_full();
+        if config.server.listen != old.config.server.listen
+            || config.store.path != old.config.store.path
+        {
+            tracing::warn!("server.listen and store.path take effect only after a restart");
+        }
+        for w in &config.warnings {
+            tracing::warn!("{w}");
+        }
+        let live = match Live::new(config) {
+            Ok(l) => l,
+            Err(e) => {
+                crate::metrics::reload("failure");
+                tracing::error!(trigger, error = %e, "reload refused, keeping the running config");
+                return Err(ConfigError {
+                    source: self.config_path.clone(),
+                    problems: vec![config::Problem::new("channels", e.to_string())],
+                });
+            }
+        };
+        let channels: Vec<String> = live.config.channels.keys().cloned().collect();
+        self.live.store(Arc::new(live));
+        crate::metrics::reload("success");
+        tracing::info!(trigger, channels = channels.len(), "config reloaded");
+        if let Ok(n) = self.store.kill_orphans(channels, self.clock.now_ms()).await {
+            if n > 0 {
+                tracing::warn!(deliveries = n, "deliveries for removed channels are now dead; replay them after restoring the channel");
+            }
+        }
+        self.worker.wake();
+        Ok(())
+    }
+
+    pub fn note_call(&self, now_ms: i64) {
+        self.last_call_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// Unix ms of the last accepted call, or 0.
+    pub fn last_call_ms(&self) -> i64 {
+        self.last_call_ms.load(Ordering::Relaxed)
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
+}
+
+pub struct App {
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+}
+
+impl App {
+    /// Loads the config, opens the store and binds the listeners (port 0 works).
+    pub async fn build(config_path: &Path) -> anyhow::Result<App> {
+        Self::build_with_clock(config_path, Arc::new(SystemClock)).await
+    }
+
+    pub async fn build_with_clock(config_path: &Path, clock: SharedClock) -> anyhow::Result<App> {
+        crate::metrics::handle(); // install the recorder before anything counts
+        let config = config::load(config_path)?;
+        for w in &config.warnings {
+            tracing::warn!("{w}");
+        }
+        let store = Store::open(&config.store.path)?;
+        let requeued = store.reset_inflight(clock.now_ms()).await?;
+        if requeued > 0 {
+            tracing::info!(
+                deliveries = requeued,
+                "requeued deliveries interrupted by the last stop"
+            );
+        }
+        let listener = TcpListener::bind(config.server.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+        let admin = match &config.admin {
+            Some(a) => Some(
+                TcpListener::bind(a.listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {} (admin)", a.listen))?,
+            ),
+            None => None,
+        };
+        let live = Arc::new(ArcSwap::from_pointee(Live::new(config)?));
+        let worker = Worker::new(store.clone(), live.clone(), clock.clone());
+        let last = store
+            .get_meta("last_call_at".into())
+            .await
+            .ok()
+            .flatten()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let shared = Arc::new(Shared {
+            live,
+            store,
+            worker,
+            clock,
+            config_path: config_path.to_path_buf(),
+            reload_lock: tokio::sync::Mutex::new(()),
+            last_call_ms: AtomicI64::new(last),
+            shutting_down: AtomicBool::new(false),
+        });
+        Ok(App {
+            shared,
+            listener,
+            admin,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Serves and delivers until `shutdown` resolves; then stops accepting, gives in-flight
+    /// deliveries `delivery.shutdown_grace` to finish, and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let App {
+            shared,
+            listener,
+            admin,
+        } = self;
+        let stop = CancellationToken::new();
+        let cfg = shared.live.load_full().config.clone();
+        let limits = server::Limits {
+            max_connections: cfg.server.max_connections,
+            header_read_timeout: cfg.server.header_read_timeout,
+        };
+        tracing::info!(
+            listen = %listener.local_addr()?,
+            webhook = %cfg.server.webhook_path,
+            admin = ?admin.as_ref().and_then(|l| l.local_addr().ok()),
+            rules = cfg.rules.len(),
+            channels = cfg.channels.len(),
+            store = %cfg.store.path.display(),
+            "callnotify is listening"
+        );
+        let mut servers = Vec::new();
+        let main_surface = Surface::Main {
+            with_admin: admin.is_none(),
+        };
+        servers.push(tokio::spawn(server::serve(
+            listener,
+            server::routes(shared.clone(), main_surface),
+            limits,
+            stop.clone(),
+        )));
+        if let Some(admin) = admin {
+            servers.push(tokio::spawn(server::serve(
+                admin,
+                server::routes(shared.clone(), Surface::Admin),
+                limits,
+                stop.clone(),
+            )));
+        }
+        let worker = tokio::spawn(shared.worker.clone().run(stop.clone()));
+        let background = tokio::spawn(background(shared.clone(), stop.clone()));
+
+        shutdown.await;
+        tracing::info!("shutting down: no new calls; finishing in-flight deliveries");
+        shared.shutting_down.store(true, Ordering::Relaxed);
+        stop.cancel();
+        let grace = shared.live.load().config.delivery.shutdown_grace;
+        let drained = tokio::time::timeout(grace, async {
+            for s in servers {
+                let _ = s.await;
+            }
+            let _ = worker.await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(grace = %humantime::format_duration(grace), "grace period over; unfinished deliveries resume at the next start");
+        }
+        let _ = background.await;
+        let _ = shared
+            .store
+            .set_meta("last_call_at".into(), shared.last_call_ms().to_string())
+            .await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Housekeeping: metrics gauges, pruning, SIGHUP, config file watching, the quiet-period alert.
+async fn background(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut hup = hangup();
+    let mut last_prune = 0i64;
+    let mut watched = mtimes(&shared);
+    let mut quiet = crate::quiet::QuietAlert::default();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = recv_hangup(&mut hup) => {
+                let _ = shared.reload("SIGHUP").await;
+                watched = mtimes(&shared);
+            }
+            _ = tick.tick() => {
+                let now = shared.clock.now_ms();
+                let live = shared.live.load_full();
+                if let Ok(stats) = shared.store.stats().await {
+                    crate::metrics::queue(&stats, now);
+                }
+                if now - last_prune > 3_600_000 {
+                    last_prune = now;
+                    let before = now - live.config.delivery.keep_delivered.as_millis() as i64;
+                    match shared.store.prune(before).await {
+                        Ok(n) if n > 0 => tracing::info!(calls = n, "pruned finished calls past retention"),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "pruning failed"),
+                    }
+                    let _ = shared.store.set_meta("last_call_at".into(), shared.last_call_ms().to_string()).await;
+                }
+                if live.config.server.watch_config {
+                    let now_mtimes = mtimes(&shared);
+                    if now_mtimes != watched {
+                        watched = now_mtimes;
+                        let _ = shared.reload("file change").await;
+                    }
+                }
+                if let Some(q) = &live.config.quiet_alert {
+                    quiet.check(&shared, q, now).await;
+                }
+            }
+        }
+    }
+}
+
+/// Modification times of the config file and every template, to notice edits.
+fn mtimes(shared: &Shared) -> Vec<(PathBuf, Option<SystemTime>)> {
+    let mut files = vec![shared.config_path.clone()];
+    let dir = shared.live.load().config.templates.dir().to_path_buf();
+    let mut stack = vec![dir];
+    while let Some(d) = stack.pop() {
+        if let Ok(entries) = std::fs::read_dir(&d) {
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    files.push(p);
+                }
+            }
+        }
+    }
+    files.sort();
+    files
+        .into_iter()
+        .map(|p| {
+            let t = std::fs::metadata(&p).and_then(|m| m.modified()).ok();
+            (p, t)
+        })
+        .collect()
+}
+
+#[cfg(unix)]
+type Hangup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangup = Option<()>;
+
+#[cfg(unix)]
+fn hangup() -> Hangup {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+}
+#[cfg(not(unix))]
+fn hangup() -> Hangup {
+    None
+}
+
+async fn recv_hangup(h: &mut Hangup) {
+    #[cfg(unix)]
+    if let Some(s) = h {
+        s.recv().await;
+        return;
+    }
+    let _ = h;
+    std::future::pending::<()>().await
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

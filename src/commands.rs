@@ -1,0 +1,468 @@
+//! One-shot commands: `check` (validate and render everything), `render` (the dry run),
+//! `deliveries list|retry` and `send-test`. They print; `main.rs` only parses arguments.
+
+use std::fmt::Write;
+
+use serde_json::{json, Value};
+
+use crate::config::{ChannelKind, Config, Problem};
+use crate::notify::{self, Meta, Outcome, Senders};
+use crate::payload::{self, Call};
+use crate::render::{self, Message};
+use crate::rules::{self, Action};
+use crate::store::{DeliveryRow, Store};
+
+/// Sample payloads shipped inside the binary: Air's documented examples, and edge cases every
+/// template must survive.
+pub fn samples() -> Vec<(&'static str, Call)> {
+    let fixture = |b: &[u8]| payload::parse(b).expect("embedded fixtures parse");
+    let data = fixture(include_bytes!("../tests/fixtures/post_call_data.json"));
+    let campaign = fixture(include_bytes!(
+        "../tests/fixtures/post_call_data_campaign.json"
+    ));
+    let outcome = fixture(include_bytes!("../tests/fixtures/post_call_outcome.json"));
+    let minimal = fixture(br#"{"call":{"sid":"CAminimal"}}"#);
+    let nulls = fixture(
+        br#"{"call":{"sid":"CAnulls","llmAnsweredBy":null,"promptId":null,"callRecordingUrl":null,"fromNumber":null,
+        "toNumber":null,"direction":null,"duration":null,"campaignId":null,"cachedLeadName":null,"transcript":null,
+        "createdAt":null,"leadData":null}}"#,
+    );
+    let mut long = campaign.clone();
+    let line = "HUMAN:  yes, I'd like to book the Monday slot & talk about <pricing>, please\n";
+    let transcript = line.repeat(100 * 1024 / line.len() + 1);
+    long.raw
+        .insert("transcript".into(), Value::String(transcript));
+    long.sid = "CAlongtranscript".into();
+    let mut hostile = campaign.clone();
+    let name = "<!channel> <@U123> *Zoë* \"Quotes\" \\ back\\slash & <https://evil.example|click> 🎉\u{202e}RTL\u{0} \r\nBcc: x@evil.example";
+    hostile.lead_name = name.trim().to_string();
+    hostile
+        .raw
+        .insert("cachedLeadName".into(), Value::String(name.into()));
+    hostile.raw.insert(
+        "leadData".into(),
+        json!({"owner": "jordan@ourteam.example", "source": "<!here> website", "company": "Acme & <Sons>", "tags": ["a|b", "🎉"]}),
+    );
+    hostile.sid = "CAhostile".into();
+    vec![
+        ("post_call_data", data),
+        ("post_call_outcome", outcome),
+        ("post_call_data_campaign", campaign),
+        ("minimal", minimal),
+        ("all_nulls", nulls),
+        ("long_transcript", long),
+        ("hostile_names", hostile),
+    ]
+}
+
+/// What Slack would reject in a body (after [`notify::slack::fit`]).
+pub fn slack_rejects(body: &Value) -> Vec<String> {
+    use notify::slack::{MAX_BLOCKS, MAX_HEADER_CHARS, MAX_SECTION_CHARS};
+    let mut out = Vec::new();
+    let text = body.get("text").and_then(Value::as_str).unwrap_or_default();
+    let blocks = body.get("blocks").and_then(Value::as_array);
+    if text.trim().is_empty() && blocks.is_none_or(|b| b.is_empty()) {
+        out.push("no text and no blocks (Slack answers no_text)".into());
+    }
+    if text.chars().count() > 40_000 {
+        out.push("text is over 40,000 characters".into());
+    }
+    let Some(blocks) = blocks else {
+        return out;
+    };
+    if blocks.len() > MAX_BLOCKS {
+        out.push(format!("{} blocks (at most {MAX_BLOCKS})", blocks.len()));
+    }
+    const KNOWN: &[&str] = &[
+        "section",
+        "header",
+        "divider",
+        "context",
+        "actions",
+        "image",
+        "rich_text",
+        "input",
+        "file",
+        "video",
+        "markdown",
+    ];
+    for (i, b) in blocks.iter().enumerate() {
+        let kind = b.get("type").and_then(Value::as_str).unwrap_or_default();
+        if !KNOWN.contains(&kind) {
+            out.push(format!("block {i}: unknown type {kind:?}"));
+        }
+        let t = b
+            .pointer("/text/text")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .chars()
+            .count();
+        if kind == "section" && t > MAX_SECTION_CHARS {
+            out.push(format!(
+                "block {i}: section text of {t} characters (at most {MAX_SECTION_CHARS})"
+            ));
+        }
+        if kind == "header" && t > MAX_HEADER_CHARS {
+            out.push(format!(
+                "block {i}: header of {t} characters (at most {MAX_HEADER_CHARS})"
+            ));
+        }
+        if let Some(fields) = b.get("fields").and_then(Value::as_array) {
+            if fields.len() > 10 {
+                out.push(format!("block {i}: {} fields (at most 10)", fields.len()));
+            }
+        }
+    }
+    out
+}
+
+/// Renders one action as it would be sent: Slack bodies cut to fit, email recipients checked.
+pub fn render_action(
+    config: &Config,
+    rule: &str,
+    action: &Action,
+    call: &Call,
+) -> Result<Message, String> {
+    let channel = config
+        .channels
+        .get(&action.channel)
+        .ok_or_else(|| format!("unknown channel {:?}", action.channel))?;
+    let ctx = render::context(call, rule);
+    let mut msg = config
+        .templates
+        .render(channel.kind.type_name(), action, &ctx)
+        .map_err(|e| e.to_string())?;
+    if let Message::Slack { body } = &mut msg {
+        notify::slack::fit(body);
+    }
+    Ok(msg)
+}
+
+/// Renders every action of every rule against the samples; every failure is a problem. Used by
+/// `check` and before a reload is accepted.
+pub fn render_problems(config: &Config) -> Vec<Problem> {
+    check_report(config).1
+}
+
+/// Lines describing what was rendered, and the problems found.
+fn check_report(config: &Config) -> (Vec<String>, Vec<Problem>) {
+    let samples = samples();
+    let mut lines = Vec::new();
+    let mut problems = Vec::new();
+    for (i, rule) in config.rules.iter().enumerate() {
+        let matched: Vec<&str> = samples
+            .iter()
+            .filter(|(_, c)| rule.check(c).is_ok())
+            .map(|(n, _)| *n)
+            .collect();
+        if matched.is_empty() {
+            lines.push(format!("rule {:?}: matches none of the sample payloads; its templates were rendered against all of them", rule.name));
+        } else {
+            lines.push(format!(
+                "rule {:?}: matches {}",
+                rule.name,
+                matched.join(", ")
+            ));
+        }
+        for (j, action) in rule.actions.iter().enumerate() {
+            let at = format!(
+                "rules[{i}] ({}).notify[{j}] ({} via {})",
+                rule.name, action.template, action.channel
+            );
+            for (sample, call) in &samples {
+                match render_action(config, &rule.name, action, call) {
+                    Err(e) => {
+                        problems.push(Problem::new(&at, format!("with sample {sample}: {e}")))
+                    }
+                    Ok(Message::Slack { body }) => {
+                        for r in slack_rejects(&body) {
+                            problems.push(Problem::new(
+                                &at,
+                                format!("with sample {sample}: Slack would reject this: {r}"),
+                            ));
+                        }
+                    }
+                    Ok(Message::Email(parts)) => {
+                        let (good, _) = notify::email::recipients(&parts.to);
+                        if let (ChannelKind::Email { from, .. }, false) =
+                            (&config.channels[&action.channel].kind, good.is_empty())
+                        {
+                            if let Err(e) = notify::email::build(from, &good, &parts) {
+                                problems
+                                    .push(Problem::new(&at, format!("with sample {sample}: {e}")));
+                            }
+                        }
+                        if good.is_empty() && matched.contains(sample) {
+                            problems.push(Problem::new(
+                                &at,
+                                format!(
+                                    "with sample {sample}: no valid recipient in {:?}",
+                                    parts.to
+                                ),
+                            ));
+                        }
+                    }
+                    Ok(Message::Log { .. }) => {}
+                }
+            }
+        }
+    }
+    (lines, problems)
+}
+
+/// `callnotify check`: the report and whether all is well.
+pub fn check(config: &Config) -> (String, bool) {
+    let (lines, problems) = check_report(config);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{}: {} channels, {} rules, {} templates",
+        config.source.display(),
+        config.channels.len(),
+        config.rules.len(),
+        config
+            .templates
+            .names()
+            .filter(|n| !n.starts_with("builtin/"))
+            .count()
+    );
+    for w in &config.warnings {
+        let _ = writeln!(out, "warning: {w}");
+    }
+    for l in lines {
+        let _ = writeln!(out, "{l}");
+    }
+    if problems.is_empty() {
+        let _ = writeln!(
+            out,
+            "OK: every template rendered against {} sample payloads",
+            samples().len()
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "{} problem{}:",
+            problems.len(),
+            if problems.len() == 1 { "" } else { "s" }
+        );
+        for p in &problems {
+            let _ = writeln!(out, "  - {p}");
+        }
+    }
+    (out, problems.is_empty())
+}
+
+/// `callnotify render`: which rules match the payload, and exactly what would be sent.
+pub fn dry_run(config: &Config, body: &[u8], as_json: bool) -> Result<String, String> {
+    let call = payload::parse(body).map_err(|e| format!("the payload is not a call: {e}"))?;
+    let verdicts = rules::explain(&config.rules, &call);
+    let mut notifications = Vec::new();
+    for v in verdicts.iter().filter(|v| v.matched) {
+        let rule = config
+            .rules
+            .iter()
+            .find(|r| r.name == v.rule)
+            .ok_or("rule vanished")?;
+        for action in &rule.actions {
+            let kind = config
+                .channels
+                .get(&action.channel)
+                .map(|c| c.kind.type_name())
+                .unwrap_or("?");
+            let rendered = render_action(config, &rule.name, action, &call);
+            let what = match &rendered {
+                Ok(Message::Email(parts)) => {
+                    let (good, bad) = notify::email::recipients(&parts.to);
+                    match &config.channels[&action.channel].kind {
+                        ChannelKind::Email { from, .. } => {
+                            match notify::email::build(from, &good, parts) {
+                                Ok(m) => {
+                                    json!({"mime": String::from_utf8_lossy(&m.formatted()), "skipped_recipients": bad})
+                                }
+                                Err(e) => json!({"error": e}),
+                            }
+                        }
+                        _ => json!(null),
+                    }
+                }
+                Ok(Message::Slack { body }) => {
+                    json!({"body": body, "rejects": slack_rejects(body)})
+                }
+                Ok(Message::Log { text }) => json!({"text": text}),
+                Err(e) => json!({"error": e}),
+            };
+            notifications.push(json!({"rule": rule.name, "channel": action.channel, "type": kind, "message": what}));
+        }
+    }
+    if as_json {
+        let out = json!({"sid": call.sid, "event": call.event.as_str(), "rules": verdicts, "notifications": notifications});
+        return serde_json::to_string_pretty(&out).map_err(|e| e.to_string());
+    }
+    let mut out = String::new();
+    let _ = writeln!(out, "call {} ({})", call.sid, call.event.as_str());
+    for v in &verdicts {
+        match &v.reason {
+            None => {
+                let _ = writeln!(out, "  rule {:?}: MATCHED", v.rule);
+            }
+            Some(r) => {
+                let _ = writeln!(out, "  rule {:?}: not matched: {r}", v.rule);
+            }
+        }
+    }
+    if notifications.is_empty() {
+        let _ = writeln!(out, "\nnothing would be sent");
+    }
+    for n in &notifications {
+        let _ = writeln!(
+            out,
+            "\n== rule {} -> channel {} ({}) ==",
+            n["rule"].as_str().unwrap_or(""),
+            n["channel"].as_str().unwrap_or(""),
+            n["type"].as_str().unwrap_or("")
+        );
+        let m = &n["message"];
+        if let Some(e) = m.get("error").and_then(Value::as_str) {
+            let _ = writeln!(out, "ERROR: {e}");
+        } else if let Some(mime) = m.get("mime").and_then(Value::as_str) {
+            let _ = writeln!(out, "{}", mime.replace("\r\n", "\n"));
+            if let Some(bad) = m
+                .get("skipped_recipients")
+                .and_then(Value::as_array)
+                .filter(|b| !b.is_empty())
+            {
+                let _ = writeln!(
+                    out,
+                    "(skipped: {})",
+                    bad.iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                );
+            }
+        } else if let Some(body) = m.get("body") {
+            let _ = writeln!(
+                out,
+                "POST <the channel's webhook_url>\n{}",
+                serde_json::to_string_pretty(body).unwrap_or_default()
+            );
+            for r in m["rejects"].as_array().into_iter().flatten() {
+                let _ = writeln!(
+                    out,
+                    "WARNING: Slack would reject this: {}",
+                    r.as_str().unwrap_or("")
+                );
+            }
+        } else if let Some(text) = m.get("text").and_then(Value::as_str) {
+            let _ = writeln!(out, "{text}");
+        }
+    }
+    Ok(out)
+}
+
+/// Formats deliveries as a table.
+pub fn format_deliveries(rows: &[DeliveryRow]) -> String {
+    let ts = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+            .unwrap_or_default()
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:>6}  {:<8}  {:<34}  {:<18}  {:<14}  {:>8}  {:<19}  last error",
+        "id", "status", "sid", "rule", "channel", "attempts", "next attempt (UTC)"
+    );
+    for r in rows {
+        let next = if r.status == "pending" {
+            ts(r.next_attempt_at)
+        } else {
+            "-".into()
+        };
+        let _ = writeln!(
+            out,
+            "{:>6}  {:<8}  {:<34}  {:<18}  {:<14}  {:>8}  {:<19}  {}",
+            r.id,
+            r.status,
+            r.sid,
+            r.rule,
+            r.channel,
+            r.attempts,
+            next,
+            r.last_error.as_deref().unwrap_or("")
+        );
+    }
+    if rows.is_empty() {
+        let _ = writeln!(out, "(no deliveries)");
+    }
+    out
+}
+
+/// Opens the store a config names, for the CLI (works while the daemon runs).
+pub fn open_store(config: &Config) -> anyhow::Result<Store> {
+    Ok(Store::open(&config.store.path)?)
+}
+
+/// `callnotify send-test`: renders a sample (or the given payload) for a channel with the first
+/// rule action that uses it (or a built-in test message) and really sends it.
+pub async fn send_test(
+    config: &Config,
+    channel: &str,
+    body: Option<&[u8]>,
+    to: &[String],
+) -> Result<(Action, Message, Outcome), String> {
+    let ch = config.channels.get(channel).ok_or_else(|| {
+        format!(
+            "no channel {channel:?} (configured: {})",
+            config
+                .channels
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })?;
+    let call = match body {
+        Some(b) => payload::parse(b).map_err(|e| format!("the payload is not a call: {e}"))?,
+        None => samples()
+            .into_iter()
+            .find(|(n, _)| *n == "post_call_data_campaign")
+            .map(|(_, c)| c)
+            .ok_or("no sample")?,
+    };
+    let found = config.rules.iter().find_map(|r| {
+        r.actions
+            .iter()
+            .find(|a| a.channel == channel)
+            .map(|a| (r.name.clone(), a.clone()))
+    });
+    let (rule, mut action) = found.unwrap_or_else(|| {
+        (
+            "send-test".into(),
+            Action {
+                channel: channel.into(),
+                template: "builtin/test".into(),
+                to: vec![],
+                subject: matches!(ch.kind, ChannelKind::Email { .. })
+                    .then(|| "callnotify test message".into()),
+            },
+        )
+    });
+    if !to.is_empty() {
+        action.to = to.to_vec();
+    }
+    if matches!(ch.kind, ChannelKind::Email { .. }) && action.to.is_empty() {
+        return Err("no recipients: no rule sends to this channel; give --to ADDRESS".into());
+    }
+    let message = render_action(config, &rule, &action, &call)?;
+    let senders = Senders::new(config)?;
+    let meta = Meta {
+        channel,
+        rule: &rule,
+        sid: &call.sid,
+        event: call.event.as_str(),
+        delivery_id: 0,
+    };
+    let outcome = senders.send(&ch.kind, &message, &meta).await;
+    Ok((action, message, outcome))
+}

@@ -1,0 +1,1142 @@
+//! The YAML config: layered load, `${VAR}` expansion, validation into a ready-to-use [`Config`].
+//!
+//! Loading goes file -> `CALLNOTIFY_*` environment overrides (through the `config` crate) ->
+//! `${VAR}` / `${VAR:-default}` expansion in every string -> strict deserialisation of each
+//! section on its own (unknown keys are errors) -> validation (addresses, URLs, rules, templates).
+//! Every problem found is reported at once, each with the place it was found.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use indexmap::IndexMap;
+use lettre::message::Mailbox;
+use secrecy::{ExposeSecret, SecretString};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::render::Renderer;
+use crate::rules::{self, Action, Rule};
+
+/// Environment variables that configure the binary itself and are not config overrides.
+const NOT_OVERRIDES: &[&str] = &[
+    "CALLNOTIFY_CONFIG",
+    "CALLNOTIFY_LOG_FORMAT",
+    "CALLNOTIFY_LOG_LEVEL",
+];
+
+/// One thing wrong with a config, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// A path into the config such as `rules[0].when.duration`, or a file name.
+    pub at: String,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn new(at: impl Into<String>, message: impl Into<String>) -> Self {
+        Problem {
+            at: at.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.at, self.message)
+    }
+}
+
+/// Every problem found in a config; the daemon refuses to start on any.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    pub source: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "{} has {} problem{}:",
+            self.source.display(),
+            n,
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The validated config the daemon runs on. Cheap to share behind an `Arc`; a reload builds a
+/// new one and swaps it in whole.
+#[derive(Debug)]
+pub struct Config {
+    pub source: PathBuf,
+    pub server: ServerConfig,
+    pub admin: Option<AdminConfig>,
+    pub store: StoreConfig,
+    pub delivery: DeliveryConfig,
+    pub channels: IndexMap<String, Channel>,
+    pub rules: Vec<Rule>,
+    pub quiet_alert: Option<QuietAlertConfig>,
+    pub templates: Arc<Renderer>,
+    /// Legal but risky settings, logged at start-up (an open webhook endpoint, for example).
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub webhook_path: String,
+    /// Bearer tokens accepted; empty means the endpoint is open.
+    pub tokens: Vec<SecretString>,
+    pub max_body_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub max_connections: usize,
+    /// Reload when the config file or a template changes.
+    pub watch_config: bool,
+}
+
+#[derive(Debug)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    /// Waits between attempts; the last one repeats.
+    pub retry_schedule: Vec<Duration>,
+    pub give_up_after: Duration,
+    pub shutdown_grace: Duration,
+    pub keep_delivered: Duration,
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug)]
+pub struct QuietAlertConfig {
+    pub after: Duration,
+    pub channel: String,
+    /// Recipients when the channel is an email channel.
+    pub to: Vec<String>,
+    /// Local business hours (start, end) in `tz`; None means around the clock.
+    pub hours: Option<(chrono::NaiveTime, chrono::NaiveTime)>,
+    pub days: Vec<chrono::Weekday>,
+    pub tz: chrono_tz::Tz,
+}
+
+#[derive(Debug)]
+pub struct Channel {
+    pub name: String,
+    pub kind: ChannelKind,
+    /// Messages per second to this destination; 0 = unpaced.
+    pub max_per_second: f64,
+    pub burst: u32,
+    /// Deliveries in flight at once for this channel (1 keeps messages in order).
+    pub concurrency: usize,
+}
+
+#[derive(Debug)]
+pub enum ChannelKind {
+    Log { file: Option<PathBuf> },
+    Slack { webhook_url: SecretString },
+    Email { smtp: SmtpConfig, from: Mailbox },
+}
+
+impl ChannelKind {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ChannelKind::Log { .. } => "log",
+            ChannelKind::Slack { .. } => "slack",
+            ChannelKind::Email { .. } => "email",
+        }
+    }
+
+    /// The key that destinations sharing a rate limit have in common.
+    pub fn pacing_key(&self, channel: &str) -> String {
+        match self {
+            ChannelKind::Slack { webhook_url } => webhook_url.expose_secret().to_string(),
+            ChannelKind::Email { smtp, .. } => format!("smtp://{}:{}", smtp.host, smtp.port),
+            ChannelKind::Log { .. } => format!("log:{channel}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SmtpConfig {
+    pub host: String,
+    pub port: u16,
+    pub tls: SmtpTls,
+    pub username: Option<String>,
+    pub password: Option<SecretString>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    None,
+    Starttls,
+    Tls,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw, strict serde structs: what the YAML may say.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    #[serde(default = "default_listen")]
+    listen: String,
+    #[serde(default = "default_webhook_path")]
+    webhook_path: String,
+    #[serde(default)]
+    tokens: Vec<String>,
+    #[serde(default = "default_max_body")]
+    max_body_bytes: u64,
+    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    header_read_timeout: Duration,
+    #[serde(default = "default_body_timeout", with = "humantime_serde")]
+    body_read_timeout: Duration,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
+    #[serde(default)]
+    watch_config: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    #[serde(default = "default_store_path")]
+    path: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDelivery {
+    #[serde(default = "default_retry_schedule", deserialize_with = "durations")]
+    retry_schedule: Vec<Duration>,
+    #[serde(default = "default_give_up", with = "humantime_serde")]
+    give_up_after: Duration,
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    shutdown_grace: Duration,
+    #[serde(default = "default_keep", with = "humantime_serde")]
+    keep_delivered: Duration,
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    request_timeout: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuietAlert {
+    #[serde(with = "humantime_serde")]
+    after: Duration,
+    channel: String,
+    /// "09:00-17:00"
+    #[serde(default)]
+    hours: Option<String>,
+    /// ["mon", "tue", ...]; default every day
+    #[serde(default)]
+    days: Vec<String>,
+    #[serde(default = "default_tz")]
+    timezone: String,
+    #[serde(default)]
+    to: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+enum RawChannel {
+    Log {
+        #[serde(default)]
+        file: Option<PathBuf>,
+        #[serde(default)]
+        max_per_second: Option<f64>,
+        #[serde(default)]
+        concurrency: Option<usize>,
+    },
+    Slack {
+        webhook_url: String,
+        #[serde(default)]
+        max_per_second: Option<f64>,
+        #[serde(default)]
+        burst: Option<u32>,
+        #[serde(default)]
+        concurrency: Option<usize>,
+    },
+    Email {
+        smtp: RawSmtp,
+        from: String,
+        #[serde(default)]
+        max_per_second: Option<f64>,
+        #[serde(default)]
+        concurrency: Option<usize>,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSmtp {
+    host: String,
+    #[serde(default)]
+    port: Option<u16>,
+    #[serde(default = "default_tls")]
+    tls: SmtpTls,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default = "default_smtp_timeout", with = "humantime_serde")]
+    timeout: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: String,
+    #[serde(default)]
+    event: Option<OneOrMany>,
+    #[serde(default)]
+    when: Option<Value>,
+    notify: Vec<Action>,
+    #[serde(default)]
+    stop: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// A list of `10s`-style durations.
+fn durations<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+    let items: Vec<humantime_serde::Serde<Duration>> = Deserialize::deserialize(d)?;
+    Ok(items
+        .into_iter()
+        .map(humantime_serde::Serde::into_inner)
+        .collect())
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_webhook_path() -> String {
+    "/webhooks/air".into()
+}
+fn default_max_body() -> u64 {
+    1024 * 1024
+}
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_body_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_store_path() -> PathBuf {
+    PathBuf::from("data/callnotify.db")
+}
+fn default_retry_schedule() -> Vec<Duration> {
+    [10, 30, 120, 600, 1800, 3600, 10800]
+        .into_iter()
+        .map(Duration::from_secs)
+        .collect()
+}
+fn default_give_up() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_keep() -> Duration {
+    Duration::from_secs(30 * 24 * 3600)
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_smtp_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_tls() -> SmtpTls {
+    SmtpTls::Starttls
+}
+fn default_tz() -> String {
+    "UTC".into()
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            retry_schedule: default_retry_schedule(),
+            give_up_after: default_give_up(),
+            shutdown_grace: default_grace(),
+            keep_delivered: default_keep(),
+            request_timeout: default_request_timeout(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading.
+
+/// Loads, expands and validates the config at `path`, with `CALLNOTIFY_*` overrides taken from
+/// the process environment.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let env: BTreeMap<String, String> = std::env::vars().collect();
+    load_with_env(path, &env)
+}
+
+/// [`load`] with an explicit environment, for tests and for reloads that must not depend on
+/// process-global state.
+pub fn load_with_env(path: &Path, env: &BTreeMap<String, String>) -> Result<Config, ConfigError> {
+    let fail = |problems: Vec<Problem>| ConfigError {
+        source: path.to_path_buf(),
+        problems,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        fail(vec![Problem::new(
+            path.display().to_string(),
+            format!("cannot read the config file: {e}"),
+        )])
+    })?;
+    let overrides: config::Map<String, String> = env
+        .iter()
+        .filter(|(k, _)| k.starts_with("CALLNOTIFY_") && !NOT_OVERRIDES.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let layered = config::Config::builder()
+        .add_source(config::File::from_str(&text, config::FileFormat::Yaml))
+        .add_source(
+            config::Environment::with_prefix("CALLNOTIFY")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("server.tokens")
+                .source(Some(overrides)),
+        )
+        .build()
+        .map_err(|e| {
+            fail(vec![Problem::new(
+                path.display().to_string(),
+                e.to_string(),
+            )])
+        })?;
+    let mut tree: Value = layered.try_deserialize().map_err(|e| {
+        fail(vec![Problem::new(
+            path.display().to_string(),
+            e.to_string(),
+        )])
+    })?;
+    if tree.is_null() {
+        tree = Value::Object(Default::default());
+    }
+    let mut problems = Vec::new();
+    expand_env(&mut tree, "", env, &mut problems);
+    let config = from_tree(path, tree, &mut problems);
+    match config {
+        Some(c) if problems.is_empty() => Ok(c),
+        _ => Err(fail(problems)),
+    }
+}
+
+/// Replaces `${VAR}` and `${VAR:-default}` in every string of the tree; `$$` is a literal `$`.
+/// An unset variable without a default is a problem, never a literal token.
+fn expand_env(
+    v: &mut Value,
+    at: &str,
+    env: &BTreeMap<String, String>,
+    problems: &mut Vec<Problem>,
+) {
+    match v {
+        Value::String(s) if s.contains('$') => match expand_str(s, env) {
+            Ok(out) => *s = out,
+            Err(msg) => problems.push(Problem::new(at, msg)),
+        },
+        Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                expand_env(item, &format!("{at}[{i}]"), env, problems);
+            }
+        }
+        Value::Object(map) => {
+            for (k, item) in map.iter_mut() {
+                let path = if at.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{at}.{k}")
+                };
+                expand_env(item, &path, env, problems);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Expands one string; see [`expand_env`].
+pub fn expand_str(s: &str, env: &BTreeMap<String, String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 1..];
+        if let Some(stripped) = after.strip_prefix('$') {
+            out.push('$');
+            rest = stripped;
+        } else if let Some(body) = after.strip_prefix('{') {
+            let end = body
+                .find('}')
+                .ok_or_else(|| format!("unterminated `${{` in {s:?}"))?;
+            let inner = &body[..end];
+            let (name, default) = match inner.split_once(":-") {
+                Some((n, d)) => (n, Some(d)),
+                None => (inner, None),
+            };
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(format!("`${{{inner}}}` is not a valid variable reference"));
+            }
+            match (env.get(name), default) {
+                (Some(v), _) if !v.is_empty() || default.is_none() => out.push_str(v),
+                (_, Some(d)) => out.push_str(d),
+                (None, None) => {
+                    return Err(format!(
+                        "environment variable {name} is not set (write ${{{name}:-default}} to give a default)"
+                    ))
+                }
+                (Some(v), None) => out.push_str(v),
+            }
+            rest = &body[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Deserialises one section strictly, recording a problem (with its path) instead of failing.
+fn section<T: DeserializeOwned>(v: Value, at: &str, problems: &mut Vec<Problem>) -> Option<T> {
+    match serde_path_to_error::deserialize::<_, T>(v) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            let inner = e.path().to_string();
+            let place = if inner == "." || inner.is_empty() {
+                at.to_string()
+            } else {
+                format!("{at}.{inner}")
+            };
+            problems.push(Problem::new(place, e.into_inner().to_string()));
+            None
+        }
+    }
+}
+
+const TOP_LEVEL: &[&str] = &[
+    "server",
+    "admin",
+    "store",
+    "templates_dir",
+    "delivery",
+    "channels",
+    "rules",
+    "quiet_alert",
+];
+
+fn from_tree(path: &Path, tree: Value, problems: &mut Vec<Problem>) -> Option<Config> {
+    let Value::Object(mut top) = tree else {
+        problems.push(Problem::new(
+            "(top level)",
+            "the config must be a mapping of sections",
+        ));
+        return None;
+    };
+    for key in top.keys() {
+        if !TOP_LEVEL.contains(&key.as_str()) {
+            problems.push(Problem::new(
+                key.clone(),
+                format!(
+                    "unknown section (expected one of: {})",
+                    TOP_LEVEL.join(", ")
+                ),
+            ));
+        }
+    }
+    let mut take = |k: &str| top.remove(k).unwrap_or(Value::Object(Default::default()));
+    let server: Option<RawServer> = section(take("server"), "server", problems);
+    let store: Option<RawStore> = section(take("store"), "store", problems);
+    let delivery: Option<RawDelivery> = section(take("delivery"), "delivery", problems);
+    let admin_v = take("admin");
+    let admin: Option<RawAdmin> = match &admin_v {
+        Value::Object(m) if m.is_empty() => None,
+        Value::Null => None,
+        _ => section(admin_v, "admin", problems),
+    };
+    let quiet_v = take("quiet_alert");
+    let quiet: Option<RawQuietAlert> = match &quiet_v {
+        Value::Object(m) if m.is_empty() => None,
+        Value::Null => None,
+        _ => section(quiet_v, "quiet_alert", problems),
+    };
+    let templates_dir = match take("templates_dir") {
+        Value::String(s) => PathBuf::from(s),
+        Value::Object(m) if m.is_empty() => PathBuf::from("templates"),
+        other => {
+            problems.push(Problem::new(
+                "templates_dir",
+                format!("expected a path, found {other}"),
+            ));
+            PathBuf::from("templates")
+        }
+    };
+
+    let mut warnings = Vec::new();
+
+    // Channels, each on its own so every broken one is reported.
+    let mut channels = IndexMap::new();
+    match take("channels") {
+        Value::Object(map) => {
+            for (name, v) in map {
+                let at = format!("channels.{name}");
+                if let Some(raw) = section::<RawChannel>(v, &at, problems) {
+                    if let Some(ch) = build_channel(&name, raw, &at, problems) {
+                        channels.insert(name, ch);
+                    }
+                }
+            }
+        }
+        Value::Null => {}
+        other => problems.push(Problem::new(
+            "channels",
+            format!("expected a mapping, found {other}"),
+        )),
+    }
+
+    // Templates: every file under templates_dir, compiled into one registry per output kind.
+    let renderer = match Renderer::load(&templates_dir) {
+        Ok(r) => Some(r),
+        Err(ps) => {
+            problems.extend(ps);
+            None
+        }
+    };
+
+    // Rules.
+    let mut rules_out = Vec::new();
+    let mut names = HashSet::new();
+    match take("rules") {
+        Value::Array(items) => {
+            for (i, v) in items.into_iter().enumerate() {
+                let at = format!("rules[{i}]");
+                let Some(raw) = section::<RawRule>(v, &at, problems) else {
+                    continue;
+                };
+                let at = format!("rules[{i}] ({})", raw.name);
+                if raw.name.trim().is_empty() {
+                    problems.push(Problem::new(&at, "a rule needs a non-empty name"));
+                }
+                if !names.insert(raw.name.clone()) {
+                    problems.push(Problem::new(
+                        &at,
+                        "another rule has the same name; names must be unique",
+                    ));
+                }
+                let events = match raw.event {
+                    None => None,
+                    Some(OneOrMany::One(e)) => Some(vec![e]),
+                    Some(OneOrMany::Many(es)) => Some(es),
+                };
+                let events = events.map(|es| {
+                    es.iter()
+                        .filter_map(|e| match crate::payload::EventKind::parse(e) {
+                            Some(k) => Some(k),
+                            None => {
+                                problems.push(Problem::new(
+                                    format!("{at}.event"),
+                                    format!("unknown event {e:?} (expected POST_CALL_DATA or POST_CALL_OUTCOME)"),
+                                ));
+                                None
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                });
+                let when = match &raw.when {
+                    None | Some(Value::Null) => rules::Condition::All(Vec::new()),
+                    Some(v) => rules::compile_when(v, &format!("{at}.when"), problems),
+                };
+                if raw.notify.is_empty() {
+                    problems.push(Problem::new(
+                        format!("{at}.notify"),
+                        "a rule must notify at least one channel",
+                    ));
+                }
+                for (j, action) in raw.notify.iter().enumerate() {
+                    let aat = format!("{at}.notify[{j}]");
+                    check_action(action, &aat, &channels, renderer.as_ref(), problems);
+                }
+                rules_out.push(Rule {
+                    name: raw.name,
+                    events,
+                    when,
+                    actions: raw.notify,
+                    stop: raw.stop,
+                });
+            }
+        }
+        Value::Null => {}
+        Value::Object(m) if m.is_empty() => {}
+        other => problems.push(Problem::new(
+            "rules",
+            format!("expected a list of rules, found {other}"),
+        )),
+    }
+
+    let server = server.and_then(|s| build_server(s, problems, &mut warnings));
+    let admin = admin.and_then(|a| match a.listen.parse() {
+        Ok(listen) => Some(AdminConfig { listen }),
+        Err(e) => {
+            problems.push(Problem::new(
+                "admin.listen",
+                format!("{:?} is not an address:port ({e})", a.listen),
+            ));
+            None
+        }
+    });
+    let delivery = delivery.and_then(|d| {
+        if d.retry_schedule.is_empty() {
+            problems.push(Problem::new(
+                "delivery.retry_schedule",
+                "needs at least one wait",
+            ));
+            return None;
+        }
+        Some(DeliveryConfig {
+            retry_schedule: d.retry_schedule,
+            give_up_after: d.give_up_after,
+            shutdown_grace: d.shutdown_grace,
+            keep_delivered: d.keep_delivered,
+            request_timeout: d.request_timeout,
+        })
+    });
+    let quiet_alert = quiet.and_then(|q| build_quiet(q, &channels, problems));
+
+    if rules_out.is_empty() && problems.is_empty() {
+        warnings.push("no rules are configured: calls are stored but nothing is sent".into());
+    }
+
+    Some(Config {
+        source: path.to_path_buf(),
+        server: server?,
+        admin,
+        store: StoreConfig { path: store?.path },
+        delivery: delivery?,
+        channels,
+        rules: rules_out,
+        quiet_alert,
+        templates: Arc::new(renderer?),
+        warnings,
+    })
+}
+
+fn build_server(
+    s: RawServer,
+    problems: &mut Vec<Problem>,
+    warnings: &mut Vec<String>,
+) -> Option<ServerConfig> {
+    let listen = match s.listen.parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(e) => {
+            problems.push(Problem::new(
+                "server.listen",
+                format!("{:?} is not an address:port ({e})", s.listen),
+            ));
+            None
+        }
+    };
+    if !s.webhook_path.starts_with('/') {
+        problems.push(Problem::new("server.webhook_path", "must start with `/`"));
+    }
+    let mut tokens = Vec::new();
+    for (i, t) in s.tokens.into_iter().enumerate() {
+        if t.trim().is_empty() {
+            problems.push(Problem::new(
+                format!("server.tokens[{i}]"),
+                "an empty token would accept anyone; remove it or set the variable it comes from",
+            ));
+        } else {
+            if t.len() < 16 {
+                warnings.push(format!(
+                    "server.tokens[{i}] is shorter than 16 characters (Air requires 16 or more)"
+                ));
+            }
+            tokens.push(SecretString::from(t));
+        }
+    }
+    if tokens.is_empty() {
+        warnings.push(format!(
+            "no Bearer tokens configured: anyone who can reach {} may post calls",
+            s.webhook_path
+        ));
+    }
+    if s.max_body_bytes == 0 {
+        problems.push(Problem::new(
+            "server.max_body_bytes",
+            "must be greater than 0",
+        ));
+    }
+    if s.max_connections == 0 {
+        problems.push(Problem::new(
+            "server.max_connections",
+            "must be greater than 0",
+        ));
+    }
+    Some(ServerConfig {
+        listen: listen?,
+        webhook_path: s.webhook_path,
+        tokens,
+        max_body_bytes: usize::try_from(s.max_body_bytes).unwrap_or(usize::MAX),
+        header_read_timeout: s.header_read_timeout,
+        body_read_timeout: s.body_read_timeout,
+        max_connections: s.max_connections,
+        watch_config: s.watch_config,
+    })
+}
+
+fn build_channel(
+    name: &str,
+    raw: RawChannel,
+    at: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<Channel> {
+    let check_rate = |r: Option<f64>, default: f64, problems: &mut Vec<Problem>| -> f64 {
+        let r = r.unwrap_or(default);
+        if !r.is_finite() || r < 0.0 {
+            problems.push(Problem::new(
+                format!("{at}.max_per_second"),
+                "must be 0 (unpaced) or more",
+            ));
+            return default;
+        }
+        r
+    };
+    let (kind, rate, burst, concurrency) = match raw {
+        RawChannel::Log {
+            file,
+            max_per_second,
+            concurrency,
+        } => (
+            ChannelKind::Log { file },
+            check_rate(max_per_second, 0.0, problems),
+            1,
+            concurrency.unwrap_or(1),
+        ),
+        RawChannel::Slack {
+            webhook_url,
+            max_per_second,
+            burst,
+            concurrency,
+        } => {
+            match reqwest::Url::parse(&webhook_url) {
+                Ok(u) if u.scheme() == "https" || u.scheme() == "http" => {}
+                // The URL is a secret: say what is wrong without echoing it.
+                Ok(_) => problems.push(Problem::new(
+                    format!("{at}.webhook_url"),
+                    "must be an http(s) URL",
+                )),
+                Err(e) => problems.push(Problem::new(
+                    format!("{at}.webhook_url"),
+                    format!("not a URL ({e})"),
+                )),
+            }
+            (
+                ChannelKind::Slack {
+                    webhook_url: SecretString::from(webhook_url),
+                },
+                check_rate(max_per_second, 1.0, problems),
+                burst.unwrap_or(3).max(1),
+                concurrency.unwrap_or(1),
+            )
+        }
+        RawChannel::Email {
+            smtp,
+            from,
+            max_per_second,
+            concurrency,
+        } => {
+            let from = match from.parse::<Mailbox>() {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    problems.push(Problem::new(
+                        format!("{at}.from"),
+                        format!("{from:?} is not an address ({e})"),
+                    ));
+                    None
+                }
+            };
+            if smtp.host.trim().is_empty() {
+                problems.push(Problem::new(format!("{at}.smtp.host"), "must not be empty"));
+            }
+            if smtp.username.is_some() != smtp.password.is_some() {
+                problems.push(Problem::new(
+                    format!("{at}.smtp"),
+                    "username and password go together",
+                ));
+            }
+            let port = smtp.port.unwrap_or(match smtp.tls {
+                SmtpTls::None => 25,
+                SmtpTls::Starttls => 587,
+                SmtpTls::Tls => 465,
+            });
+            (
+                ChannelKind::Email {
+                    smtp: SmtpConfig {
+                        host: smtp.host,
+                        port,
+                        tls: smtp.tls,
+                        username: smtp.username,
+                        password: smtp.password.map(SecretString::from),
+                        timeout: smtp.timeout,
+                    },
+                    from: from?,
+                },
+                check_rate(max_per_second, 0.0, problems),
+                1,
+                concurrency.unwrap_or(4),
+            )
+        }
+    };
+    if concurrency == 0 {
+        problems.push(Problem::new(
+            format!("{at}.concurrency"),
+            "must be at least 1",
+        ));
+    }
+    Some(Channel {
+        name: name.to_string(),
+        kind,
+        max_per_second: rate,
+        burst,
+        concurrency: concurrency.max(1),
+    })
+}
+
+fn check_action(
+    action: &Action,
+    at: &str,
+    channels: &IndexMap<String, Channel>,
+    renderer: Option<&Renderer>,
+    problems: &mut Vec<Problem>,
+) {
+    let Some(channel) = channels.get(&action.channel) else {
+        let known: Vec<&str> = channels.keys().map(String::as_str).collect();
+        problems.push(Problem::new(
+            format!("{at}.channel"),
+            format!(
+                "unknown channel {:?} (configured: {})",
+                action.channel,
+                known.join(", ")
+            ),
+        ));
+        return;
+    };
+    match &channel.kind {
+        ChannelKind::Email { .. } => {
+            if action.to.is_empty() {
+                problems.push(Problem::new(
+                    format!("{at}.to"),
+                    "an email action needs at least one recipient",
+                ));
+            }
+            for (i, to) in action.to.iter().enumerate() {
+                if let Err(e) = crate::render::check_inline(to) {
+                    problems.push(Problem::new(format!("{at}.to[{i}]"), e));
+                } else if !to.contains("{{") {
+                    for part in to.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                        if let Err(e) = part.parse::<Mailbox>() {
+                            problems.push(Problem::new(
+                                format!("{at}.to[{i}]"),
+                                format!("{part:?} is not an address ({e})"),
+                            ));
+                        }
+                    }
+                }
+            }
+            match &action.subject {
+                None => problems.push(Problem::new(
+                    format!("{at}.subject"),
+                    "an email action needs a subject",
+                )),
+                Some(s) => {
+                    if let Err(e) = crate::render::check_inline(s) {
+                        problems.push(Problem::new(format!("{at}.subject"), e));
+                    }
+                }
+            }
+        }
+        ChannelKind::Slack { .. } | ChannelKind::Log { .. } => {
+            if !action.to.is_empty() {
+                problems.push(Problem::new(
+                    format!("{at}.to"),
+                    format!(
+                        "`to` is for email channels; {:?} is a {} channel",
+                        action.channel,
+                        channel.kind.type_name()
+                    ),
+                ));
+            }
+            if action.subject.is_some() {
+                problems.push(Problem::new(
+                    format!("{at}.subject"),
+                    format!(
+                        "`subject` is for email channels; {:?} is a {} channel",
+                        action.channel,
+                        channel.kind.type_name()
+                    ),
+                ));
+            }
+        }
+    }
+    if let Some(r) = renderer {
+        if let Err(e) = r.resolve(channel.kind.type_name(), &action.template) {
+            problems.push(Problem::new(format!("{at}.template"), e));
+        }
+    }
+}
+
+fn build_quiet(
+    q: RawQuietAlert,
+    channels: &IndexMap<String, Channel>,
+    problems: &mut Vec<Problem>,
+) -> Option<QuietAlertConfig> {
+    let mut ok = true;
+    match channels.get(&q.channel) {
+        None => {
+            problems.push(Problem::new(
+                "quiet_alert.channel",
+                format!("unknown channel {:?}", q.channel),
+            ));
+            ok = false;
+        }
+        Some(ch) if matches!(ch.kind, ChannelKind::Email { .. }) && q.to.is_empty() => {
+            problems.push(Problem::new(
+                "quiet_alert.to",
+                "an email channel needs recipients",
+            ));
+            ok = false;
+        }
+        Some(_) => {}
+    }
+    let tz = match q.timezone.parse::<chrono_tz::Tz>() {
+        Ok(tz) => tz,
+        Err(_) => {
+            problems.push(Problem::new(
+                "quiet_alert.timezone",
+                format!("unknown time zone {:?}", q.timezone),
+            ));
+            ok = false;
+            chrono_tz::UTC
+        }
+    };
+    let hours = match q.hours.as_deref() {
+        None => None,
+        Some(h) => {
+            let parsed = h.split_once('-').and_then(|(a, b)| {
+                let a = chrono::NaiveTime::parse_from_str(a.trim(), "%H:%M").ok()?;
+                let b = chrono::NaiveTime::parse_from_str(b.trim(), "%H:%M").ok()?;
+                Some((a, b))
+            });
+            if parsed.is_none() {
+                problems.push(Problem::new(
+                    "quiet_alert.hours",
+                    format!("{h:?} is not of the form \"09:00-17:00\""),
+                ));
+                ok = false;
+            }
+            parsed
+        }
+    };
+    let mut days = Vec::new();
+    for d in &q.days {
+        match d.parse::<chrono::Weekday>() {
+            Ok(w) => days.push(w),
+            Err(_) => {
+                problems.push(Problem::new(
+                    "quiet_alert.days",
+                    format!("{d:?} is not a weekday"),
+                ));
+                ok = false;
+            }
+        }
+    }
+    if q.after.is_zero() {
+        problems.push(Problem::new("quiet_alert.after", "must be longer than 0s"));
+        ok = false;
+    }
+    ok.then_some(QuietAlertConfig {
+        after: q.after,
+        channel: q.channel,
+        to: q.to,
+        hours,
+        days,
+        tz,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn expands_variables_and_defaults() {
+        let e = env(&[("A", "x"), ("EMPTY", "")]);
+        assert_eq!(expand_str("${A}-${B:-dflt}", &e).unwrap(), "x-dflt");
+        assert_eq!(expand_str("$$5 and ${EMPTY:-d}", &e).unwrap(), "$5 and d");
+        assert_eq!(expand_str("cost: $5", &e).unwrap(), "cost: $5");
+        let err = expand_str("Bearer ${MISSING}", &e).unwrap_err();
+        assert!(err.contains("MISSING"), "{err}");
+        assert!(expand_str("${A", &e).is_err());
+        assert!(expand_str("${a b}", &e).is_err());
+    }
+
+    #[test]
+    fn an_unset_variable_is_reported_with_where_it_is_used() {
+        let mut tree = serde_json::json!({"server": {"tokens": ["${NOPE_TOKEN}"]}});
+        let mut problems = Vec::new();
+        expand_env(&mut tree, "", &env(&[]), &mut problems);
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].at, "server.tokens[0]");
+        assert!(problems[0].message.contains("NOPE_TOKEN"));
+    }
+}

@@ -1,0 +1,302 @@
+//! The `callnotify` binary: parse the command line, set up logging, call the library.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use callnotify::{app, commands, config, notify::Outcome};
+
+#[derive(Parser)]
+#[command(
+    name = "callnotify",
+    version,
+    about = "Turns answered Air AI phone calls into Slack messages and emails, by YAML rules.",
+    long_about = "callnotify receives Air's POST_CALL_DATA / POST_CALL_OUTCOME webhooks, stores each call \
+on disk, decides by the rules in a YAML file which notifications it owes, renders them from Handlebars \
+templates and delivers them to Slack and email, retrying until they are delivered or dead-lettered.",
+    after_help = "Examples:\n  callnotify serve                                   # run on config/callnotify.yaml\n  callnotify check --config /etc/callnotify/callnotify.yaml\n  callnotify render tests/fixtures/post_call_data.json\n  callnotify deliveries list --status dead\n  callnotify send-test --channel sales"
+)]
+struct Cli {
+    /// The config file.
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "CALLNOTIFY_CONFIG",
+        default_value = "config/callnotify.yaml"
+    )]
+    config: PathBuf,
+    /// Log format.
+    #[arg(long, global = true, env = "CALLNOTIFY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    /// Log level or filter (`info`, `debug`, `callnotify=debug,warn`); RUST_LOG wins when set.
+    #[arg(
+        long,
+        global = true,
+        env = "CALLNOTIFY_LOG_LEVEL",
+        default_value = "info"
+    )]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: receive webhooks, deliver notifications. SIGTERM/Ctrl-C stop it cleanly;
+    /// SIGHUP reloads the config.
+    #[command(
+        after_help = "Example:\n  AIR_WEBHOOK_TOKEN=... callnotify serve --config config/callnotify.yaml"
+    )]
+    Serve,
+    /// Validate the config, compile every template and render each against sample payloads.
+    /// Exit 0 when all is well, 1 with every problem listed otherwise.
+    #[command(after_help = "Example:\n  callnotify check --config config/examples/slack.yaml")]
+    Check,
+    /// Dry run: show which rules a payload matches (and why not) and exactly what would be sent.
+    /// Nothing is sent.
+    #[command(
+        after_help = "Examples:\n  callnotify render tests/fixtures/post_call_data_campaign.json\n  curl -s https://... | callnotify render -"
+    )]
+    Render {
+        /// The webhook body, as Air sends it; `-` reads standard input.
+        payload: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect and replay deliveries (works while the daemon runs).
+    #[command(subcommand)]
+    Deliveries(Deliveries),
+    /// Render a sample call for one channel and really send it; prints what the destination said.
+    #[command(
+        after_help = "Examples:\n  callnotify send-test --channel sales\n  callnotify send-test --channel managers --to me@example.com --payload call.json"
+    )]
+    SendTest {
+        /// The channel to send to.
+        #[arg(long)]
+        channel: String,
+        /// A webhook body to render instead of the built-in sample.
+        #[arg(long)]
+        payload: Option<PathBuf>,
+        /// Email recipients instead of the rule's.
+        #[arg(long)]
+        to: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum Deliveries {
+    /// List deliveries, newest first.
+    #[command(
+        after_help = "Examples:\n  callnotify deliveries list --status dead\n  callnotify deliveries list --sid CAec7g2x30425ba039a83ffb4286754983"
+    )]
+    List {
+        #[arg(long, value_parser = ["pending", "sending", "dead", "done"])]
+        status: Option<String>,
+        #[arg(long)]
+        sid: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead deliveries back in the queue, due now.
+    #[command(
+        after_help = "Examples:\n  callnotify deliveries retry 12 13\n  callnotify deliveries retry --all-dead"
+    )]
+    Retry {
+        /// Delivery ids (from `deliveries list`).
+        ids: Vec<i64>,
+        /// Every dead delivery.
+        #[arg(long, conflicts_with = "ids")]
+        all_dead: bool,
+    },
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<config::Config, ExitCode> {
+    config::load(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(1)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, &cli.log_level);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve => runtime()?.block_on(async {
+            let app = match app::App::build(&cli.config).await {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("{e:#}");
+                    return Ok(ExitCode::from(1));
+                }
+            };
+            app.run(app::shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Check => {
+            let config = match load(&cli.config) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let (report, ok) = commands::check(&config);
+            print!("{report}");
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Render { payload, json } => {
+            let config = match load(&cli.config) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let mut body = Vec::new();
+            if payload.as_os_str() == "-" {
+                std::io::stdin().read_to_end(&mut body)?;
+            } else {
+                body = std::fs::read(&payload)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", payload.display()))?;
+            }
+            match commands::dry_run(&config, &body, json) {
+                Ok(out) => {
+                    print!("{out}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+        Command::Deliveries(d) => {
+            let config = match load(&cli.config) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let store = commands::open_store(&config)?;
+            let rt = runtime()?;
+            match d {
+                Deliveries::List {
+                    status,
+                    sid,
+                    limit,
+                    json,
+                } => {
+                    let rows = rt.block_on(store.list(status, sid, limit))?;
+                    if json {
+                        for r in rows {
+                            println!("{}", serde_json::to_string(&r)?);
+                        }
+                    } else {
+                        print!("{}", commands::format_deliveries(&rows));
+                    }
+                }
+                Deliveries::Retry { ids, all_dead } => {
+                    if ids.is_empty() && !all_dead {
+                        eprintln!("name delivery ids, or --all-dead");
+                        return Ok(ExitCode::from(2));
+                    }
+                    let n =
+                        rt.block_on(store.retry_dead(ids, chrono::Utc::now().timestamp_millis()))?;
+                    println!(
+                        "{n} dead deliver{} requeued",
+                        if n == 1 { "y" } else { "ies" }
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::SendTest {
+            channel,
+            payload,
+            to,
+        } => {
+            let config = match load(&cli.config) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let body = payload.map(std::fs::read).transpose()?;
+            runtime()?.block_on(async {
+                match commands::send_test(&config, &channel, body.as_deref(), &to).await {
+                    Err(e) => {
+                        eprintln!("{e}");
+                        Ok(ExitCode::from(1))
+                    }
+                    Ok((action, _message, outcome)) => {
+                        println!(
+                            "sent {} (template {}) to channel {channel}",
+                            if action.template.starts_with("builtin/") {
+                                "a test message"
+                            } else {
+                                "the rule's message"
+                            },
+                            action.template
+                        );
+                        match outcome {
+                            Outcome::Delivered { detail } => {
+                                println!("delivered: {}", detail.unwrap_or_else(|| "ok".into()));
+                                Ok(ExitCode::SUCCESS)
+                            }
+                            Outcome::Retry { error, .. } => {
+                                println!("failed (temporary; the daemon would retry): {error}");
+                                Ok(ExitCode::from(1))
+                            }
+                            Outcome::Permanent { error } => {
+                                println!(
+                                    "failed (permanent; the daemon would dead-letter it): {error}"
+                                );
+                                Ok(ExitCode::from(1))
+                            }
+                        }
+                    }
+                }
+            })
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Prometheus metrics: one process-wide recorder, rendered by `GET /metrics`.
+//!
+//! Names (all prefixed `callnotify_`): `calls_received_total{result}`, `rules_matched_total{rule}`,
+//! `deliveries_total{channel,outcome}`, `delivery_attempts_total{channel}`,
+//! `delivery_latency_seconds{channel}` (from receipt to done), `template_errors_total`,
+//! `slack_truncations_total`, `config_reloads_total{result}`, `queue_depth{state}`,
+//! `oldest_pending_age_seconds`, `last_call_received_timestamp_seconds`.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the recorder on first use and returns the handle that renders it.
+pub fn handle() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full("callnotify_delivery_latency_seconds".into()),
+                &[
+                    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
+                    3600.0,
+                ],
+            )
+            .unwrap_or_else(|_| PrometheusBuilder::new());
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        // Fails only if another recorder was installed first; the handle still renders ours.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+pub fn call_received(result: &'static str) {
+    metrics::counter!("callnotify_calls_received_total", "result" => result).increment(1);
+}
+
+pub fn rule_matched(rule: &str) {
+    metrics::counter!("callnotify_rules_matched_total", "rule" => rule.to_string()).increment(1);
+}
+
+pub fn last_call_now() {
+    metrics::gauge!("callnotify_last_call_received_timestamp_seconds")
+        .set(chrono::Utc::now().timestamp() as f64);
+}
+
+pub fn attempt(channel: &str, outcome: &'static str) {
+    metrics::counter!("callnotify_delivery_attempts_total", "channel" => channel.to_string())
+        .increment(1);
+    metrics::counter!("callnotify_deliveries_total", "channel" => channel.to_string(), "outcome" => outcome).increment(1);
+}
+
+pub fn delivered_after(channel: &str, seconds: f64) {
+    metrics::histogram!("callnotify_delivery_latency_seconds", "channel" => channel.to_string())
+        .record(seconds);
+}
+
+pub fn template_error() {
+    metrics::counter!("callnotify_template_errors_total").increment(1);
+}
+
+pub fn slack_truncated() {
+    metrics::counter!("callnotify_slack_truncations_total").increment(1);
+}
+
+pub fn reload(result: &'static str) {
+    metrics::counter!("callnotify_config_reloads_total", "result" => result).increment(1);
+}
+
+pub fn queue(stats: &crate::store::Stats, now_ms: i64) {
+    for (state, n) in [
+        ("pending", stats.pending),
+        ("sending", stats.sending),
+        ("done", stats.done),
+        ("dead", stats.dead),
+    ] {
+        metrics::gauge!("callnotify_queue_depth", "state" => state).set(n as f64);
+    }
+    let age = stats
+        .oldest_pending_created_at
+        .map(|t| (now_ms - t).max(0) as f64 / 1000.0)
+        .unwrap_or(0.0);
+    metrics::gauge!("callnotify_oldest_pending_age_seconds").set(age);
+}

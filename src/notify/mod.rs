@@ -1,0 +1,105 @@
+//! Channels: send one rendered message and classify what the destination answered.
+//!
+//! [`slack`] POSTs JSON to an incoming webhook, [`email`] speaks SMTP through lettre, [`log`]
+//! writes a JSON line. Each turns the destination's answer into an [`Outcome`] with one small pure
+//! function, so the worker decides retry / give up without knowing the protocol.
+
+pub mod email;
+pub mod log;
+pub mod slack;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::config::{ChannelKind, Config};
+use crate::render::Message;
+
+/// What a destination made of one attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Accepted; `detail` is what the destination said, if anything useful.
+    Delivered { detail: Option<String> },
+    /// Worth trying again, no sooner than `after` when the destination said so.
+    Retry {
+        after: Option<Duration>,
+        error: String,
+    },
+    /// Retrying will not help: the delivery goes to `dead` with this reason.
+    Permanent { error: String },
+}
+
+/// Who a message is about, for the log channel and email headers.
+#[derive(Debug, Clone)]
+pub struct Meta<'a> {
+    pub channel: &'a str,
+    pub rule: &'a str,
+    pub sid: &'a str,
+    pub event: &'a str,
+    pub delivery_id: i64,
+}
+
+/// The clients for every configured channel, built once per config load.
+pub struct Senders {
+    http: reqwest::Client,
+    smtp: HashMap<String, email::Transport>,
+    logs: log::Files,
+}
+
+impl Senders {
+    pub fn new(config: &Config) -> Result<Senders, String> {
+        let http = reqwest::Client::builder()
+            .timeout(config.delivery.request_timeout)
+            .connect_timeout(config.delivery.request_timeout.min(Duration::from_secs(10)))
+            .user_agent(concat!("callnotify/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let mut smtp = HashMap::new();
+        for (name, ch) in &config.channels {
+            if let ChannelKind::Email { smtp: s, .. } = &ch.kind {
+                smtp.insert(
+                    name.clone(),
+                    email::transport(s).map_err(|e| format!("channels.{name}.smtp: {e}"))?,
+                );
+            }
+        }
+        Ok(Senders {
+            http,
+            smtp,
+            logs: log::Files::default(),
+        })
+    }
+
+    /// Sends one message to one channel.
+    pub async fn send(&self, kind: &ChannelKind, message: &Message, meta: &Meta<'_>) -> Outcome {
+        match (kind, message) {
+            (ChannelKind::Slack { webhook_url }, Message::Slack { body }) => {
+                slack::send(&self.http, webhook_url, body).await
+            }
+            (ChannelKind::Email { from, .. }, Message::Email(parts)) => {
+                let Some(transport) = self.smtp.get(meta.channel) else {
+                    return Outcome::Retry {
+                        after: None,
+                        error: format!("no SMTP transport for channel {}", meta.channel),
+                    };
+                };
+                email::send(transport, from, parts, meta).await
+            }
+            (ChannelKind::Log { file }, Message::Log { text }) => {
+                self.logs.write(file.as_deref(), text, meta)
+            }
+            _ => Outcome::Permanent {
+                error: "message does not fit the channel type".into(),
+            },
+        }
+    }
+}
+
+/// Shortens a destination's answer for storage and logs.
+pub fn excerpt(s: &str, max: usize) -> String {
+    let s = s.trim();
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(max).collect::<String>())
+    }
+}

@@ -1,0 +1,337 @@
+//! Slack incoming webhooks: POST the JSON body, classify the answer.
+
+use std::time::Duration;
+
+use reqwest::header::RETRY_AFTER;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+
+use super::{excerpt, Outcome};
+
+/// Wait used for a 429 that names no `Retry-After`.
+pub const DEFAULT_RATE_LIMIT_WAIT: Duration = Duration::from_secs(30);
+
+pub async fn send(client: &reqwest::Client, url: &SecretString, body: &Value) -> Outcome {
+    let response = client.post(url.expose_secret()).json(body).send().await;
+    match response {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let retry_after = r
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let text = r.text().await.unwrap_or_default();
+            classify(status, retry_after.as_deref(), &text)
+        }
+        // The error's URL is the secret webhook address: never let it into a message.
+        Err(e) => classify_error(&e.without_url()),
+    }
+}
+
+/// Slack's answer -> what to do: 2xx done; 429 retry after `Retry-After`; 5xx and 408 retry;
+/// any other 4xx (`invalid_payload`, `channel_not_found`, `channel_is_archived`, ...) permanent.
+pub fn classify(status: u16, retry_after: Option<&str>, body: &str) -> Outcome {
+    let said = if body.trim().is_empty() {
+        format!("HTTP {status}")
+    } else {
+        format!("HTTP {status}: {}", excerpt(body, 300))
+    };
+    match status {
+        200..=299 => Outcome::Delivered { detail: Some(said) },
+        429 => Outcome::Retry {
+            after: Some(
+                retry_after
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs)
+                    .unwrap_or(DEFAULT_RATE_LIMIT_WAIT),
+            ),
+            error: said,
+        },
+        408 | 500..=599 => Outcome::Retry {
+            after: None,
+            error: said,
+        },
+        _ => Outcome::Permanent { error: said },
+    }
+}
+
+fn classify_error(e: &reqwest::Error) -> Outcome {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else if e.is_builder() {
+        return Outcome::Permanent {
+            error: format!("cannot build the request: {e}"),
+        };
+    } else {
+        "request failed"
+    };
+    let mut chain = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        chain.push_str(": ");
+        chain.push_str(&s.to_string());
+        source = s.source();
+    }
+    Outcome::Retry {
+        after: None,
+        error: format!("{kind}: {}", excerpt(&chain, 300)),
+    }
+}
+
+/// Slack's limits, and ours for the top-level text (Slack truncates at 40,000 characters).
+pub const MAX_SECTION_CHARS: usize = 3000;
+pub const MAX_HEADER_CHARS: usize = 150;
+pub const MAX_BLOCKS: usize = 50;
+pub const MAX_TEXT_CHARS: usize = 35_000;
+
+/// Makes a body fit Slack's limits instead of being rejected: long sections are split at line
+/// boundaries into several, headers are shortened, and what still does not fit is cut with a
+/// visible "… truncated, N more lines" marker. Returns how many cuts were made.
+pub fn fit(body: &mut Value) -> usize {
+    let mut cuts = 0;
+    if let Some(Value::String(text)) = body.get_mut("text") {
+        if let Some((kept, dropped)) = cut_lines(text, MAX_TEXT_CHARS) {
+            *text = kept;
+            cuts += usize::from(dropped > 0);
+        }
+    }
+    let Some(Value::Array(blocks)) = body.get_mut("blocks") else {
+        return cuts;
+    };
+    let mut out: Vec<Value> = Vec::with_capacity(blocks.len());
+    for mut block in std::mem::take(blocks) {
+        let kind = block
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        match kind.as_str() {
+            "header" => {
+                if let Some(Value::String(t)) = block.pointer_mut("/text/text") {
+                    if t.chars().count() > MAX_HEADER_CHARS {
+                        *t = format!("{}…", safe_prefix(t, MAX_HEADER_CHARS - 1));
+                        cuts += 1;
+                    }
+                }
+                out.push(block);
+            }
+            "section" => {
+                let long = block
+                    .pointer("/text/text")
+                    .and_then(Value::as_str)
+                    .filter(|t| t.chars().count() > MAX_SECTION_CHARS)
+                    .map(str::to_string);
+                match long {
+                    None => out.push(block),
+                    Some(text) => {
+                        for (i, chunk) in split_lines(&text, MAX_SECTION_CHARS)
+                            .into_iter()
+                            .enumerate()
+                        {
+                            let mut b = if i == 0 {
+                                block.clone()
+                            } else {
+                                serde_json::json!({"type": "section", "text": block["text"].clone()})
+                            };
+                            b["text"]["text"] = Value::String(chunk);
+                            out.push(b);
+                        }
+                    }
+                }
+            }
+            _ => out.push(block),
+        }
+    }
+    if out.len() > MAX_BLOCKS {
+        let rest = out.split_off(MAX_BLOCKS - 1);
+        let lines: usize = rest
+            .iter()
+            .map(|b| {
+                b.pointer("/text/text")
+                    .and_then(Value::as_str)
+                    .map_or(1, |t| t.lines().count().max(1))
+            })
+            .sum();
+        out.push(serde_json::json!({
+            "type": "context",
+            "elements": [{"type": "mrkdwn", "text": format!("… truncated, {lines} more lines")}]
+        }));
+        cuts += 1;
+    }
+    *blocks = out;
+    cuts
+}
+
+/// The longest prefix of at most `max` characters that does not end inside an `&...;` entity.
+fn safe_prefix(s: &str, max: usize) -> &str {
+    let end = s.char_indices().nth(max).map_or(s.len(), |(i, _)| i);
+    let head = &s[..end];
+    match head.rfind('&') {
+        Some(amp) if !head[amp..].contains(';') && head.len() - amp < 6 => &head[..amp],
+        _ => head,
+    }
+}
+
+/// Splits text into chunks of at most `max` characters, at line boundaries where it can.
+fn split_lines(text: &str, max: usize) -> Vec<String> {
+    let mut chunks = Vec::new();
+    let mut cur = String::new();
+    let mut cur_len = 0;
+    for line in text.split_inclusive('\n') {
+        let mut line = line;
+        loop {
+            let n = line.chars().count();
+            if cur_len + n <= max {
+                cur.push_str(line);
+                cur_len += n;
+                break;
+            }
+            if cur_len > 0 {
+                chunks.push(std::mem::take(&mut cur).trim_end_matches('\n').to_string());
+                cur_len = 0;
+                continue;
+            }
+            // One line longer than a whole chunk: hard split.
+            let head = safe_prefix(line, max);
+            let head = if head.is_empty() {
+                &line[..line.char_indices().nth(max).map_or(line.len(), |(i, _)| i)]
+            } else {
+                head
+            };
+            chunks.push(head.to_string());
+            line = &line[head.len()..];
+        }
+    }
+    if !cur.is_empty() {
+        chunks.push(cur.trim_end_matches('\n').to_string());
+    }
+    chunks
+}
+
+/// Cuts text to at most `max` characters at a line boundary, with a marker saying how many
+/// lines were dropped. None when it already fits.
+fn cut_lines(text: &str, max: usize) -> Option<(String, usize)> {
+    if text.chars().count() <= max {
+        return None;
+    }
+    let marker_room = 60;
+    let mut kept = String::new();
+    let mut len = 0;
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    let mut used = 0;
+    for line in &lines {
+        let n = line.chars().count();
+        if len + n > max - marker_room {
+            break;
+        }
+        kept.push_str(line);
+        len += n;
+        used += 1;
+    }
+    if used == 0 {
+        kept = safe_prefix(text, max - marker_room).to_string();
+        used = 1;
+    }
+    let dropped = lines.len() - used;
+    if !kept.ends_with('\n') {
+        kept.push('\n');
+    }
+    kept.push_str(&format!("… truncated, {dropped} more lines"));
+    Some((kept, dropped.max(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_sections_are_split_at_lines_and_blocks_capped() {
+        let line = "HUMAN: yes &amp; no ".repeat(5) + "\n";
+        let transcript = line.repeat(2000);
+        let mut body = serde_json::json!({
+            "text": transcript.clone(),
+            "blocks": [
+                {"type": "header", "text": {"type": "plain_text", "text": "h".repeat(400)}},
+                {"type": "section", "text": {"type": "mrkdwn", "text": transcript}},
+            ]
+        });
+        let cuts = fit(&mut body);
+        assert!(cuts >= 3, "{cuts}");
+        let blocks = body["blocks"].as_array().unwrap();
+        assert_eq!(blocks.len(), MAX_BLOCKS);
+        assert_eq!(
+            blocks[0]["text"]["text"].as_str().unwrap().chars().count(),
+            MAX_HEADER_CHARS
+        );
+        for b in &blocks[1..MAX_BLOCKS - 1] {
+            let t = b["text"]["text"].as_str().unwrap();
+            assert!(t.chars().count() <= MAX_SECTION_CHARS);
+            assert!(t.starts_with("HUMAN:"), "split mid-line: {:?}", &t[..20]);
+        }
+        let last = blocks[MAX_BLOCKS - 1]["elements"][0]["text"]
+            .as_str()
+            .unwrap();
+        assert!(
+            last.starts_with("… truncated, ") && last.ends_with(" more lines"),
+            "{last}"
+        );
+        let text = body["text"].as_str().unwrap();
+        assert!(text.chars().count() <= MAX_TEXT_CHARS);
+        assert!(text.contains("… truncated, "));
+    }
+
+    #[test]
+    fn small_bodies_are_left_alone() {
+        let mut body = serde_json::json!({"text": "hi", "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": "x"}}]});
+        let before = body.clone();
+        assert_eq!(fit(&mut body), 0);
+        assert_eq!(body, before);
+    }
+
+    #[test]
+    fn a_cut_never_splits_an_entity() {
+        assert_eq!(safe_prefix("ab&amp;cd", 4), "ab");
+        assert_eq!(safe_prefix("ab&amp;cd", 7), "ab&amp;");
+    }
+
+    #[test]
+    fn slack_answers_are_classified() {
+        assert!(matches!(
+            classify(200, None, "ok"),
+            Outcome::Delivered { .. }
+        ));
+        assert_eq!(
+            classify(429, Some("7"), "rate_limited"),
+            Outcome::Retry {
+                after: Some(Duration::from_secs(7)),
+                error: "HTTP 429: rate_limited".into()
+            }
+        );
+        assert!(
+            matches!(classify(429, None, ""), Outcome::Retry { after: Some(d), .. } if d == DEFAULT_RATE_LIMIT_WAIT)
+        );
+        assert!(matches!(
+            classify(500, None, ""),
+            Outcome::Retry { after: None, .. }
+        ));
+        assert!(matches!(classify(503, None, ""), Outcome::Retry { .. }));
+        for status in [400, 403, 404, 410] {
+            assert!(
+                matches!(
+                    classify(status, None, "channel_not_found"),
+                    Outcome::Permanent { .. }
+                ),
+                "{status}"
+            );
+        }
+        assert_eq!(
+            classify(404, None, "channel_not_found"),
+            Outcome::Permanent {
+                error: "HTTP 404: channel_not_found".into()
+            }
+        );
+    }
+}

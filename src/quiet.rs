@@ -1,0 +1,220 @@
+//! The quiet-period alert: when no call has arrived for a while within business hours, notify a
+//! channel once, and once more when calls resume. It catches a changed Air URL or token before a
+//! day of calls is missed.
+//!
+//! The alert is queued like any notification (a synthetic call with event `QUIET_ALERT` or
+//! `CALLS_RESUMED`), so it is retried and dead-lettered like the rest.
+
+use chrono::{Datelike, TimeZone};
+
+use crate::app::Shared;
+use crate::config::QuietAlertConfig;
+use crate::render::duration_human;
+use crate::rules::Action;
+use crate::store::NewDelivery;
+
+/// What the alert should do now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Nothing,
+    AlertQuiet,
+    AlertResumed,
+}
+
+/// Pure decision. `since_ms` is the last call, or the daemon's start when there was none since.
+pub fn decide(
+    cfg: &QuietAlertConfig,
+    alerted: bool,
+    since_ms: i64,
+    last_call_ms: i64,
+    alerted_at_ms: i64,
+    now_ms: i64,
+) -> Decision {
+    if alerted {
+        return if last_call_ms > alerted_at_ms {
+            Decision::AlertResumed
+        } else {
+            Decision::Nothing
+        };
+    }
+    let quiet_for = now_ms - since_ms;
+    if quiet_for >= cfg.after.as_millis() as i64 && in_business_hours(cfg, now_ms) {
+        Decision::AlertQuiet
+    } else {
+        Decision::Nothing
+    }
+}
+
+/// Whether `now_ms` falls in the configured days and hours, in the configured time zone.
+pub fn in_business_hours(cfg: &QuietAlertConfig, now_ms: i64) -> bool {
+    let Some(t) = cfg.tz.timestamp_millis_opt(now_ms).single() else {
+        return false;
+    };
+    if !cfg.days.is_empty() && !cfg.days.contains(&t.weekday()) {
+        return false;
+    }
+    match cfg.hours {
+        None => true,
+        Some((start, end)) => {
+            let time = t.time();
+            if start <= end {
+                time >= start && time < end
+            } else {
+                time >= start || time < end
+            }
+        }
+    }
+}
+
+/// The alert's state in a running daemon.
+#[derive(Debug, Default)]
+pub struct QuietAlert {
+    alerted_at: Option<i64>,
+    started_at: Option<i64>,
+}
+
+impl QuietAlert {
+    pub async fn check(&mut self, shared: &Shared, cfg: &QuietAlertConfig, now_ms: i64) {
+        let started = *self.started_at.get_or_insert(now_ms);
+        let last = shared.last_call_ms();
+        let since = last.max(started);
+        let decision = decide(
+            cfg,
+            self.alerted_at.is_some(),
+            since,
+            last,
+            self.alerted_at.unwrap_or(0),
+            now_ms,
+        );
+        let (event, template) = match decision {
+            Decision::Nothing => return,
+            Decision::AlertQuiet => ("QUIET_ALERT", "builtin/quiet"),
+            Decision::AlertResumed => ("CALLS_RESUMED", "builtin/resumed"),
+        };
+        let quiet_for = duration_human(((now_ms - since).max(0) / 1000) as f64);
+        let last_at = if last > 0 {
+            chrono::Utc
+                .timestamp_millis_opt(last)
+                .single()
+                .map(|t| t.to_rfc3339())
+                .unwrap_or_default()
+        } else {
+            "none since start".into()
+        };
+        let body = serde_json::json!({
+            "sid": format!("{}-{now_ms}", event.to_ascii_lowercase()),
+            "cachedLeadName": "callnotify",
+            "quietFor": quiet_for,
+            "lastCallAt": last_at,
+        });
+        let action = Action {
+            channel: cfg.channel.clone(),
+            template: template.into(),
+            to: cfg.to.clone(),
+            subject: Some(if decision == Decision::AlertQuiet {
+                format!("callnotify: no calls for {quiet_for}")
+            } else {
+                "callnotify: calls are arriving again".into()
+            }),
+        };
+        let owed = vec![NewDelivery {
+            rule: "quiet_alert".into(),
+            action_idx: 0,
+            action,
+        }];
+        let sid = body["sid"].as_str().unwrap_or_default().to_string();
+        match shared
+            .store
+            .insert_call(sid, event, body.to_string(), now_ms, owed)
+            .await
+        {
+            Ok(_) => {
+                tracing::warn!(event, quiet_for = %quiet_for, channel = %cfg.channel, "quiet-period alert queued");
+                self.alerted_at = match decision {
+                    Decision::AlertQuiet => Some(now_ms),
+                    _ => None,
+                };
+                shared.worker.wake();
+            }
+            Err(e) => tracing::error!(error = %e, "cannot queue the quiet-period alert"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn cfg(hours: Option<(&str, &str)>) -> QuietAlertConfig {
+        QuietAlertConfig {
+            after: Duration::from_secs(7200),
+            channel: "ops".into(),
+            to: vec![],
+            hours: hours.map(|(a, b)| {
+                (
+                    chrono::NaiveTime::parse_from_str(a, "%H:%M").unwrap(),
+                    chrono::NaiveTime::parse_from_str(b, "%H:%M").unwrap(),
+                )
+            }),
+            days: vec![
+                chrono::Weekday::Mon,
+                chrono::Weekday::Tue,
+                chrono::Weekday::Wed,
+                chrono::Weekday::Thu,
+                chrono::Weekday::Fri,
+            ],
+            tz: chrono_tz::America::New_York,
+        }
+    }
+
+    /// 2026-11-23 is a Monday; hh:mm in New York (UTC-5 in November).
+    fn ny(day: u32, h: u32, m: u32) -> i64 {
+        chrono_tz::America::New_York
+            .with_ymd_and_hms(2026, 11, day, h, m, 0)
+            .unwrap()
+            .timestamp_millis()
+    }
+
+    #[test]
+    fn alerts_once_after_the_quiet_period_within_business_hours() {
+        let c = cfg(Some(("09:00", "17:00")));
+        let last = ny(23, 9, 30);
+        assert_eq!(
+            decide(&c, false, last, last, 0, ny(23, 11, 29)),
+            Decision::Nothing
+        );
+        assert_eq!(
+            decide(&c, false, last, last, 0, ny(23, 11, 30)),
+            Decision::AlertQuiet
+        );
+        assert_eq!(
+            decide(&c, true, last, last, ny(23, 11, 30), ny(23, 15, 0)),
+            Decision::Nothing
+        );
+        assert_eq!(
+            decide(&c, true, last, ny(23, 15, 5), ny(23, 11, 30), ny(23, 15, 6)),
+            Decision::AlertResumed
+        );
+    }
+
+    #[test]
+    fn nights_and_weekends_are_not_quiet_periods() {
+        let c = cfg(Some(("09:00", "17:00")));
+        let last = ny(23, 16, 0);
+        assert_eq!(
+            decide(&c, false, last, last, 0, ny(23, 22, 0)),
+            Decision::Nothing
+        );
+        // Saturday 2026-11-28, mid-day.
+        assert_eq!(
+            decide(&c, false, last, last, 0, ny(28, 12, 0)),
+            Decision::Nothing
+        );
+        // Tuesday morning, well past two hours.
+        assert_eq!(
+            decide(&c, false, last, last, 0, ny(24, 9, 1)),
+            Decision::AlertQuiet
+        );
+    }
+}

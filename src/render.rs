@@ -1,0 +1,703 @@
+//! Templates: one Handlebars registry per output kind, each with its own escaping; pure rendering.
+//!
+//! Every `*.hbs` file under `templates_dir` is registered in every registry under its path
+//! without `.hbs` (`slack/booked.hbs` -> `slack/booked`, `email/booked.html.hbs` ->
+//! `email/booked.html`), so any template can be used as a partial. What differs per registry is
+//! how a `{{value}}` is escaped:
+//!
+//! - Slack mrkdwn: `&`, `<`, `>` become entities, so `<!channel>` arrives as text;
+//! - Slack Block Kit (`*.json.hbs`): the same, then escaped for a JSON string;
+//! - email HTML (`*.html.hbs`): HTML escaping;
+//! - plain (email text, subjects, recipients, the log channel): nothing.
+//!
+//! All registries are strict: a misspelled variable is an error, which `callnotify check` finds.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use handlebars::{
+    handlebars_helper, no_escape, Context, Handlebars, Helper, HelperResult, Output, RenderContext,
+    RenderErrorReason, Template,
+};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::config::Problem;
+use crate::payload::{parse_timestamp, Call};
+use crate::rules::Action;
+
+/// Why a message could not be rendered. At delivery time this is permanent: retrying the same
+/// template on the same call gives the same answer.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct RenderError(pub String);
+
+impl From<handlebars::RenderError> for RenderError {
+    fn from(e: handlebars::RenderError) -> Self {
+        RenderError(e.to_string())
+    }
+}
+
+/// The template files behind an action, resolved for its channel type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolved {
+    SlackText {
+        text: String,
+    },
+    SlackBlocks {
+        blocks: String,
+        text: Option<String>,
+    },
+    Email {
+        text: Option<String>,
+        html: Option<String>,
+    },
+    Log {
+        text: String,
+    },
+}
+
+/// A rendered notification, ready for a channel to send.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Message {
+    /// The JSON body POSTed to the Slack webhook.
+    Slack {
+        body: Value,
+    },
+    Email(EmailParts),
+    Log {
+        text: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EmailParts {
+    /// Rendered recipients, not yet validated as addresses.
+    pub to: Vec<String>,
+    /// One line: line breaks are replaced by spaces.
+    pub subject: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub html: Option<String>,
+}
+
+pub struct Renderer {
+    slack: Handlebars<'static>,
+    slack_json: Handlebars<'static>,
+    html: Handlebars<'static>,
+    plain: Handlebars<'static>,
+    /// For recipients only: a missing value renders empty and that recipient is skipped.
+    lenient: Handlebars<'static>,
+    names: BTreeSet<String>,
+    dir: PathBuf,
+}
+
+impl std::fmt::Debug for Renderer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Renderer")
+            .field("dir", &self.dir)
+            .field("templates", &self.names)
+            .finish()
+    }
+}
+
+const BUILTINS: &[(&str, &str)] = &[
+    (
+        "builtin/quiet",
+        ":warning: No calls received for {{call.quietFor}} (last call: {{call.lastCallAt}}). \
+         Check that Air's webhook still points here and that its token is accepted.",
+    ),
+    (
+        "builtin/resumed",
+        ":white_check_mark: Calls are arriving again.",
+    ),
+    (
+        "builtin/test",
+        "callnotify test message: {{lead_name}}, {{duration_human}}, rule {{rule}}.",
+    ),
+];
+
+/// Escapes a value for Slack mrkdwn. In a value that is a URL, `|` is percent-encoded too, so a
+/// template's `<{{recording_url}}|Listen>` link cannot be re-pointed by the value.
+pub fn escape_slack(s: &str) -> String {
+    let is_url =
+        (s.starts_with("https://") || s.starts_with("http://")) && !s.contains(char::is_whitespace);
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '|' if is_url => out.push_str("%7C"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Escapes a value for the inside of a JSON string in a Block Kit template, after Slack escaping.
+pub fn escape_slack_json(s: &str) -> String {
+    let quoted = serde_json::to_string(&escape_slack(s)).unwrap_or_default();
+    quoted[1..quoted.len() - 1].to_string()
+}
+
+/// Formats seconds as `44s`, `3m 07s`, `1h 02m`.
+pub fn duration_human(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m {:02}s", s / 60, s % 60),
+        _ => format!("{}h {:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+fn value_text(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+handlebars_helper!(duration_helper: |v: Json| {
+    crate::payload::as_number(v).map(duration_human).unwrap_or_default()
+});
+handlebars_helper!(upper: |v: Json| value_text(v).to_uppercase());
+handlebars_helper!(lower: |v: Json| value_text(v).to_lowercase());
+handlebars_helper!(truncate: |v: Json, n: u64| {
+    let s = value_text(v);
+    let n = usize::try_from(n).unwrap_or(usize::MAX);
+    if s.chars().count() <= n { s } else { format!("{}…", s.chars().take(n).collect::<String>()) }
+});
+handlebars_helper!(last_lines: |v: Json, n: u64| {
+    let s = value_text(v);
+    let lines: Vec<&str> = s.lines().collect();
+    let n = usize::try_from(n).unwrap_or(usize::MAX).min(lines.len());
+    lines[lines.len() - n..].join("\n")
+});
+
+/// `{{default value "fallback"}}`: the fallback when the value is missing, null or empty.
+fn default_helper(
+    h: &Helper<'_>,
+    r: &Handlebars<'_>,
+    _: &Context,
+    rc: &mut RenderContext<'_, '_>,
+    out: &mut dyn Output,
+) -> HelperResult {
+    let pick = |i: usize| {
+        h.param(i)
+            .map(|p| value_text(p.value()))
+            .unwrap_or_default()
+    };
+    let v = pick(0);
+    let text = if v.is_empty() { pick(1) } else { v };
+    write_escaped(r, rc, out, &text)
+}
+
+/// `{{date created_at "%Y-%m-%d %H:%M %Z" "Europe/Berlin"}}`; empty for a missing date.
+fn date_helper(
+    h: &Helper<'_>,
+    r: &Handlebars<'_>,
+    _: &Context,
+    rc: &mut RenderContext<'_, '_>,
+    out: &mut dyn Output,
+) -> HelperResult {
+    let value = h
+        .param(0)
+        .map(|p| value_text(p.value()))
+        .unwrap_or_default();
+    let fmt = h
+        .param(1)
+        .map(|p| value_text(p.value()))
+        .unwrap_or_else(|| "%Y-%m-%d %H:%M %Z".into());
+    let tz_name = h
+        .param(2)
+        .map(|p| value_text(p.value()))
+        .unwrap_or_else(|| "UTC".into());
+    let Some(t) = parse_timestamp(&value) else {
+        return Ok(());
+    };
+    let tz: chrono_tz::Tz = tz_name
+        .parse()
+        .map_err(|_| RenderErrorReason::Other(format!("date: unknown time zone {tz_name:?}")))?;
+    let mut s = String::new();
+    use std::fmt::Write;
+    write!(s, "{}", t.with_timezone(&tz).format(&fmt))
+        .map_err(|_| RenderErrorReason::Other(format!("date: bad format {fmt:?}")))?;
+    write_escaped(r, rc, out, &s)
+}
+
+/// Writes helper output through the registry's escaping, as `{{value}}` would be.
+fn write_escaped(
+    r: &Handlebars<'_>,
+    rc: &RenderContext<'_, '_>,
+    out: &mut dyn Output,
+    text: &str,
+) -> HelperResult {
+    if rc.is_disable_escape() {
+        out.write(text)?;
+    } else {
+        out.write(&r.get_escape_fn()(text))?;
+    }
+    Ok(())
+}
+
+fn lenient() -> Handlebars<'static> {
+    let mut h = registry(no_escape);
+    h.set_strict_mode(false);
+    h
+}
+
+fn registry(escape: fn(&str) -> String) -> Handlebars<'static> {
+    let mut h = Handlebars::new();
+    h.set_strict_mode(true);
+    h.register_escape_fn(escape);
+    h.register_helper("duration", Box::new(duration_helper));
+    h.register_helper("upper", Box::new(upper));
+    h.register_helper("lower", Box::new(lower));
+    h.register_helper("truncate", Box::new(truncate));
+    h.register_helper("last_lines", Box::new(last_lines));
+    h.register_helper("default", Box::new(default_helper));
+    h.register_helper("date", Box::new(date_helper));
+    h
+}
+
+/// Checks that an inline template (a subject, a recipient) compiles.
+pub fn check_inline(s: &str) -> Result<(), String> {
+    Template::compile(s)
+        .map(|_| ())
+        .map_err(|e| format!("template does not compile: {e}"))
+}
+
+/// Air's documented call fields; a template sees null for any the body left out, so
+/// `{{call.transcript}}` works on every call while `{{call.transcrpt}}` is still an error.
+pub const AIR_FIELDS: &[&str] = &[
+    "sid",
+    "llmAnsweredBy",
+    "promptId",
+    "callRecordingUrl",
+    "fromNumber",
+    "toNumber",
+    "direction",
+    "duration",
+    "campaignId",
+    "cachedLeadName",
+    "transcript",
+    "createdAt",
+    "leadData",
+    "notes",
+    "outcome",
+    "primaryOutcomeAchieved",
+];
+
+/// The data every template sees.
+pub fn context(call: &Call, rule: &str) -> Value {
+    let mut raw = call.raw.clone();
+    for f in AIR_FIELDS {
+        raw.entry(f.to_string()).or_insert(Value::Null);
+    }
+    json!({
+        "call": raw,
+        "event": call.event.as_str(),
+        "rule": rule,
+        "sid": call.sid,
+        "lead_name": if call.lead_name.is_empty() { "Unknown caller" } else { call.lead_name.as_str() },
+        "duration": call.duration,
+        "duration_human": call.duration.map(duration_human).unwrap_or_else(|| "unknown".into()),
+        "recording_url": call.recording_url,
+        "created_at": call.created_at.map(|t| t.to_rfc3339()),
+    })
+}
+
+impl Renderer {
+    /// Compiles every `*.hbs` under `dir`; every file that does not compile is a problem.
+    pub fn load(dir: &Path) -> Result<Renderer, Vec<Problem>> {
+        let mut r = Renderer {
+            slack: registry(escape_slack),
+            slack_json: registry(escape_slack_json),
+            html: registry(handlebars::html_escape),
+            plain: registry(no_escape),
+            lenient: lenient(),
+            names: BTreeSet::new(),
+            dir: dir.to_path_buf(),
+        };
+        let mut problems = Vec::new();
+        r.register_builtins();
+        let mut files = Vec::new();
+        if let Err(e) = walk(dir, &mut files) {
+            return Err(vec![Problem::new(
+                "templates_dir",
+                format!("cannot read {}: {e}", dir.display()),
+            )]);
+        }
+        files.sort();
+        for file in files {
+            let rel = file.strip_prefix(dir).unwrap_or(&file);
+            let rel = rel.to_string_lossy().replace('\\', "/");
+            let Some(name) = rel.strip_suffix(".hbs") else {
+                continue;
+            };
+            let text = match std::fs::read_to_string(&file) {
+                Ok(t) => t,
+                Err(e) => {
+                    problems.push(Problem::new(
+                        file.display().to_string(),
+                        format!("cannot read: {e}"),
+                    ));
+                    continue;
+                }
+            };
+            if let Err(e) = r.register(name, &text) {
+                problems.push(Problem::new(file.display().to_string(), e));
+            }
+        }
+        if problems.is_empty() {
+            Ok(r)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Registers one template under `name` in every registry.
+    pub fn register(&mut self, name: &str, text: &str) -> Result<(), String> {
+        for reg in [
+            &mut self.slack,
+            &mut self.slack_json,
+            &mut self.html,
+            &mut self.plain,
+        ] {
+            reg.register_template_string(name, text)
+                .map_err(|e| format!("template does not compile: {e}"))?;
+        }
+        self.names.insert(name.to_string());
+        Ok(())
+    }
+
+    /// A renderer with only the built-in templates, for tests that register their own.
+    pub fn empty() -> Renderer {
+        let mut r = Renderer {
+            slack: registry(escape_slack),
+            slack_json: registry(escape_slack_json),
+            html: registry(handlebars::html_escape),
+            plain: registry(no_escape),
+            lenient: lenient(),
+            names: BTreeSet::new(),
+            dir: PathBuf::new(),
+        };
+        r.register_builtins();
+        r
+    }
+
+    /// Messages the daemon sends on its own behalf (`builtin/...`): the quiet-period alert and
+    /// the `send-test` fallback. A file of the same name under `templates_dir` overrides them.
+    fn register_builtins(&mut self) {
+        for (name, text) in BUILTINS {
+            // Built-ins are constants that compile; a failure here is a bug caught by tests.
+            let _ = self.register(name, text);
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.names.iter().map(String::as_str)
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.names.contains(name)
+    }
+
+    /// Finds the template files an action's `template` means for a channel type.
+    pub fn resolve(&self, channel_type: &str, name: &str) -> Result<Resolved, String> {
+        let file = |n: &str| format!("{}/{n}.hbs", self.dir.display());
+        let opt = |n: String| self.has(&n).then_some(n);
+        match channel_type {
+            "slack" => {
+                let json = format!("{name}.json");
+                if self.has(&json) {
+                    Ok(Resolved::SlackBlocks {
+                        blocks: json,
+                        text: opt(name.to_string()),
+                    })
+                } else if self.has(name) {
+                    Ok(Resolved::SlackText { text: name.into() })
+                } else {
+                    Err(format!("no template {} or {}", file(name), file(&json)))
+                }
+            }
+            "email" => {
+                let text = opt(format!("{name}.txt")).or_else(|| opt(name.to_string()));
+                let html = opt(format!("{name}.html"));
+                if text.is_none() && html.is_none() {
+                    return Err(format!(
+                        "no template {} (plain text) or {} (HTML)",
+                        file(&format!("{name}.txt")),
+                        file(&format!("{name}.html"))
+                    ));
+                }
+                Ok(Resolved::Email { text, html })
+            }
+            _ => opt(name.to_string())
+                .or_else(|| opt(format!("{name}.txt")))
+                .map(|text| Resolved::Log { text })
+                .ok_or_else(|| format!("no template {}", file(name))),
+        }
+    }
+
+    /// Renders an action for a channel type against a template context.
+    pub fn render(
+        &self,
+        channel_type: &str,
+        action: &Action,
+        ctx: &Value,
+    ) -> Result<Message, RenderError> {
+        match self
+            .resolve(channel_type, &action.template)
+            .map_err(RenderError)?
+        {
+            Resolved::SlackText { text } => {
+                let text = self.slack.render(&text, ctx)?;
+                Ok(Message::Slack {
+                    body: json!({ "text": text }),
+                })
+            }
+            Resolved::SlackBlocks { blocks, text } => {
+                let raw = self.slack_json.render(&blocks, ctx)?;
+                let mut body: Value = serde_json::from_str(&raw).map_err(|e| {
+                    RenderError(format!("{blocks} did not render to valid JSON: {e}"))
+                })?;
+                if let Value::Array(_) = body {
+                    body = json!({ "blocks": body });
+                }
+                let Value::Object(map) = &mut body else {
+                    return Err(RenderError(format!(
+                        "{blocks} must render to a JSON object or a list of blocks"
+                    )));
+                };
+                if !map.contains_key("text") {
+                    let fallback = match text {
+                        Some(t) => self.slack.render(&t, ctx)?,
+                        None => {
+                            let lead = ctx["lead_name"].as_str().unwrap_or_default();
+                            let dur = ctx["duration_human"].as_str().unwrap_or_default();
+                            let rule = ctx["rule"].as_str().unwrap_or_default();
+                            escape_slack(&format!("{rule}: {lead} ({dur})"))
+                        }
+                    };
+                    map.insert("text".into(), Value::String(fallback));
+                }
+                Ok(Message::Slack { body })
+            }
+            Resolved::Email { text, html } => {
+                let subject_tpl = action
+                    .subject
+                    .as_deref()
+                    .unwrap_or("Call from {{lead_name}}");
+                let subject = self.plain.render_template(subject_tpl, ctx)?;
+                let subject = subject
+                    .split(['\r', '\n'])
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                let mut to = Vec::new();
+                for t in &action.to {
+                    let rendered = self.lenient.render_template(t, ctx)?;
+                    to.extend(
+                        rendered
+                            .split(',')
+                            .map(str::trim)
+                            .filter(|s| !s.is_empty())
+                            .map(String::from),
+                    );
+                }
+                let text = text.map(|t| self.plain.render(&t, ctx)).transpose()?;
+                let html = html.map(|h| self.html.render(&h, ctx)).transpose()?;
+                Ok(Message::Email(EmailParts {
+                    to,
+                    subject,
+                    text,
+                    html,
+                }))
+            }
+            Resolved::Log { text } => Ok(Message::Log {
+                text: self.plain.render(&text, ctx)?,
+            }),
+        }
+    }
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            walk(&path, out)?;
+        } else {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture_call() -> Call {
+        crate::payload::parse(include_bytes!(
+            "../tests/fixtures/post_call_data_campaign.json"
+        ))
+        .unwrap()
+    }
+
+    fn action(template: &str) -> Action {
+        Action {
+            channel: "c".into(),
+            template: template.into(),
+            to: vec![],
+            subject: None,
+        }
+    }
+
+    #[test]
+    fn durations_read_like_a_person_wrote_them() {
+        assert_eq!(duration_human(44.0), "44s");
+        assert_eq!(duration_human(187.0), "3m 07s");
+        assert_eq!(duration_human(3720.0), "1h 02m");
+        assert_eq!(duration_human(0.0), "0s");
+    }
+
+    #[test]
+    fn slack_values_cannot_ping_or_relink() {
+        assert_eq!(
+            escape_slack("<!channel> & <@U1>"),
+            "&lt;!channel&gt; &amp; &lt;@U1&gt;"
+        );
+        assert_eq!(
+            escape_slack("https://x.example/a|evil"),
+            "https://x.example/a%7Cevil"
+        );
+        assert_eq!(escape_slack("Smith | Jones"), "Smith | Jones");
+        assert_eq!(escape_slack_json("a\"b\\c\n<"), "a\\\"b\\\\c\\n&lt;");
+    }
+
+    #[test]
+    fn slack_text_template_escapes_values_but_keeps_its_own_links() {
+        let mut r = Renderer::empty();
+        r.register("s", "*{{lead_name}}* <{{recording_url}}|Listen>")
+            .unwrap();
+        let mut call = fixture_call();
+        call.lead_name = "<!channel> Bob".into();
+        let Message::Slack { body } = r
+            .render("slack", &action("s"), &context(&call, "r"))
+            .unwrap()
+        else {
+            panic!()
+        };
+        let text = body["text"].as_str().unwrap();
+        assert!(
+            text.starts_with("*&lt;!channel&gt; Bob* <https://api.twilio.com/"),
+            "{text}"
+        );
+        assert!(text.ends_with("|Listen>"));
+    }
+
+    #[test]
+    fn block_kit_template_yields_json_with_a_text_fallback() {
+        let mut r = Renderer::empty();
+        r.register(
+            "b.json",
+            r#"{"blocks":[{"type":"section","text":{"type":"mrkdwn","text":"{{lead_name}} said {{call.transcript}}"}}]}"#,
+        )
+        .unwrap();
+        let mut call = fixture_call();
+        call.lead_name = "Quote\" Back\\slash\nNewline <x>".into();
+        let Message::Slack { body } = r
+            .render("slack", &action("b"), &context(&call, "booked"))
+            .unwrap()
+        else {
+            panic!()
+        };
+        let text = body["blocks"][0]["text"]["text"].as_str().unwrap();
+        assert!(text.starts_with("Quote\" Back\\slash\nNewline &lt;x&gt; said BOT:"));
+        assert_eq!(
+            body["text"],
+            "booked: Quote\" Back\\slash\nNewline &lt;x&gt; (3m 07s)"
+        );
+    }
+
+    #[test]
+    fn strict_mode_catches_a_misspelled_variable() {
+        let mut r = Renderer::empty();
+        r.register("s", "{{lead_nmae}}").unwrap();
+        let err = r
+            .render("slack", &action("s"), &context(&fixture_call(), "r"))
+            .unwrap_err();
+        assert!(err.0.contains("lead_nmae"), "{err}");
+    }
+
+    #[test]
+    fn helpers_cover_what_template_authors_need() {
+        let mut r = Renderer::empty();
+        r.register(
+            "l",
+            "{{duration call.duration}}|{{upper lead_name}}|{{lower \"ABC\"}}|{{truncate lead_name 5}}|\
+             {{default call.leadData.missing \"n/a\"}}|{{default call.campaignId \"none\"}}|\
+             {{date call.createdAt \"%Y-%m-%d %H:%M\" \"America/New_York\"}}|{{last_lines call.transcript 1}}",
+        )
+        .unwrap();
+        let Message::Log { text } = r
+            .render("log", &action("l"), &context(&fixture_call(), "r"))
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            text,
+            "3m 07s|MARIA GONZALEZ|abc|Maria…|n/a|8812|2024-03-05 11:40|BOT: Which one works best for you?\""
+        );
+    }
+
+    #[test]
+    fn email_subject_is_one_line_and_recipients_are_templated() {
+        let mut r = Renderer::empty();
+        r.register("e.txt", "Hi {{lead_name}} <b>").unwrap();
+        r.register("e.html", "<p>{{lead_name}}</p>").unwrap();
+        let mut call = fixture_call();
+        call.lead_name = "Eve\r\nBcc: x@evil.example <script>".into();
+        let a = Action {
+            channel: "m".into(),
+            template: "e".into(),
+            to: vec!["a@example.com, {{call.leadData.owner}}".into()],
+            subject: Some("Booked: {{lead_name}}".into()),
+        };
+        let Message::Email(e) = r.render("email", &a, &context(&call, "r")).unwrap() else {
+            panic!()
+        };
+        assert_eq!(e.subject, "Booked: Eve Bcc: x@evil.example <script>");
+        assert_eq!(e.to, ["a@example.com", "jordan@ourteam.example"]);
+        assert_eq!(
+            e.text.as_deref(),
+            Some("Hi Eve\r\nBcc: x@evil.example <script> <b>")
+        );
+        assert_eq!(
+            e.html.as_deref(),
+            Some("<p>Eve\r\nBcc: x@evil.example &lt;script&gt;</p>")
+        );
+    }
+
+    #[test]
+    fn resolve_names_the_files_it_looked_for() {
+        let r = Renderer::empty();
+        let err = r.resolve("slack", "slack/nope").unwrap_err();
+        assert!(
+            err.contains("slack/nope.hbs") && err.contains("slack/nope.json.hbs"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,615 @@
+//! Rules: compiled conditions over the call object, and pure matching.
+//!
+//! A rule's `when` is a mapping of paths into the call (`duration`, `leadData.source`) to a
+//! condition: a scalar means "equals", a list means "one of", a mapping holds operators (`eq`,
+//! `ne`, `in`, `not_in`, `gt`, `gte`, `lt`, `lte`, `contains`, `contains_any`, `matches`,
+//! `exists`). `any`, `all` and `not` combine. Every condition must hold. Numbers compare as
+//! numbers even when the payload sends them as strings. Regexes and case-insensitive searches
+//! are compiled once, at config load; matching does no I/O and allocates nothing for a miss.
+
+use regex::{Regex, RegexBuilder};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::config::Problem;
+use crate::payload::{as_number, Call, EventKind};
+
+/// One notification a rule asks for. Stored with each delivery, so a delivery is rendered with
+/// the action it was planned with even if the config changes meanwhile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Action {
+    pub channel: String,
+    /// Template name under `templates_dir`, without extensions (`slack/booked`).
+    pub template: String,
+    /// Email recipients; each may be a template and may render to a comma-separated list.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<String>,
+    /// Email subject template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Rule {
+    pub name: String,
+    /// The events the rule applies to; None means every event.
+    pub events: Option<Vec<EventKind>>,
+    pub when: Condition,
+    pub actions: Vec<Action>,
+    /// Later rules are not tried for a call this rule matched.
+    pub stop: bool,
+}
+
+#[derive(Debug)]
+pub enum Condition {
+    All(Vec<Condition>),
+    Any(Vec<Condition>),
+    Not(Box<Condition>),
+    Field { path: String, ops: Vec<Op> },
+}
+
+#[derive(Debug)]
+pub enum Op {
+    Eq(Value),
+    Ne(Value),
+    In(Vec<Value>),
+    NotIn(Vec<Value>),
+    Gt(f64),
+    Gte(f64),
+    Lt(f64),
+    Lte(f64),
+    /// Case-insensitive substring (strings) or element (lists).
+    Contains(String, Regex),
+    ContainsAny(Vec<String>, Regex),
+    Matches(Regex),
+    Exists(bool),
+}
+
+const OPERATORS: &[&str] = &[
+    "eq",
+    "ne",
+    "in",
+    "not_in",
+    "gt",
+    "gte",
+    "lt",
+    "lte",
+    "contains",
+    "contains_any",
+    "matches",
+    "exists",
+];
+
+/// Compiles a `when` mapping; problems are recorded with their place, never panicked on.
+pub fn compile_when(v: &Value, at: &str, problems: &mut Vec<Problem>) -> Condition {
+    let Value::Object(map) = v else {
+        problems.push(Problem::new(
+            at,
+            "expected a mapping of field paths to conditions",
+        ));
+        return Condition::All(Vec::new());
+    };
+    Condition::All(
+        map.iter()
+            .map(|(k, spec)| compile_entry(k, spec, &format!("{at}.{k}"), problems))
+            .collect(),
+    )
+}
+
+fn compile_entry(key: &str, spec: &Value, at: &str, problems: &mut Vec<Problem>) -> Condition {
+    match key {
+        "any" | "all" => {
+            let Value::Array(items) = spec else {
+                problems.push(Problem::new(
+                    at,
+                    format!("`{key}` takes a list of conditions"),
+                ));
+                return Condition::All(Vec::new());
+            };
+            let parts = items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| compile_when(item, &format!("{at}[{i}]"), problems))
+                .collect();
+            if key == "any" {
+                Condition::Any(parts)
+            } else {
+                Condition::All(parts)
+            }
+        }
+        "not" => Condition::Not(Box::new(compile_when(spec, at, problems))),
+        path => {
+            if path.is_empty() || path.split('.').any(str::is_empty) {
+                problems.push(Problem::new(at, format!("{path:?} is not a field path")));
+            }
+            let ops = match spec {
+                Value::Array(items) => vec![Op::In(items.clone())],
+                Value::Object(ops) => ops
+                    .iter()
+                    .filter_map(|(op, arg)| compile_op(op, arg, &format!("{at}.{op}"), problems))
+                    .collect(),
+                scalar => vec![Op::Eq(scalar.clone())],
+            };
+            Condition::Field {
+                path: path.to_string(),
+                ops,
+            }
+        }
+    }
+}
+
+fn compile_op(op: &str, arg: &Value, at: &str, problems: &mut Vec<Problem>) -> Option<Op> {
+    let number = |problems: &mut Vec<Problem>| match as_number(arg) {
+        Some(n) => Some(n),
+        None => {
+            problems.push(Problem::new(
+                at,
+                format!("`{op}` needs a number, found {arg}"),
+            ));
+            None
+        }
+    };
+    let list = |problems: &mut Vec<Problem>| match arg {
+        Value::Array(items) => Some(items.clone()),
+        _ => {
+            problems.push(Problem::new(
+                at,
+                format!("`{op}` needs a list, found {arg}"),
+            ));
+            None
+        }
+    };
+    let text = |v: &Value| match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    };
+    let literal_regex = |needles: &[String], problems: &mut Vec<Problem>| {
+        let alternation = needles
+            .iter()
+            .map(|n| regex::escape(n))
+            .collect::<Vec<_>>()
+            .join("|");
+        match RegexBuilder::new(&alternation)
+            .case_insensitive(true)
+            .build()
+        {
+            Ok(r) => Some(r),
+            Err(e) => {
+                problems.push(Problem::new(at, format!("cannot compile: {e}")));
+                None
+            }
+        }
+    };
+    Some(match op {
+        "eq" => Op::Eq(arg.clone()),
+        "ne" => Op::Ne(arg.clone()),
+        "in" => Op::In(list(problems)?),
+        "not_in" => Op::NotIn(list(problems)?),
+        "gt" => Op::Gt(number(problems)?),
+        "gte" => Op::Gte(number(problems)?),
+        "lt" => Op::Lt(number(problems)?),
+        "lte" => Op::Lte(number(problems)?),
+        "contains" => {
+            let Some(needle) = text(arg) else {
+                problems.push(Problem::new(
+                    at,
+                    format!("`contains` needs a string, found {arg}"),
+                ));
+                return None;
+            };
+            let re = literal_regex(std::slice::from_ref(&needle), problems)?;
+            Op::Contains(needle, re)
+        }
+        "contains_any" => {
+            let items = list(problems)?;
+            let needles: Vec<String> = items.iter().filter_map(text).collect();
+            if needles.len() != items.len() || needles.is_empty() {
+                problems.push(Problem::new(
+                    at,
+                    "`contains_any` needs a non-empty list of strings",
+                ));
+                return None;
+            }
+            let re = literal_regex(&needles, problems)?;
+            Op::ContainsAny(needles, re)
+        }
+        "matches" => {
+            let Value::String(pattern) = arg else {
+                problems.push(Problem::new(
+                    at,
+                    format!("`matches` needs a regex string, found {arg}"),
+                ));
+                return None;
+            };
+            match RegexBuilder::new(pattern).size_limit(1 << 20).build() {
+                Ok(r) => Op::Matches(r),
+                Err(e) => {
+                    problems.push(Problem::new(at, format!("bad regex: {e}")));
+                    return None;
+                }
+            }
+        }
+        "exists" => match arg {
+            Value::Bool(b) => Op::Exists(*b),
+            _ => {
+                problems.push(Problem::new(
+                    at,
+                    format!("`exists` needs true or false, found {arg}"),
+                ));
+                return None;
+            }
+        },
+        other => {
+            problems.push(Problem::new(
+                at,
+                format!(
+                    "unknown operator `{other}` (expected one of: {})",
+                    OPERATORS.join(", ")
+                ),
+            ));
+            return None;
+        }
+    })
+}
+
+/// Walks a dotted path into the call object; numeric segments index lists.
+pub fn lookup<'a>(root: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
+    let mut parts = path.split('.');
+    let mut cur = root.get(parts.next()?)?;
+    for part in parts {
+        cur = match cur {
+            Value::Object(m) => m.get(part)?,
+            Value::Array(items) => items.get(part.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(cur)
+}
+
+fn loosely_equal(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::String(x), Value::String(y)) => x == y,
+        _ => match (as_number(a), as_number(b)) {
+            (Some(x), Some(y)) => x == y,
+            _ => a == b,
+        },
+    }
+}
+
+fn short(v: &Value) -> String {
+    let s = v.to_string();
+    if s.chars().count() > 40 {
+        format!("{}…", s.chars().take(40).collect::<String>())
+    } else {
+        s
+    }
+}
+
+impl Op {
+    /// Ok when the operator holds for `found`; Err says why not.
+    fn check(&self, path: &str, found: Option<&Value>) -> Result<(), String> {
+        let present = found.filter(|v| !v.is_null());
+        let holds = match self {
+            Op::Exists(want) => present.is_some() == *want,
+            Op::Eq(x) => found.is_some_and(|v| loosely_equal(v, x)),
+            Op::Ne(x) => !found.is_some_and(|v| loosely_equal(v, x)),
+            Op::In(xs) => found.is_some_and(|v| xs.iter().any(|x| loosely_equal(v, x))),
+            Op::NotIn(xs) => !found.is_some_and(|v| xs.iter().any(|x| loosely_equal(v, x))),
+            Op::Gt(n) => present.and_then(as_number).is_some_and(|v| v > *n),
+            Op::Gte(n) => present.and_then(as_number).is_some_and(|v| v >= *n),
+            Op::Lt(n) => present.and_then(as_number).is_some_and(|v| v < *n),
+            Op::Lte(n) => present.and_then(as_number).is_some_and(|v| v <= *n),
+            Op::Contains(_, re) | Op::ContainsAny(_, re) => present.is_some_and(|v| search(v, re)),
+            Op::Matches(re) => present.is_some_and(|v| match v {
+                Value::String(s) => re.is_match(s),
+                Value::Number(_) | Value::Bool(_) => re.is_match(&v.to_string()),
+                _ => false,
+            }),
+        };
+        if holds {
+            return Ok(());
+        }
+        let got = match found {
+            None => "missing".to_string(),
+            Some(v) => short(v),
+        };
+        Err(match self {
+            Op::Exists(true) => format!("{path} does not exist"),
+            Op::Exists(false) => format!("{path} exists ({got})"),
+            Op::Eq(x) => format!("{path} is {got}, not {}", short(x)),
+            Op::Ne(x) => format!("{path} is {}", short(x)),
+            Op::In(xs) => format!(
+                "{path} is {got}, not one of {}",
+                short(&Value::Array(xs.clone()))
+            ),
+            Op::NotIn(_) => format!("{path} is {got}, which is excluded"),
+            Op::Gt(n) => format!("{path} is {got}, not > {n}"),
+            Op::Gte(n) => format!("{path} is {got}, not >= {n}"),
+            Op::Lt(n) => format!("{path} is {got}, not < {n}"),
+            Op::Lte(n) => format!("{path} is {got}, not <= {n}"),
+            Op::Contains(needle, _) => format!("{path} does not contain {needle:?}"),
+            Op::ContainsAny(needles, _) => format!("{path} contains none of {needles:?}"),
+            Op::Matches(re) => format!("{path} does not match /{}/", re.as_str()),
+        })
+    }
+}
+
+/// Case-insensitive search in a string, or in each element of a list.
+fn search(v: &Value, re: &Regex) -> bool {
+    match v {
+        Value::String(s) => re.is_match(s),
+        Value::Number(_) | Value::Bool(_) => re.is_match(&v.to_string()),
+        Value::Array(items) => items.iter().any(|i| search(i, re)),
+        _ => false,
+    }
+}
+
+impl Condition {
+    /// Ok when the condition holds for the call object; Err names the first part that failed.
+    pub fn check(&self, call: &Map<String, Value>) -> Result<(), String> {
+        match self {
+            Condition::All(parts) => parts.iter().try_for_each(|p| p.check(call)),
+            Condition::Any(parts) => {
+                if parts.is_empty() {
+                    return Ok(());
+                }
+                let mut reasons = Vec::new();
+                for p in parts {
+                    match p.check(call) {
+                        Ok(()) => return Ok(()),
+                        Err(r) => reasons.push(r),
+                    }
+                }
+                Err(format!("none of `any` holds ({})", reasons.join("; ")))
+            }
+            Condition::Not(inner) => match inner.check(call) {
+                Ok(()) => Err("the `not` condition holds".to_string()),
+                Err(_) => Ok(()),
+            },
+            Condition::Field { path, ops } => {
+                let found = lookup(call, path);
+                ops.iter().try_for_each(|op| op.check(path, found))
+            }
+        }
+    }
+}
+
+impl Rule {
+    /// Ok when this rule applies to the call; Err says which condition failed.
+    pub fn check(&self, call: &Call) -> Result<(), String> {
+        if let Some(events) = &self.events {
+            if !events.contains(&call.event) {
+                return Err(format!(
+                    "event is {}, the rule is for {:?}",
+                    call.event.as_str(),
+                    events
+                ));
+            }
+        }
+        self.when.check(&call.raw)
+    }
+}
+
+/// The rules a call matches, in file order, up to and including the first with `stop: true`.
+pub fn matching<'a>(rules: &'a [Rule], call: &Call) -> Vec<&'a Rule> {
+    let mut out = Vec::new();
+    for rule in rules {
+        if rule.check(call).is_ok() {
+            out.push(rule);
+            if rule.stop {
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// The dry run's view: what each rule made of the call.
+#[derive(Debug, Serialize)]
+pub struct Verdict {
+    pub rule: String,
+    pub matched: bool,
+    /// Why the rule did not match, or that an earlier `stop: true` rule ended matching.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+pub fn explain(rules: &[Rule], call: &Call) -> Vec<Verdict> {
+    let mut stopped_by: Option<&str> = None;
+    rules
+        .iter()
+        .map(|rule| {
+            if let Some(by) = stopped_by {
+                return Verdict {
+                    rule: rule.name.clone(),
+                    matched: false,
+                    reason: Some(format!("not tried: rule {by:?} matched and has stop: true")),
+                };
+            }
+            match rule.check(call) {
+                Ok(()) => {
+                    if rule.stop {
+                        stopped_by = Some(&rule.name);
+                    }
+                    Verdict {
+                        rule: rule.name.clone(),
+                        matched: true,
+                        reason: None,
+                    }
+                }
+                Err(r) => Verdict {
+                    rule: rule.name.clone(),
+                    matched: false,
+                    reason: Some(r),
+                },
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn compile(v: Value) -> Condition {
+        let mut problems = Vec::new();
+        let c = compile_when(&v, "when", &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        c
+    }
+
+    fn call(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn the_issue_example_matches_the_campaign_fixture() {
+        let c = compile(json!({
+            "duration": {"gte": 60},
+            "transcript": {"contains_any": ["book", "appointment"]},
+            "campaignId": [8812, 8813],
+            "leadData.source": "website",
+        }));
+        let fixture: Value = serde_json::from_str(include_str!(
+            "../tests/fixtures/post_call_data_campaign.json"
+        ))
+        .unwrap();
+        let obj = fixture["call"].as_object().unwrap();
+        assert_eq!(c.check(obj), Ok(()));
+        let plain: Value =
+            serde_json::from_str(include_str!("../tests/fixtures/post_call_data.json")).unwrap();
+        let err = c.check(plain["call"].as_object().unwrap()).unwrap_err();
+        assert_eq!(err, "duration is 44, not >= 60");
+    }
+
+    #[test]
+    fn numbers_compare_as_numbers_even_as_strings() {
+        let c = compile(json!({"campaignId": 8812, "duration": {"gt": "100"}}));
+        assert!(c
+            .check(&call(json!({"campaignId": "8812", "duration": "187"})))
+            .is_ok());
+        assert!(c
+            .check(&call(json!({"campaignId": 8812.0, "duration": 187})))
+            .is_ok());
+        assert!(c
+            .check(&call(json!({"campaignId": "8813", "duration": 187})))
+            .is_err());
+        assert!(c
+            .check(&call(json!({"campaignId": 8812, "duration": "abc"})))
+            .is_err());
+    }
+
+    #[test]
+    fn every_operator_behaves() {
+        let obj = call(json!({
+            "s": "Hello World", "n": 5, "tags": ["hot", "Roofing"], "z": null,
+            "nested": {"deep": {"x": "y"}}
+        }));
+        let yes = [
+            json!({"s": {"eq": "Hello World"}}),
+            json!({"s": {"ne": "x"}}),
+            json!({"missing": {"ne": "x"}}),
+            json!({"n": {"in": [1, 5]}}),
+            json!({"n": {"not_in": [1, 2]}}),
+            json!({"n": {"gt": 4, "gte": 5, "lt": 6, "lte": 5}}),
+            json!({"s": {"contains": "WORLD"}}),
+            json!({"tags": {"contains": "roofing"}}),
+            json!({"s": {"contains_any": ["nope", "hello"]}}),
+            json!({"s": {"matches": "^Hel+o"}}),
+            json!({"s": {"exists": true}, "z": {"exists": false}, "missing": {"exists": false}}),
+            json!({"nested.deep.x": "y"}),
+            json!({"tags.0": "hot"}),
+            json!({"any": [{"n": 1}, {"n": 5}]}),
+            json!({"all": [{"n": 5}, {"s": {"exists": true}}]}),
+            json!({"not": {"n": 1}}),
+            json!({}),
+        ];
+        for c in yes {
+            assert_eq!(compile(c.clone()).check(&obj), Ok(()), "{c}");
+        }
+        let no = [
+            json!({"s": {"eq": "hello world"}}),
+            json!({"n": {"gt": 5}}),
+            json!({"missing": {"gt": 0}}),
+            json!({"s": {"contains": "planet"}}),
+            json!({"s": {"matches": "^World"}}),
+            json!({"z": {"exists": true}}),
+            json!({"any": [{"n": 1}, {"n": 2}]}),
+            json!({"not": {"n": 5}}),
+            json!({"nested.deep.x.y": "y"}),
+        ];
+        for c in no {
+            assert!(compile(c.clone()).check(&obj).is_err(), "{c}");
+        }
+    }
+
+    #[test]
+    fn bad_conditions_are_all_reported_with_their_place() {
+        let mut problems = Vec::new();
+        compile_when(
+            &json!({"duration": {"gtee": 5}, "transcript": {"matches": "(unclosed"}, "n": {"gt": "abc"}, "any": 5}),
+            "rules[0].when",
+            &mut problems,
+        );
+        let places: Vec<&str> = problems.iter().map(|p| p.at.as_str()).collect();
+        assert_eq!(
+            places,
+            [
+                "rules[0].when.duration.gtee",
+                "rules[0].when.transcript.matches",
+                "rules[0].when.n.gt",
+                "rules[0].when.any"
+            ]
+        );
+        assert!(problems[0].message.contains("unknown operator"));
+    }
+
+    #[test]
+    fn stop_ends_matching_and_explain_says_so() {
+        let mk = |name: &str, when: Value, stop: bool| Rule {
+            name: name.into(),
+            events: None,
+            when: compile(when),
+            actions: vec![],
+            stop,
+        };
+        let rules = vec![
+            mk("long", json!({"duration": {"gte": 100}}), false),
+            mk("any", json!({}), true),
+            mk("after", json!({}), false),
+        ];
+        let c = crate::payload::parse(br#"{"call":{"sid":"CA1","duration":44}}"#).unwrap();
+        let names: Vec<&str> = matching(&rules, &c)
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect();
+        assert_eq!(names, ["any"]);
+        let v = explain(&rules, &c);
+        assert!(!v[0].matched && v[0].reason.as_deref() == Some("duration is 44, not >= 100"));
+        assert!(v[1].matched);
+        assert!(v[2].reason.as_deref().unwrap().contains("stop: true"));
+    }
+
+    #[test]
+    fn rules_can_be_limited_to_an_event() {
+        let rule = Rule {
+            name: "outcomes".into(),
+            events: Some(vec![EventKind::PostCallOutcome]),
+            when: compile(json!({})),
+            actions: vec![],
+            stop: false,
+        };
+        let data = crate::payload::parse(br#"{"call":{"sid":"CA1"}}"#).unwrap();
+        let outcome =
+            crate::payload::parse(br#"{"call":{"sid":"CA1","outcome":"Booked"}}"#).unwrap();
+        assert!(rule.check(&data).is_err());
+        assert!(rule.check(&outcome).is_ok());
+    }
+}

@@ -1,0 +1,403 @@
+//! The HTTP edge: Air's webhook, health, readiness, metrics and reload.
+//!
+//! Requests go through one handler that checks, in order: route and method (404/405), the
+//! Bearer token before anything else is read (401), content type (415), size while reading
+//! (413), the time the body takes (408), then the body itself (400 with the reason). Every error
+//! is a small JSON object `{"error": kind, "message": reason}`. The accept loop is ours rather
+//! than `warp::serve` so connections can be limited and slow clients cut off.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use futures_util::{Stream, StreamExt};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use warp::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use warp::reply::Response;
+use warp::{Filter, Reply};
+
+use crate::app::Shared;
+use crate::store::{Inserted, NewDelivery};
+use crate::{metrics, payload, rules};
+
+/// Which endpoints a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// The webhook, and the admin endpoints too when there is no separate admin listener.
+    Main { with_admin: bool },
+    /// Health, readiness, metrics and reload only.
+    Admin,
+}
+
+/// A JSON error answer.
+pub fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
+    let body = json!({ "error": kind, "message": message.into() });
+    warp::reply::with_status(warp::reply::json(&body), status).into_response()
+}
+
+fn ok_json(value: serde_json::Value) -> Response {
+    warp::reply::json(&value).into_response()
+}
+
+/// The warp filter for one listener.
+pub fn routes(
+    shared: Arc<Shared>,
+    surface: Surface,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone + Send + Sync + 'static {
+    warp::method()
+        .and(warp::path::full())
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .then(
+            move |method: Method, path: warp::path::FullPath, headers: HeaderMap, body| {
+                let shared = shared.clone();
+                async move { handle(shared, surface, method, path.as_str(), headers, body).await }
+            },
+        )
+}
+
+async fn handle<S, B>(
+    shared: Arc<Shared>,
+    surface: Surface,
+    method: Method,
+    path: &str,
+    headers: HeaderMap,
+    body: S,
+) -> Response
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    let webhook_path = shared.live.load().config.server.webhook_path.clone();
+    let admin = matches!(surface, Surface::Admin | Surface::Main { with_admin: true });
+    let is_webhook = matches!(surface, Surface::Main { .. }) && path == webhook_path;
+    let allowed: &[Method] = match path {
+        _ if is_webhook => &[Method::POST],
+        "/healthz" | "/readyz" | "/metrics" => &[Method::GET, Method::HEAD],
+        "/-/reload" if admin => &[Method::POST],
+        _ => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no endpoint at {}", crate::notify::excerpt(path, 100)),
+            );
+        }
+    };
+    if !allowed.contains(&method) {
+        let allow = allowed
+            .iter()
+            .map(Method::as_str)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut r = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{path} accepts {allow}"),
+        );
+        if let Ok(v) = HeaderValue::from_str(&allow) {
+            r.headers_mut().insert(header::ALLOW, v);
+        }
+        return r;
+    }
+    match path {
+        _ if is_webhook => ingest(&shared, &headers, body).await,
+        "/healthz" => ok_json(json!({"status": "ok"})),
+        "/readyz" => ready(&shared).await,
+        "/metrics" => {
+            let mut r = metrics::handle().render().into_response();
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        }
+        _ => match shared.reload("HTTP").await {
+            Ok(()) => ok_json(json!({"status": "reloaded"})),
+            Err(e) => error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "config_invalid",
+                e.to_string(),
+            ),
+        },
+    }
+}
+
+async fn ready(shared: &Shared) -> Response {
+    if shared.is_shutting_down() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the daemon is shutting down",
+        );
+    }
+    match shared.store.probe(shared.clock.now_ms()).await {
+        Ok(()) => ok_json(json!({"status": "ready"})),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            format!("the store does not accept writes: {e}"),
+        ),
+    }
+}
+
+/// Compares a presented token with each configured one. The time taken depends only on the
+/// configured tokens, never on how much of a guess was right.
+pub fn authorized(headers: &HeaderMap, tokens: &[SecretString]) -> bool {
+    if tokens.is_empty() {
+        return true;
+    }
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .map(HeaderValue::as_bytes)
+        .and_then(|v| {
+            let scheme = v.get(..7)?;
+            scheme.eq_ignore_ascii_case(b"bearer ").then(|| &v[7..])
+        })
+        .unwrap_or_default();
+    let mut any = subtle::Choice::from(0u8);
+    for token in tokens {
+        let want = token.expose_secret().as_bytes();
+        let mut diff = 0u8;
+        for (i, w) in want.iter().enumerate() {
+            diff |= presented.get(i).copied().unwrap_or(0) ^ w;
+        }
+        let same_len = (presented.len() as u64).ct_eq(&(want.len() as u64));
+        any |= same_len & diff.ct_eq(&0u8);
+    }
+    !presented.is_empty() && bool::from(any)
+}
+
+#[derive(Debug)]
+enum BodyError {
+    TooLarge,
+    Timeout,
+    Broken(String),
+}
+
+async fn read_body<S, B>(
+    mut body: S,
+    limit: usize,
+    timeout: Duration,
+) -> Result<BytesMut, BodyError>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    let read = async {
+        let mut out = BytesMut::new();
+        while let Some(chunk) = body.next().await {
+            let mut chunk = chunk.map_err(|e| BodyError::Broken(e.to_string()))?;
+            if out.len() + chunk.remaining() > limit {
+                return Err(BodyError::TooLarge);
+            }
+            while chunk.has_remaining() {
+                let part = chunk.chunk();
+                out.extend_from_slice(part);
+                let n = part.len();
+                chunk.advance(n);
+            }
+        }
+        Ok(out)
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| BodyError::Timeout)?
+}
+
+async fn ingest<S, B>(shared: &Shared, headers: &HeaderMap, body: S) -> Response
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    let live = shared.live.load_full();
+    let cfg = &live.config.server;
+    if !authorized(headers, &cfg.tokens) {
+        metrics::call_received("unauthorized");
+        tracing::warn!("webhook refused: missing or wrong Bearer token");
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong Bearer token",
+        );
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return r;
+    }
+    let reject = |status: StatusCode, kind: &str, message: String| {
+        metrics::call_received("rejected");
+        tracing::warn!(status = status.as_u16(), "webhook rejected: {message}");
+        error(status, kind, message)
+    };
+    if let Some(ct) = headers.get(header::CONTENT_TYPE) {
+        let ct = ct.to_str().unwrap_or_default().to_ascii_lowercase();
+        let mime = ct.split(';').next().unwrap_or_default().trim();
+        if mime != "application/json" && !mime.ends_with("+json") {
+            return reject(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "the body must be application/json".into(),
+            );
+        }
+    }
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let too_large = || format!("the body is larger than {} bytes", cfg.max_body_bytes);
+    if declared.is_some_and(|n| n > cfg.max_body_bytes as u64) {
+        return reject(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            too_large(),
+        );
+    }
+    let bytes = match read_body(body, cfg.max_body_bytes, cfg.body_read_timeout).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => {
+            return reject(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                too_large(),
+            )
+        }
+        Err(BodyError::Timeout) => {
+            return reject(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                "the body took too long to arrive".into(),
+            )
+        }
+        Err(BodyError::Broken(e)) => {
+            return reject(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("cannot read the body: {e}"),
+            )
+        }
+    };
+    let call = match payload::parse(&bytes) {
+        Ok(c) => c,
+        Err(e) => return reject(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
+    };
+    let matched = rules::matching(&live.config.rules, &call);
+    let owed: Vec<NewDelivery> = matched
+        .iter()
+        .flat_map(|rule| {
+            rule.actions.iter().enumerate().map(|(i, a)| NewDelivery {
+                rule: rule.name.clone(),
+                action_idx: i,
+                action: a.clone(),
+            })
+        })
+        .collect();
+    let now = shared.clock.now_ms();
+    let sid = call.sid.clone();
+    let event = call.event.as_str();
+    let rule_names: Vec<&str> = matched.iter().map(|r| r.name.as_str()).collect();
+    match shared
+        .store
+        .insert_call(sid.clone(), event, call.raw_json(), now, owed)
+        .await
+    {
+        Ok(Inserted::Accepted { deliveries, .. }) => {
+            metrics::call_received("accepted");
+            metrics::last_call_now();
+            shared.note_call(now);
+            for r in &rule_names {
+                metrics::rule_matched(r);
+            }
+            if deliveries > 0 {
+                shared.worker.wake();
+            }
+            tracing::info!(sid = %sid, event, rules = ?rule_names, deliveries, "call accepted");
+            ok_json(
+                json!({"status": "accepted", "sid": sid, "event": event, "rules": rule_names, "notifications": deliveries}),
+            )
+        }
+        Ok(Inserted::Duplicate) => {
+            metrics::call_received("duplicate");
+            tracing::info!(sid = %sid, event, "duplicate call ignored");
+            ok_json(json!({"status": "duplicate", "sid": sid, "event": event, "notifications": 0}))
+        }
+        Err(e) => {
+            metrics::call_received("unavailable");
+            tracing::error!(sid = %sid, error = %e, "cannot store the call; answering 503");
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the call could not be stored; nothing was accepted, please retry",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            r
+        }
+    }
+}
+
+/// Limits of the accept loop.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+}
+
+/// Serves `filter` on `listener` until `shutdown`, then lets open requests finish.
+pub async fn serve<F>(listener: TcpListener, filter: F, limits: Limits, shutdown: CancellationToken)
+where
+    F: Filter<Extract = (Response,), Error = warp::Rejection> + Clone + Send + Sync + 'static,
+{
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let local: Option<SocketAddr> = listener.local_addr().ok();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let (stream, _peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(
+                max = limits.max_connections,
+                "connection limit reached; closing a new connection"
+            );
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = hyper_util::service::TowerToHyperService::new(warp::service(filter.clone()));
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Some(limits.header_read_timeout))
+                .serve_connection(TokioIo::new(stream), svc);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    // Wait for open connections to finish their requests.
+    let _ = permits.acquire_many(limits.max_connections as u32).await;
+    tracing::debug!(addr = ?local, "listener stopped");
+}

@@ -1,0 +1,837 @@
+//! The durable store: every SQL statement lives here.
+//!
+//! SQLite in WAL mode with `synchronous=FULL`, driven by one writer thread. Callers send it
+//! closures; the thread runs whatever has queued up inside one transaction (each closure in its
+//! own savepoint, so one failure does not undo the others) and answers every caller only after
+//! the single `COMMIT` — group commit: one fsync for many concurrent webhooks.
+//!
+//! Tables: `calls` (one row per (sid, event), the call object as received), `deliveries` (one
+//! row per (call, rule, action): `pending` -> `sending` -> `done` | back to `pending` with a
+//! later `next_attempt_at` | `dead`), `attempts` (each try and the destination's answer) and
+//! `meta` (small daemon state such as the time of the last call).
+
+use std::path::Path;
+use std::sync::mpsc;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use crate::rules::Action;
+
+/// Most jobs committed in one transaction.
+const MAX_BATCH: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("store commit failed: {0}")]
+    Commit(String),
+    #[error("store is closed")]
+    Closed,
+    #[error("cannot open the store at {path}: {reason}")]
+    Open { path: String, reason: String },
+}
+
+type Done = Box<dyn FnOnce(Option<&str>) + Send>;
+type Job = Box<dyn FnOnce(Result<&Connection, &str>) -> (bool, Done) + Send>;
+
+/// A handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    tx: mpsc::Sender<Job>,
+}
+
+/// A delivery owed by a new call.
+#[derive(Debug, Clone)]
+pub struct NewDelivery {
+    pub rule: String,
+    pub action_idx: usize,
+    pub action: Action,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum Inserted {
+    Accepted { call_id: i64, deliveries: usize },
+    Duplicate,
+}
+
+/// A delivery claimed for sending, with its call.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub id: i64,
+    pub call_id: i64,
+    pub rule: String,
+    pub channel: String,
+    pub action: Action,
+    /// Attempts made before this one.
+    pub attempts: u32,
+    /// Start of the current retry window (creation, or the last replay), unix ms.
+    pub window_start: i64,
+    pub received_at: i64,
+    pub sid: String,
+    pub event: String,
+    pub call_body: String,
+}
+
+/// What became of one attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Recorded {
+    Done,
+    Retry { next_attempt_at: i64 },
+    Dead,
+}
+
+/// One delivery as `deliveries list` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryRow {
+    pub id: i64,
+    pub sid: String,
+    pub event: String,
+    pub rule: String,
+    pub channel: String,
+    pub status: String,
+    pub attempts: u32,
+    pub next_attempt_at: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub last_error: Option<String>,
+}
+
+/// Queue depth and age, for metrics and readiness.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stats {
+    pub pending: i64,
+    pub sending: i64,
+    pub done: i64,
+    pub dead: i64,
+    pub oldest_pending_created_at: Option<i64>,
+    pub calls: i64,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS calls (
+    id          INTEGER PRIMARY KEY,
+    sid         TEXT NOT NULL,
+    event       TEXT NOT NULL,
+    received_at INTEGER NOT NULL,
+    body        TEXT NOT NULL,
+    UNIQUE (sid, event)
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id              INTEGER PRIMARY KEY,
+    call_id         INTEGER NOT NULL REFERENCES calls(id) ON DELETE CASCADE,
+    rule            TEXT NOT NULL,
+    action_idx      INTEGER NOT NULL,
+    channel         TEXT NOT NULL,
+    action          TEXT NOT NULL,
+    status          TEXT NOT NULL CHECK (status IN ('pending', 'sending', 'done', 'dead')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    window_start    INTEGER NOT NULL,
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL,
+    last_error      TEXT,
+    UNIQUE (call_id, rule, action_idx)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (channel, status, next_attempt_at);
+CREATE INDEX IF NOT EXISTS deliveries_status ON deliveries (status, updated_at);
+CREATE TABLE IF NOT EXISTS attempts (
+    id          INTEGER PRIMARY KEY,
+    delivery_id INTEGER NOT NULL REFERENCES deliveries(id) ON DELETE CASCADE,
+    attempt     INTEGER NOT NULL,
+    at          INTEGER NOT NULL,
+    outcome     TEXT NOT NULL,
+    latency_ms  INTEGER,
+    detail      TEXT
+);
+CREATE INDEX IF NOT EXISTS attempts_delivery ON attempts (delivery_id);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+";
+
+impl Store {
+    /// Opens (creating if needed) the store at `path` and starts its writer thread.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let open_err = |reason: String| StoreError::Open {
+            path: path.display().to_string(),
+            reason,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
+        }
+        let conn = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(|e| open_err(e.to_string()))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+        )
+        .map_err(|e| open_err(e.to_string()))?;
+        conn.execute_batch(SCHEMA)
+            .map_err(|e| open_err(e.to_string()))?;
+        conn.set_prepared_statement_cache_capacity(64);
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("callnotify-store".into())
+            .spawn(move || writer(conn, rx))
+            .map_err(|e| open_err(e.to_string()))?;
+        Ok(Store { tx })
+    }
+
+    /// Runs `f` in the writer thread, inside the current group transaction; the answer comes
+    /// after that transaction committed.
+    pub async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let rx = self.submit(f)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    fn submit<T, F>(&self, f: F) -> Result<oneshot::Receiver<Result<T, StoreError>>, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let result = match conn {
+                Ok(conn) => f(conn).map_err(StoreError::from),
+                Err(e) => Err(StoreError::Commit(e.to_string())),
+            };
+            let ok = result.is_ok();
+            let done: Done = Box::new(move |commit_error| {
+                let answer = match (result, commit_error) {
+                    (Ok(_), Some(e)) => Err(StoreError::Commit(e.to_string())),
+                    (r, _) => r,
+                };
+                let _ = tx.send(answer);
+            });
+            (ok, done)
+        });
+        self.tx.send(job).map_err(|_| StoreError::Closed)?;
+        Ok(rx)
+    }
+
+    /// Stores a call and the deliveries it owes, once per (sid, event).
+    pub async fn insert_call(
+        &self,
+        sid: String,
+        event: &'static str,
+        body: String,
+        received_at: i64,
+        deliveries: Vec<NewDelivery>,
+    ) -> Result<Inserted, StoreError> {
+        self.run(move |conn| insert_call(conn, &sid, event, &body, received_at, &deliveries))
+            .await
+    }
+
+    /// Puts deliveries left `sending` by a previous process back in the queue.
+    pub async fn reset_inflight(&self, now: i64) -> Result<usize, StoreError> {
+        self.run(move |conn| {
+            conn.execute(
+                "UPDATE deliveries SET status = 'pending', next_attempt_at = MIN(next_attempt_at, ?1), updated_at = ?1
+                 WHERE status = 'sending'",
+                params![now],
+            )
+        })
+        .await
+    }
+
+    /// Claims up to `limit` due deliveries of one channel, oldest first.
+    pub async fn claim(
+        &self,
+        channel: String,
+        now: i64,
+        limit: usize,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        self.run(move |conn| claim(conn, &channel, now, limit))
+            .await
+    }
+
+    /// Records an attempt and what became of the delivery.
+    pub async fn record(
+        &self,
+        id: i64,
+        attempt: u32,
+        now: i64,
+        outcome: Recorded,
+        latency_ms: i64,
+        detail: Option<String>,
+    ) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            record(
+                conn,
+                id,
+                attempt,
+                now,
+                &outcome,
+                latency_ms,
+                detail.as_deref(),
+            )
+        })
+        .await
+    }
+
+    /// Gives a claimed delivery back to the queue without counting an attempt (shutdown came
+    /// before it was sent).
+    pub async fn release(&self, id: i64) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            conn.prepare_cached(
+                "UPDATE deliveries SET status = 'pending' WHERE id = ?1 AND status = 'sending'",
+            )?
+            .execute(params![id])
+            .map(|_| ())
+        })
+        .await
+    }
+
+    /// Marks every pending delivery of a channel that no longer exists as dead, so it is
+    /// visible and can be replayed once the channel is back.
+    pub async fn kill_orphans(&self, channels: Vec<String>, now: i64) -> Result<usize, StoreError> {
+        self.run(move |conn| {
+            let mut n = 0;
+            let mut stmt =
+                conn.prepare("SELECT DISTINCT channel FROM deliveries WHERE status = 'pending'")?;
+            let pending: Vec<String> = stmt
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for ch in pending.into_iter().filter(|c| !channels.contains(c)) {
+                n += conn.execute(
+                    "UPDATE deliveries SET status = 'dead', updated_at = ?2,
+                        last_error = 'channel ' || ?1 || ' is no longer in the config'
+                     WHERE status = 'pending' AND channel = ?1",
+                    params![ch, now],
+                )?;
+            }
+            Ok(n)
+        })
+        .await
+    }
+
+    /// The earliest `next_attempt_at` of a channel's pending deliveries.
+    pub async fn next_due(&self, channel: String) -> Result<Option<i64>, StoreError> {
+        self.run(move |conn| {
+            conn.prepare_cached("SELECT MIN(next_attempt_at) FROM deliveries WHERE channel = ?1 AND status = 'pending'")?
+                .query_row(params![channel], |r| r.get(0))
+        })
+        .await
+    }
+
+    /// Lists deliveries, newest first.
+    pub async fn list(
+        &self,
+        status: Option<String>,
+        sid: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<DeliveryRow>, StoreError> {
+        self.run(move |conn| {
+            let mut stmt = conn.prepare(
+                "SELECT d.id, c.sid, c.event, d.rule, d.channel, d.status, d.attempts, d.next_attempt_at,
+                        d.created_at, d.updated_at, d.last_error
+                 FROM deliveries d JOIN calls c ON c.id = d.call_id
+                 WHERE (?1 IS NULL OR d.status = ?1) AND (?2 IS NULL OR c.sid = ?2)
+                 ORDER BY d.id DESC LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(params![status, sid, limit as i64], |r| {
+                Ok(DeliveryRow {
+                    id: r.get(0)?,
+                    sid: r.get(1)?,
+                    event: r.get(2)?,
+                    rule: r.get(3)?,
+                    channel: r.get(4)?,
+                    status: r.get(5)?,
+                    attempts: r.get(6)?,
+                    next_attempt_at: r.get(7)?,
+                    created_at: r.get(8)?,
+                    updated_at: r.get(9)?,
+                    last_error: r.get(10)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// Puts dead deliveries back in the queue, due now, with a fresh retry window. `ids` empty
+    /// means every dead delivery. Returns how many were requeued.
+    pub async fn retry_dead(&self, ids: Vec<i64>, now: i64) -> Result<usize, StoreError> {
+        self.run(move |conn| {
+            let sql =
+                "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?1,
+                          window_start = ?1, updated_at = ?1
+                       WHERE status = 'dead'";
+            if ids.is_empty() {
+                return conn.execute(sql, params![now]);
+            }
+            let mut stmt = conn.prepare(&format!("{sql} AND id = ?2"))?;
+            let mut n = 0;
+            for id in ids {
+                n += stmt.execute(params![now, id])?;
+            }
+            Ok(n)
+        })
+        .await
+    }
+
+    /// Deletes calls older than `before` whose deliveries are all done (and their attempts).
+    pub async fn prune(&self, before: i64) -> Result<usize, StoreError> {
+        self.run(move |conn| {
+            conn.execute(
+                "DELETE FROM calls WHERE received_at < ?1 AND NOT EXISTS (
+                     SELECT 1 FROM deliveries d WHERE d.call_id = calls.id AND d.status != 'done')",
+                params![before],
+            )
+        })
+        .await
+    }
+
+    pub async fn stats(&self) -> Result<Stats, StoreError> {
+        self.run(stats).await
+    }
+
+    /// A write that proves the store accepts commits (readiness).
+    pub async fn probe(&self, now: i64) -> Result<(), StoreError> {
+        self.set_meta("probe".into(), now.to_string()).await
+    }
+
+    pub async fn set_meta(&self, key: String, value: String) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            conn.prepare_cached("INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value")?
+                .execute(params![key, value])
+                .map(|_| ())
+        })
+        .await
+    }
+
+    pub async fn get_meta(&self, key: String) -> Result<Option<String>, StoreError> {
+        self.run(move |conn| {
+            conn.prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+                .query_row(params![key], |r| r.get(0))
+                .optional()
+        })
+        .await
+    }
+
+    /// The attempts made for one delivery, oldest first: (attempt, at, outcome, detail).
+    pub async fn attempts(
+        &self,
+        delivery_id: i64,
+    ) -> Result<Vec<(u32, i64, String, Option<String>)>, StoreError> {
+        self.run(move |conn| {
+            let mut stmt = conn.prepare("SELECT attempt, at, outcome, detail FROM attempts WHERE delivery_id = ?1 ORDER BY id")?;
+            let rows = stmt.query_map(params![delivery_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+            rows.collect()
+        })
+        .await
+    }
+}
+
+fn writer(conn: Connection, rx: mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = Vec::with_capacity(16);
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            let msg = e.to_string();
+            for job in batch {
+                let (_, done) = job(Err(&msg));
+                done(Some(&msg));
+            }
+            continue;
+        }
+        let mut finishers = Vec::with_capacity(batch.len());
+        for job in batch {
+            if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+                let msg = e.to_string();
+                let (_, done) = job(Err(&msg));
+                finishers.push((false, done));
+                continue;
+            }
+            let (ok, done) = job(Ok(&conn));
+            let end = if ok {
+                "RELEASE job"
+            } else {
+                "ROLLBACK TO job; RELEASE job"
+            };
+            let _ = conn.execute_batch(end);
+            finishers.push((ok, done));
+        }
+        match conn.execute_batch("COMMIT") {
+            Ok(()) => finishers.into_iter().for_each(|(_, done)| done(None)),
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                let msg = e.to_string();
+                finishers.into_iter().for_each(|(_, done)| done(Some(&msg)));
+            }
+        }
+    }
+}
+
+fn insert_call(
+    conn: &Connection,
+    sid: &str,
+    event: &str,
+    body: &str,
+    received_at: i64,
+    deliveries: &[NewDelivery],
+) -> rusqlite::Result<Inserted> {
+    let call_id: Option<i64> = conn
+        .prepare_cached(
+            "INSERT INTO calls (sid, event, received_at, body) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (sid, event) DO NOTHING RETURNING id",
+        )?
+        .query_row(params![sid, event, received_at, body], |r| r.get(0))
+        .optional()?;
+    let Some(call_id) = call_id else {
+        return Ok(Inserted::Duplicate);
+    };
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO deliveries (call_id, rule, action_idx, channel, action, status, next_attempt_at, window_start, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6, ?6, ?6)
+         ON CONFLICT (call_id, rule, action_idx) DO NOTHING",
+    )?;
+    for d in deliveries {
+        let action = serde_json::to_string(&d.action)
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        stmt.execute(params![
+            call_id,
+            d.rule,
+            d.action_idx as i64,
+            d.action.channel,
+            action,
+            received_at
+        ])?;
+    }
+    Ok(Inserted::Accepted {
+        call_id,
+        deliveries: deliveries.len(),
+    })
+}
+
+fn claim(
+    conn: &Connection,
+    channel: &str,
+    now: i64,
+    limit: usize,
+) -> rusqlite::Result<Vec<Claimed>> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE deliveries SET status = 'sending', updated_at = ?2
+         WHERE id IN (SELECT id FROM deliveries
+                      WHERE channel = ?1 AND status = 'pending' AND next_attempt_at <= ?2
+                      ORDER BY id LIMIT ?3)
+         RETURNING id, call_id, rule, action, attempts, window_start",
+    )?;
+    let rows = stmt.query_map(params![channel, now, limit as i64], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, u32>(4)?,
+            r.get::<_, i64>(5)?,
+        ))
+    })?;
+    let mut rows: Vec<_> = rows.collect::<Result<_, _>>()?;
+    rows.sort_by_key(|r| r.0);
+    let mut call_stmt =
+        conn.prepare_cached("SELECT sid, event, body, received_at FROM calls WHERE id = ?1")?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (id, call_id, rule, action, attempts, window_start) in rows {
+        let (sid, event, call_body, received_at) = call_stmt.query_row(params![call_id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })?;
+        let action: Action = serde_json::from_str(&action).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, Box::new(e))
+        })?;
+        out.push(Claimed {
+            id,
+            call_id,
+            channel: action.channel.clone(),
+            rule,
+            action,
+            attempts,
+            window_start,
+            received_at,
+            sid,
+            event,
+            call_body,
+        });
+    }
+    Ok(out)
+}
+
+fn record(
+    conn: &Connection,
+    id: i64,
+    attempt: u32,
+    now: i64,
+    outcome: &Recorded,
+    latency_ms: i64,
+    detail: Option<&str>,
+) -> rusqlite::Result<()> {
+    let (status, next, name) = match outcome {
+        Recorded::Done => ("done", now, "done"),
+        Recorded::Retry { next_attempt_at } => ("pending", *next_attempt_at, "retry"),
+        Recorded::Dead => ("dead", now, "dead"),
+    };
+    conn.prepare_cached(
+        "UPDATE deliveries SET status = ?2, attempts = ?3, next_attempt_at = ?4, updated_at = ?5,
+             last_error = CASE WHEN ?2 = 'done' THEN last_error ELSE ?6 END
+         WHERE id = ?1",
+    )?
+    .execute(params![id, status, attempt, next, now, detail])?;
+    conn.prepare_cached(
+        "INSERT INTO attempts (delivery_id, attempt, at, outcome, latency_ms, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![id, attempt, now, name, latency_ms, detail])?;
+    Ok(())
+}
+
+fn stats(conn: &Connection) -> rusqlite::Result<Stats> {
+    let mut s = Stats::default();
+    let mut stmt =
+        conn.prepare_cached("SELECT status, COUNT(*) FROM deliveries GROUP BY status")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    for row in rows {
+        let (status, n) = row?;
+        match status.as_str() {
+            "pending" => s.pending = n,
+            "sending" => s.sending = n,
+            "done" => s.done = n,
+            "dead" => s.dead = n,
+            _ => {}
+        }
+    }
+    s.oldest_pending_created_at = conn
+        .prepare_cached(
+            "SELECT MIN(created_at) FROM deliveries WHERE status IN ('pending', 'sending')",
+        )?
+        .query_row([], |r| r.get(0))?;
+    s.calls = conn
+        .prepare_cached("SELECT COUNT(*) FROM calls")?
+        .query_row([], |r| r.get(0))?;
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn action(channel: &str) -> Action {
+        Action {
+            channel: channel.into(),
+            template: "t".into(),
+            to: vec![],
+            subject: None,
+        }
+    }
+
+    fn owed(n: usize) -> Vec<NewDelivery> {
+        (0..n)
+            .map(|i| NewDelivery {
+                rule: "r".into(),
+                action_idx: i,
+                action: action("c"),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_call_is_stored_once_per_sid_and_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        let first = store
+            .insert_call("CA1".into(), "POST_CALL_DATA", "{}".into(), 1, owed(2))
+            .await
+            .unwrap();
+        assert!(matches!(first, Inserted::Accepted { deliveries: 2, .. }));
+        let again = store
+            .insert_call("CA1".into(), "POST_CALL_DATA", "{}".into(), 2, owed(2))
+            .await
+            .unwrap();
+        assert_eq!(again, Inserted::Duplicate);
+        let other_event = store
+            .insert_call("CA1".into(), "POST_CALL_OUTCOME", "{}".into(), 3, owed(1))
+            .await
+            .unwrap();
+        assert!(matches!(other_event, Inserted::Accepted { .. }));
+        let s = store.stats().await.unwrap();
+        assert_eq!((s.calls, s.pending), (2, 3));
+    }
+
+    #[tokio::test]
+    async fn claimed_work_is_not_claimed_twice_and_comes_back_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let store = Store::open(&path).unwrap();
+        store
+            .insert_call(
+                "CA1".into(),
+                "POST_CALL_DATA",
+                "{\"sid\":\"CA1\"}".into(),
+                10,
+                owed(3),
+            )
+            .await
+            .unwrap();
+        let first = store.claim("c".into(), 10, 2).await.unwrap();
+        assert_eq!(
+            first
+                .iter()
+                .map(|c| c.action.channel.as_str())
+                .collect::<Vec<_>>(),
+            ["c", "c"]
+        );
+        assert!(first[0].id < first[1].id);
+        assert_eq!(first[0].sid, "CA1");
+        let second = store.claim("c".into(), 10, 5).await.unwrap();
+        assert_eq!(second.len(), 1);
+        assert!(store.claim("c".into(), 10, 5).await.unwrap().is_empty());
+        drop(store);
+        // A new process: what was `sending` is owed again.
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.reset_inflight(20).await.unwrap(), 3);
+        assert_eq!(store.claim("c".into(), 20, 5).await.unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn retry_later_dead_and_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        store
+            .insert_call("CA1".into(), "POST_CALL_DATA", "{}".into(), 0, owed(1))
+            .await
+            .unwrap();
+        let c = store.claim("c".into(), 0, 1).await.unwrap().remove(0);
+        store
+            .record(
+                c.id,
+                1,
+                5,
+                Recorded::Retry {
+                    next_attempt_at: 100,
+                },
+                3,
+                Some("HTTP 500".into()),
+            )
+            .await
+            .unwrap();
+        assert!(store.claim("c".into(), 99, 1).await.unwrap().is_empty());
+        let c = store.claim("c".into(), 100, 1).await.unwrap().remove(0);
+        assert_eq!(c.attempts, 1);
+        store
+            .record(
+                c.id,
+                2,
+                101,
+                Recorded::Dead,
+                3,
+                Some("HTTP 404 channel_not_found".into()),
+            )
+            .await
+            .unwrap();
+        let dead = store.list(Some("dead".into()), None, 10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(
+            dead[0].last_error.as_deref(),
+            Some("HTTP 404 channel_not_found")
+        );
+        assert_eq!(store.attempts(c.id).await.unwrap().len(), 2);
+        assert_eq!(store.retry_dead(vec![], 200).await.unwrap(), 1);
+        let c = store.claim("c".into(), 200, 1).await.unwrap().remove(0);
+        assert_eq!((c.attempts, c.window_start), (0, 200));
+    }
+
+    #[tokio::test]
+    async fn pruning_keeps_calls_with_unfinished_deliveries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        store
+            .insert_call("old-done".into(), "POST_CALL_DATA", "{}".into(), 0, owed(1))
+            .await
+            .unwrap();
+        store
+            .insert_call(
+                "old-pending".into(),
+                "POST_CALL_DATA",
+                "{}".into(),
+                0,
+                vec![NewDelivery {
+                    rule: "r".into(),
+                    action_idx: 0,
+                    action: action("other"),
+                }],
+            )
+            .await
+            .unwrap();
+        store
+            .insert_call("new".into(), "POST_CALL_DATA", "{}".into(), 1000, owed(1))
+            .await
+            .unwrap();
+        for c in store.claim("c".into(), 1000, 10).await.unwrap() {
+            store
+                .record(c.id, 1, 1000, Recorded::Done, 1, None)
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.prune(500).await.unwrap(), 1);
+        let left: Vec<String> = store
+            .list(None, None, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| d.sid)
+            .collect();
+        assert_eq!(left, ["new", "old-pending"]);
+    }
+
+    #[tokio::test]
+    async fn many_concurrent_writers_share_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let s = store.clone();
+                tokio::spawn(async move {
+                    s.insert_call(format!("CA{i}"), "POST_CALL_DATA", "{}".into(), 0, owed(1))
+                        .await
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert!(matches!(
+                t.await.unwrap().unwrap(),
+                Inserted::Accepted { .. }
+            ));
+        }
+        assert_eq!(store.stats().await.unwrap().pending, 200);
+    }
+
+    #[tokio::test]
+    async fn a_failing_job_does_not_undo_its_batch_neighbours() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        let bad = store.run(|conn| conn.execute("INSERT INTO nope VALUES (1)", []));
+        let good = store.insert_call("CA1".into(), "POST_CALL_DATA", "{}".into(), 0, owed(1));
+        let (bad, good) = tokio::join!(bad, good);
+        assert!(bad.is_err());
+        assert!(good.is_ok());
+        assert_eq!(store.stats().await.unwrap().calls, 1);
+    }
+}

@@ -1,0 +1,423 @@
+//! Delivery: claim due deliveries, render, pace, send, record.
+//!
+//! One lane per channel claims that channel's due rows (oldest first) and sends them with the
+//! channel's concurrency (1 keeps a Slack channel in order), so a slow or failing destination
+//! never delays the others. The backlog lives in the store, not in memory: a lane holds at most
+//! a few claimed rows at a time. Each attempt ends in one [`Recorded`] state: done, retry at a
+//! computed time (backoff with jitter, never sooner than the destination's `Retry-After`), or
+//! dead once the retry window (`give_up_after`) is over or the failure is permanent.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::app::Live;
+use crate::clock::SharedClock;
+use crate::notify::{self, Meta, Outcome};
+use crate::render::{self, Message};
+use crate::store::{Claimed, Recorded, Store};
+
+/// Claimed rows per lane and unit of concurrency.
+const CLAIM_FACTOR: usize = 8;
+/// Longest a lane sleeps before looking at the store again (retries fall due, replays arrive
+/// from the CLI).
+const POLL: Duration = Duration::from_millis(1000);
+
+/// When the next attempt should be, or None to give up. `attempt` is the one just made
+/// (1-based); `jitter` in [0, 1) spreads the wait over 80%..120% of the scheduled one.
+pub fn next_attempt_at(
+    schedule: &[Duration],
+    attempt: u32,
+    now_ms: i64,
+    window_start_ms: i64,
+    give_up_after: Duration,
+    retry_after: Option<Duration>,
+    jitter: f64,
+) -> Option<i64> {
+    let idx = (attempt.max(1) as usize - 1).min(schedule.len().saturating_sub(1));
+    let base = schedule
+        .get(idx)
+        .copied()
+        .unwrap_or(Duration::from_secs(60));
+    let jittered = base.as_secs_f64() * (0.8 + 0.4 * jitter.clamp(0.0, 1.0));
+    let wait = jittered.max(retry_after.map_or(0.0, |d| d.as_secs_f64()));
+    let next = now_ms + (wait * 1000.0) as i64;
+    let deadline = window_start_ms + give_up_after.as_millis() as i64;
+    (next <= deadline).then_some(next)
+}
+
+/// A token bucket that hands out send times in order: `rate` per second, `burst` at once.
+#[derive(Debug)]
+pub struct Pacer {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Pacer {
+    pub fn new(rate: f64, burst: u32, now: Instant) -> Pacer {
+        Pacer {
+            rate,
+            burst: f64::from(burst.max(1)),
+            tokens: f64::from(burst.max(1)),
+            last: now,
+        }
+    }
+
+    pub fn set_rate(&mut self, rate: f64, burst: u32) {
+        self.rate = rate;
+        self.burst = f64::from(burst.max(1));
+        self.tokens = self.tokens.min(self.burst);
+    }
+
+    /// Reserves the next slot; returns how long to wait before using it.
+    pub fn reserve(&mut self, now: Instant) -> Duration {
+        if self.rate <= 0.0 {
+            return Duration::ZERO;
+        }
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst) - 1.0;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+}
+
+pub struct Worker {
+    store: Store,
+    live: Arc<arc_swap::ArcSwap<Live>>,
+    clock: SharedClock,
+    pacers: Mutex<HashMap<String, Arc<Mutex<Pacer>>>>,
+    wake: watch::Sender<u64>,
+}
+
+impl Worker {
+    pub fn new(
+        store: Store,
+        live: Arc<arc_swap::ArcSwap<Live>>,
+        clock: SharedClock,
+    ) -> Arc<Worker> {
+        Arc::new(Worker {
+            store,
+            live,
+            clock,
+            pacers: Mutex::new(HashMap::new()),
+            wake: watch::channel(0).0,
+        })
+    }
+
+    /// Tells the lanes there is new work (a call was stored, the config changed).
+    pub fn wake(&self) {
+        self.wake.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Runs a lane per configured channel until `shutdown`; lanes come and go with reloads.
+    /// Returns when every lane has stopped (in-flight sends finished).
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut lanes: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+        let mut wake = self.wake.subscribe();
+        loop {
+            let live = self.live.load_full();
+            lanes.retain(|_, h| !h.is_finished());
+            for name in live.config.channels.keys() {
+                if !lanes.contains_key(name) {
+                    let lane = tokio::spawn(self.clone().lane(name.clone(), shutdown.clone()));
+                    lanes.insert(name.clone(), lane);
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = wake.changed() => {}
+                _ = tokio::time::sleep(POLL) => {}
+            }
+        }
+        for (_, lane) in lanes {
+            let _ = lane.await;
+        }
+    }
+
+    async fn lane(self: Arc<Self>, name: String, shutdown: CancellationToken) {
+        let mut wake = self.wake.subscribe();
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let live = self.live.load_full();
+            let Some(channel) = live.config.channels.get(&name) else {
+                return; // the channel was removed by a reload
+            };
+            let concurrency = channel.concurrency;
+            let now = self.clock.now_ms();
+            let batch = match self
+                .store
+                .claim(name.clone(), now, concurrency * CLAIM_FACTOR)
+                .await
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(channel = %name, error = %e, "cannot claim deliveries; trying again in 1s");
+                    tokio::select! {
+                        _ = tokio::time::sleep(POLL) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                    continue;
+                }
+            };
+            if batch.is_empty() {
+                let next = self.store.next_due(name.clone()).await.ok().flatten();
+                let wait = next.map_or(POLL, |t| {
+                    Duration::from_millis((t - now).clamp(1, POLL.as_millis() as i64) as u64)
+                });
+                wake.borrow_and_update();
+                tokio::select! {
+                    _ = wake.changed() => {}
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                continue;
+            }
+            futures_util::stream::iter(batch)
+                .for_each_concurrent(concurrency, |d| {
+                    let this = self.clone();
+                    let shutdown = shutdown.clone();
+                    async move {
+                        this.deliver(d, &shutdown).await;
+                    }
+                })
+                .await;
+        }
+    }
+
+    /// Claims one due delivery of any channel and delivers it. For tests and tools that want to
+    /// drain the queue step by step.
+    pub async fn deliver_next(&self) -> Option<(i64, Recorded)> {
+        let live = self.live.load_full();
+        let now = self.clock.now_ms();
+        for name in live.config.channels.keys() {
+            if let Ok(mut batch) = self.store.claim(name.clone(), now, 1).await {
+                if let Some(d) = batch.pop() {
+                    let id = d.id;
+                    let recorded = self.deliver(d, &CancellationToken::new()).await;
+                    return Some((id, recorded?));
+                }
+            }
+        }
+        None
+    }
+
+    /// One attempt at one delivery, recorded. None when shutdown interrupted it before sending
+    /// (the delivery is back in the queue).
+    async fn deliver(&self, d: Claimed, shutdown: &CancellationToken) -> Option<Recorded> {
+        let attempt = d.attempts + 1;
+        let span = tracing::info_span!("delivery", id = d.id, sid = %d.sid, rule = %d.rule, channel = %d.channel, attempt);
+        async move {
+            let live = self.live.load_full();
+            let started = std::time::Instant::now();
+            let outcome = match self.attempt(&live, &d, shutdown).await {
+                Some(o) => o,
+                None => {
+                    let _ = self.store.release(d.id).await;
+                    return None;
+                }
+            };
+            let now = self.clock.now_ms();
+            let latency_ms = started.elapsed().as_millis() as i64;
+            let delivery = &live.config.delivery;
+            let (recorded, detail, label) = match outcome {
+                Outcome::Delivered { detail } => (Recorded::Done, detail, "done"),
+                Outcome::Retry { after, error } => {
+                    match next_attempt_at(&delivery.retry_schedule, attempt, now, d.window_start, delivery.give_up_after, after, rand::random::<f64>()) {
+                        Some(t) => (Recorded::Retry { next_attempt_at: t }, Some(error), "retried"),
+                        None => (
+                            Recorded::Dead,
+                            Some(format!("gave up after {}: {error}", humantime::format_duration(delivery.give_up_after))),
+                            "dead",
+                        ),
+                    }
+                }
+                Outcome::Permanent { error } => (Recorded::Dead, Some(error), "dead"),
+            };
+            crate::metrics::attempt(&d.channel, label);
+            match &recorded {
+                Recorded::Done => {
+                    crate::metrics::delivered_after(&d.channel, (now - d.received_at).max(0) as f64 / 1000.0);
+                    tracing::info!(outcome = label, latency_ms, "delivered");
+                }
+                Recorded::Retry { next_attempt_at } => {
+                    let wait = Duration::from_millis((next_attempt_at - now).max(0) as u64);
+                    tracing::warn!(outcome = label, latency_ms, error = detail.as_deref().unwrap_or(""), retry_in = %humantime::format_duration(wait), "delivery failed; will retry");
+                }
+                Recorded::Dead => {
+                    tracing::error!(outcome = label, latency_ms, error = detail.as_deref().unwrap_or(""), "delivery is dead; replay with `callnotify deliveries retry {}`", d.id);
+                }
+            }
+            if let Err(e) = self.store.record(d.id, attempt, now, recorded.clone(), latency_ms, detail).await {
+                // The row stays `sending` and is retried after the next start.
+                tracing::error!(error = %e, "cannot record the attempt");
+            }
+            Some(recorded)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Render, pace and send. None when shutdown came first.
+    async fn attempt(
+        &self,
+        live: &Live,
+        d: &Claimed,
+        shutdown: &CancellationToken,
+    ) -> Option<Outcome> {
+        let Some(channel) = live.config.channels.get(&d.channel) else {
+            return Some(Outcome::Permanent {
+                error: format!("channel {} is no longer in the config", d.channel),
+            });
+        };
+        let call = match serde_json::from_str(&d.call_body)
+            .map_err(|e| e.to_string())
+            .and_then(|raw| crate::payload::from_call_object(raw).map_err(|e| e.to_string()))
+        {
+            Ok(c) => c,
+            Err(e) => {
+                return Some(Outcome::Permanent {
+                    error: format!("stored call cannot be read: {e}"),
+                })
+            }
+        };
+        let ctx = render::context(&call, &d.rule);
+        let mut message =
+            match live
+                .config
+                .templates
+                .render(channel.kind.type_name(), &d.action, &ctx)
+            {
+                Ok(m) => m,
+                Err(e) => {
+                    crate::metrics::template_error();
+                    return Some(Outcome::Permanent {
+                        error: format!("template {}: {e}", d.action.template),
+                    });
+                }
+            };
+        if let Message::Slack { body } = &mut message {
+            let cuts = notify::slack::fit(body);
+            if cuts > 0 {
+                crate::metrics::slack_truncated();
+                tracing::info!(cuts, "message cut to fit Slack's limits");
+            }
+        }
+        let wait = self.pace(
+            &channel.kind.pacing_key(&d.channel),
+            channel.max_per_second,
+            channel.burst,
+        );
+        if !wait.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => return None,
+            }
+        }
+        if shutdown.is_cancelled() {
+            return None;
+        }
+        let meta = Meta {
+            channel: &d.channel,
+            rule: &d.rule,
+            sid: &d.sid,
+            event: &d.event,
+            delivery_id: d.id,
+        };
+        Some(live.senders.send(&channel.kind, &message, &meta).await)
+    }
+
+    fn pace(&self, key: &str, rate: f64, burst: u32) -> Duration {
+        if rate <= 0.0 {
+            return Duration::ZERO;
+        }
+        let now = Instant::now();
+        let pacer = {
+            let mut pacers = self.pacers.lock().unwrap_or_else(|p| p.into_inner());
+            pacers
+                .entry(key.to_string())
+                .or_insert_with(|| Arc::new(Mutex::new(Pacer::new(rate, burst, now))))
+                .clone()
+        };
+        let mut p = pacer.lock().unwrap_or_else(|p| p.into_inner());
+        p.set_rate(rate, burst);
+        p.reserve(now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn backoff_follows_the_schedule_and_repeats_the_last_wait() {
+        let schedule = [S(10), S(30), S(120)];
+        let at = |attempt| next_attempt_at(&schedule, attempt, 0, 0, S(86_400), None, 0.5).unwrap();
+        assert_eq!(at(1), 10_000);
+        assert_eq!(at(2), 30_000);
+        assert_eq!(at(3), 120_000);
+        assert_eq!(at(9), 120_000);
+    }
+
+    #[test]
+    fn jitter_spreads_waits_between_80_and_120_percent() {
+        let lo = next_attempt_at(&[S(100)], 1, 0, 0, S(1000), None, 0.0).unwrap();
+        let hi = next_attempt_at(&[S(100)], 1, 0, 0, S(1000), None, 0.999_999).unwrap();
+        assert_eq!(lo, 80_000);
+        assert!((119_000..=120_000).contains(&hi), "{hi}");
+    }
+
+    #[test]
+    fn retry_after_is_never_undercut() {
+        let t = next_attempt_at(&[S(10)], 1, 5_000, 0, S(1000), Some(S(120)), 0.5).unwrap();
+        assert_eq!(t, 125_000);
+    }
+
+    #[test]
+    fn past_the_give_up_window_the_delivery_dies() {
+        // 23h59m into a 24h window, a 10 minute wait would overshoot.
+        let now = 86_340_000;
+        assert_eq!(
+            next_attempt_at(&[S(600)], 7, now, 0, S(86_400), None, 0.5),
+            None
+        );
+        assert!(next_attempt_at(&[S(10)], 7, now, 0, S(86_400), None, 0.5).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pacing_spaces_sends_at_the_rate_after_the_burst() {
+        let start = Instant::now();
+        let mut p = Pacer::new(1.0, 3, start);
+        let waits: Vec<Duration> = (0..6).map(|_| p.reserve(Instant::now())).collect();
+        assert_eq!(&waits[..3], &[Duration::ZERO; 3]);
+        assert_eq!(waits[3], S(1));
+        assert_eq!(waits[4], S(2));
+        assert_eq!(waits[5], S(3));
+        tokio::time::advance(S(10)).await;
+        // After a quiet spell the bucket is full again, but never above the burst.
+        let waits: Vec<Duration> = (0..4).map(|_| p.reserve(Instant::now())).collect();
+        assert_eq!(&waits[..3], &[Duration::ZERO; 3]);
+        assert_eq!(waits[3], S(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unpaced_channel_never_waits() {
+        let mut p = Pacer::new(0.0, 1, Instant::now());
+        assert!((0..100).all(|_| p.reserve(Instant::now()).is_zero()));
+    }
+}
