@@ -1,0 +1,435 @@
+//! End to end, with the real binary: an answered call becomes Slack messages, emails and log
+//! lines by the rules in the config; bad requests change nothing; `check` and `render` tell the
+//! truth about a config.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn full_config(slack: &FakeSlack, smtp: &Smtp) -> String {
+    format!(
+        r#"
+server:
+  listen: "127.0.0.1:0"
+  tokens: ["{TOKEN}", "the-next-token-0123456789"]
+store:
+  path: "{{dir}}/store.db"
+templates_dir: "{{templates}}"
+delivery:
+  retry_schedule: ["1s"]
+channels:
+  console: {{ type: log, file: "{{dir}}/notifications.jsonl" }}
+  sales: {{ type: slack, webhook_url: "{slack}", max_per_second: 0 }}
+  managers:
+    type: email
+    smtp: {{ host: "127.0.0.1", port: {port}, tls: none }}
+    from: "Call Bot <calls@example.com>"
+rules:
+  - name: booked
+    when:
+      duration: {{ gte: 60 }}
+      transcript: {{ contains_any: ["book", "appointment"] }}
+      campaignId: [8812, 8813]
+      leadData.source: website
+    notify:
+      - channel: sales
+        template: slack/booked
+      - channel: managers
+        to: ["sales-leads@example.com", "{{{{call.leadData.owner}}}}"]
+        subject: "Booked: {{{{lead_name}}}} ({{{{duration_human}}}})"
+        template: email/booked
+  - name: everything
+    notify:
+      - channel: console
+        template: log/summary
+  - name: outcomes
+    event: POST_CALL_OUTCOME
+    notify:
+      - channel: sales
+        template: slack/summary
+"#,
+        slack = slack.url,
+        port = smtp.port
+    )
+}
+
+#[tokio::test]
+async fn a_booked_call_reaches_slack_email_and_the_log() {
+    let slack = FakeSlack::start().await;
+    let smtp = Smtp::start();
+    let d = Daemon::start(&full_config(&slack, &smtp));
+
+    let (status, body) = d.post(CAMPAIGN).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "accepted");
+    assert_eq!(body["notifications"], 3);
+    assert_eq!(body["rules"], serde_json::json!(["booked", "everything"]));
+
+    let got = slack.wait_accepted(1, WAIT).await;
+    let text = got[0]["text"].as_str().unwrap();
+    assert!(
+        text.contains("*Maria Gonzalez* wants to book (3m 07s, campaign 8812)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("<https://api.twilio.com/2010-04-01/Accounts/"),
+        "{text}"
+    );
+    assert!(text.contains("|Listen to the call>"), "{text}");
+
+    let mails = smtp.wait_messages(1, WAIT).await;
+    let m = &mails[0];
+    assert_eq!(m["subject"], "Booked: Maria Gonzalez (3m 07s)");
+    assert_eq!(
+        m["rcpt_tos"],
+        serde_json::json!(["sales-leads@example.com", "jordan@ourteam.example"])
+    );
+    assert_eq!(m["content_type"], "multipart/alternative");
+    let types: Vec<&str> = m["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["text/plain", "text/html"]);
+    assert!(m["parts"][0]["body"]
+        .as_str()
+        .unwrap()
+        .contains("Company:   Acme Roofing"));
+    assert!(m["parts"][1]["body"]
+        .as_str()
+        .unwrap()
+        .contains("<strong>Maria Gonzalez</strong>"));
+    assert_eq!(m["defects"], serde_json::json!([]));
+
+    let lines = eventually("a log line", WAIT, || {
+        let t = std::fs::read_to_string(d.dir.join("notifications.jsonl")).ok()?;
+        (!t.is_empty()).then_some(t)
+    })
+    .await;
+    let line: Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+    assert_eq!(line["rule"], "everything");
+    assert!(line["text"]
+        .as_str()
+        .unwrap()
+        .starts_with("POST_CALL_DATA CA0b6d1f9e2c3a4b5c6d7e8f90a1b2c3d4: Maria Gonzalez (3m 07s)"));
+
+    let settled = d.wait_settled(WAIT).await;
+    assert_eq!(settled.len(), 3);
+    assert!(settled.iter().all(|x| x["status"] == "done"), "{settled:?}");
+}
+
+#[tokio::test]
+async fn the_same_call_posted_twice_is_stored_and_notified_once() {
+    let slack = FakeSlack::start().await;
+    let smtp = Smtp::start();
+    let d = Daemon::start(&full_config(&slack, &smtp));
+    let (s1, b1) = d.post(CAMPAIGN).await;
+    let (s2, b2) = d.post(CAMPAIGN).await;
+    assert_eq!((s1, s2), (200, 200));
+    assert_eq!(b1["status"], "accepted");
+    assert_eq!(b2["status"], "duplicate");
+    d.wait_settled(WAIT).await;
+    slack.wait_accepted(1, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(slack.received().len(), 1);
+    assert_eq!(smtp.messages().len(), 1);
+    assert_eq!(d.deliveries(None).len(), 3);
+}
+
+#[tokio::test]
+async fn an_outcome_body_is_its_own_event_and_matches_event_rules() {
+    let slack = FakeSlack::start().await;
+    let smtp = Smtp::start();
+    let d = Daemon::start(&full_config(&slack, &smtp));
+    let (_, data) = d.post(FIXTURE).await;
+    let (_, outcome) = d.post(OUTCOME).await;
+    assert_eq!(data["event"], "POST_CALL_DATA");
+    assert_eq!(data["rules"], serde_json::json!(["everything"]));
+    assert_eq!(
+        outcome["status"], "accepted",
+        "same sid, other event: not a duplicate"
+    );
+    assert_eq!(outcome["event"], "POST_CALL_OUTCOME");
+    assert_eq!(
+        outcome["rules"],
+        serde_json::json!(["everything", "outcomes"])
+    );
+    // The outcome rule's Block Kit template arrives as blocks with a text fallback.
+    let got = slack.wait_accepted(1, WAIT).await;
+    assert_eq!(got[0]["blocks"][0]["type"], "header");
+    assert_eq!(got[0]["blocks"][0]["text"]["text"], "Call with Tyler");
+    assert_eq!(got[0]["text"], "Call with Tyler (44s)\n");
+}
+
+#[tokio::test]
+async fn wrong_or_missing_tokens_get_401_and_change_nothing() {
+    let slack = FakeSlack::start().await;
+    let smtp = Smtp::start();
+    let d = Daemon::start(&full_config(&slack, &smtp));
+    let url = d.url("/webhooks/air");
+    for token in [
+        None,
+        Some("wrong"),
+        Some("test-token-0123456789abcdeX"),
+        Some(""),
+    ] {
+        let (status, body) = post(&url, CAMPAIGN, token).await;
+        assert_eq!(status, 401, "{token:?}");
+        assert_eq!(body["error"], "unauthorized");
+    }
+    // The second configured token works too (rotation).
+    let (status, _) = post(&url, CAMPAIGN, Some("the-next-token-0123456789")).await;
+    assert_eq!(status, 200);
+    assert_eq!(d.deliveries(None).len(), 3);
+    assert!(!d.logs().contains(TOKEN));
+}
+
+#[tokio::test]
+async fn bad_requests_get_a_precise_error_and_store_nothing() {
+    let slack = FakeSlack::start().await;
+    let smtp = Smtp::start();
+    let d = Daemon::start(&full_config(&slack, &smtp));
+    let url = d.url("/webhooks/air");
+    let client = reqwest::Client::new();
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        (
+            "application/json",
+            b"not json".to_vec(),
+            400,
+            "not valid JSON",
+        ),
+        ("application/json", b"{}".to_vec(), 400, "no `call`"),
+        (
+            "application/json",
+            br#"{"call":{"duration":5}}"#.to_vec(),
+            400,
+            "sid` is missing",
+        ),
+        (
+            "text/plain",
+            CAMPAIGN.as_bytes().to_vec(),
+            415,
+            "application/json",
+        ),
+        (
+            "application/json",
+            vec![b' '; 2 * 1024 * 1024],
+            413,
+            "larger than 1048576",
+        ),
+    ];
+    for (ct, body, want, reason) in cases {
+        let r = client
+            .post(&url)
+            .bearer_auth(TOKEN)
+            .header("content-type", ct)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), want, "{reason}");
+        let v: Value = r.json().await.unwrap();
+        assert!(v["message"].as_str().unwrap().contains(reason), "{v}");
+    }
+    assert!(d.deliveries(None).is_empty());
+    // Still serving.
+    assert_eq!(d.post(CAMPAIGN).await.0, 200);
+}
+
+#[tokio::test]
+async fn a_lead_named_like_a_ping_arrives_as_text() {
+    let slack = FakeSlack::start().await;
+    let smtp = Smtp::start();
+    let d = Daemon::start(&full_config(&slack, &smtp));
+    let mut v: Value = serde_json::from_str(CAMPAIGN).unwrap();
+    v["call"]["cachedLeadName"] = "<!channel> & <@U123>".into();
+    v["call"]["callRecordingUrl"] = "https://rec.example/a|evil>x".into();
+    assert_eq!(d.post(&v.to_string()).await.0, 200);
+    let got = slack.wait_accepted(1, WAIT).await;
+    let text = got[0]["text"].as_str().unwrap();
+    assert!(
+        text.contains("*&lt;!channel&gt; &amp; &lt;@U123&gt;*"),
+        "{text}"
+    );
+    assert!(!text.contains("<!channel>"));
+    assert!(
+        text.contains("<https://rec.example/a%7Cevil&gt;x|Listen to the call>"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_delivery_is_retried_and_one_owed_at_a_stop_is_sent_after_restart() {
+    let slack = FakeSlack::start().await;
+    let smtp = Smtp::start();
+    slack.script([Reply::status(500, "boom")]);
+    let mut d = Daemon::start(&full_config(&slack, &smtp));
+    assert_eq!(d.post(CAMPAIGN).await.0, 200);
+    // 500 first, then (1s later) accepted.
+    let got = slack.wait_accepted(1, WAIT).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(slack.received()[0].answered, 500);
+
+    // Now Slack is down while the daemon stops; the next process delivers.
+    slack.set_default(Reply::status(503, "down"));
+    assert_eq!(d.post(&with_sid(CAMPAIGN, "CAsecond")).await.0, 200);
+    eventually("a failed attempt", WAIT, || {
+        (slack.received().len() >= 3).then_some(())
+    })
+    .await;
+    assert_eq!(d.terminate(), Some(0));
+    slack.set_default(Reply::ok());
+    d.spawn();
+    let got = slack.wait_accepted(2, WAIT).await;
+    assert_eq!(got.len(), 2);
+    let attempts = d
+        .deliveries(None)
+        .into_iter()
+        .find(|x| x["sid"] == "CAsecond" && x["channel"] == "sales")
+        .unwrap();
+    assert_eq!(attempts["status"], "done");
+    assert!(attempts["attempts"].as_u64().unwrap() >= 2);
+}
+
+#[tokio::test]
+async fn check_passes_on_the_shipped_configs() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    for cfg in [
+        "config/callnotify.yaml",
+        "config/examples/slack.yaml",
+        "config/examples/email.yaml",
+        "config/examples/full.yaml",
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"))
+            .current_dir(root)
+            .args(["check", "--config", cfg])
+            .env("AIR_WEBHOOK_TOKEN", "abcdefghijklmnopqrstuvwxyz")
+            .env(
+                "SLACK_SALES_WEBHOOK",
+                "https://hooks.slack.com/services/T/B/X",
+            )
+            .env("SMTP_USER", "u")
+            .env("SMTP_PASSWORD", "p")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{cfg}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("OK: every template rendered"), "{stdout}");
+    }
+}
+
+#[tokio::test]
+async fn check_lists_every_problem_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("t/slack")).unwrap();
+    std::fs::write(dir.path().join("t/slack/typo.hbs"), "{{lead_nmae}}").unwrap();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+templates_dir: "{}"
+server: {{ tokens: ["${{UNSET_TOKEN_VAR}}"], listn: "x" }}
+channels:
+  s: {{ type: slack, webhook_url: "https://hooks.slack.com/x" }}
+rules:
+  - name: a
+    when: {{ duration: {{ gtee: 5 }} }}
+    notify: [{{ channel: nope, template: slack/typo }}]
+  - name: b
+    notify: [{{ channel: s, template: slack/typo }}]
+"#,
+            dir.path().join("t").display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"))
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for want in [
+        "UNSET_TOKEN_VAR",
+        "server.listn",
+        "rules[0] (a).when.duration.gtee",
+        "rules[0] (a).notify[0].channel",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in:\n{err}");
+    }
+    // With the structural problems fixed, the template typo is what check reports.
+    let fixed = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[\"${UNSET_TOKEN_VAR}\"], listn: \"x\"", "[]")
+        .replace("gtee", "gte")
+        .replace("channel: nope", "channel: s");
+    std::fs::write(&cfg, fixed).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"))
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("lead_nmae"), "{stdout}");
+}
+
+#[tokio::test]
+async fn render_shows_what_would_be_sent_and_sends_nothing() {
+    let slack = FakeSlack::start().await;
+    let smtp = Smtp::start();
+    let d = Daemon::start(&full_config(&slack, &smtp));
+    let payload = d.dir.join("call.json");
+    std::fs::write(&payload, FIXTURE).unwrap();
+    let out = d.cli(&["render", payload.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("rule \"booked\": not matched: duration is 44, not >= 60"),
+        "{text}"
+    );
+    assert!(text.contains("rule \"everything\": MATCHED"), "{text}");
+    assert!(
+        text.contains("rule \"outcomes\": not matched: event is POST_CALL_DATA"),
+        "{text}"
+    );
+
+    let campaign = d.dir.join("campaign.json");
+    std::fs::write(&campaign, CAMPAIGN).unwrap();
+    let out = d.cli(&["render", "--json", campaign.to_str().unwrap()]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let n = v["notifications"].as_array().unwrap();
+    assert_eq!(n.len(), 3);
+    assert!(n[0]["message"]["body"]["text"]
+        .as_str()
+        .unwrap()
+        .contains("Maria Gonzalez"));
+    let mime = n[1]["message"]["mime"].as_str().unwrap();
+    assert!(
+        mime.contains("Subject: Booked: Maria Gonzalez (3m 07s)"),
+        "{mime}"
+    );
+    assert!(
+        mime.contains("To: sales-leads@example.com, jordan@ourteam.example"),
+        "{mime}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(slack.received().is_empty());
+    assert!(smtp.messages().is_empty());
+    assert!(d.deliveries(None).is_empty());
+}

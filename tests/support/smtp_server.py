@@ -1,0 +1,82 @@
+"""A real SMTP server for callnotify's tests: aiosmtpd on 127.0.0.1.
+
+Usage: python3 smtp_server.py DIR
+Prints "READY <port>" once listening. Each accepted message is parsed with Python's standard
+`email` package and written to DIR/<n>.json (envelope, decoded headers, MIME parts) next to the
+raw DIR/<n>.eml. The file DIR/mode, read on every message, picks the answer to DATA:
+"ok" (default), "4xx" (451, transient) or "5xx" (550, permanent). Exits when stdin closes.
+"""
+import email
+import email.header
+import email.policy
+import json
+import os
+import socket
+import sys
+import threading
+
+from aiosmtpd.controller import Controller
+
+
+class Handler:
+    def __init__(self, out):
+        self.out = out
+        self.n = 0
+        self.lock = threading.Lock()
+
+    def mode(self):
+        try:
+            with open(os.path.join(self.out, "mode")) as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            return "ok"
+
+    async def handle_DATA(self, server, session, envelope):
+        mode = self.mode()
+        if mode == "4xx":
+            return "451 4.3.0 Try again later"
+        if mode == "5xx":
+            return "550 5.7.1 Message rejected"
+        raw = envelope.original_content or envelope.content
+        msg = email.message_from_bytes(raw, policy=email.policy.default)
+        parts = []
+        for part in msg.walk():
+            if part.is_multipart():
+                continue
+            parts.append({"type": part.get_content_type(), "body": part.get_content()})
+        summary = {
+            "mail_from": envelope.mail_from,
+            "rcpt_tos": envelope.rcpt_tos,
+            "headers": [[k, str(v)] for k, v in msg.items()],
+            "subject": str(msg["subject"]),
+            "content_type": msg.get_content_type(),
+            "defects": [str(d) for d in msg.defects],
+            "parts": parts,
+        }
+        with self.lock:
+            self.n += 1
+            n = self.n
+        with open(os.path.join(self.out, f"{n}.eml"), "wb") as f:
+            f.write(raw)
+        tmp = os.path.join(self.out, f"{n}.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(summary, f)
+        os.rename(tmp, os.path.join(self.out, f"{n}.json"))
+        return "250 2.0.0 OK"
+
+
+def main():
+    out = sys.argv[1]
+    os.makedirs(out, exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    controller = Controller(Handler(out), hostname="127.0.0.1", port=port)
+    controller.start()
+    print(f"READY {port}", flush=True)
+    sys.stdin.read()
+    controller.stop()
+
+
+if __name__ == "__main__":
+    main()
