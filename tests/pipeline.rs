@@ -58,7 +58,7 @@ rules:
     )
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_booked_call_reaches_slack_email_and_the_log() {
     let slack = FakeSlack::start().await;
     let smtp = Smtp::start();
@@ -124,7 +124,7 @@ async fn a_booked_call_reaches_slack_email_and_the_log() {
     assert!(settled.iter().all(|x| x["status"] == "done"), "{settled:?}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_call_posted_twice_is_stored_and_notified_once() {
     let slack = FakeSlack::start().await;
     let smtp = Smtp::start();
@@ -142,7 +142,7 @@ async fn the_same_call_posted_twice_is_stored_and_notified_once() {
     assert_eq!(d.deliveries(None).len(), 3);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outcome_body_is_its_own_event_and_matches_event_rules() {
     let slack = FakeSlack::start().await;
     let smtp = Smtp::start();
@@ -167,7 +167,7 @@ async fn an_outcome_body_is_its_own_event_and_matches_event_rules() {
     assert_eq!(got[0]["text"], "Call with Tyler (44s)\n");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_or_missing_tokens_get_401_and_change_nothing() {
     let slack = FakeSlack::start().await;
     let smtp = Smtp::start();
@@ -190,7 +190,7 @@ async fn wrong_or_missing_tokens_get_401_and_change_nothing() {
     assert!(!d.logs().contains(TOKEN));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_a_precise_error_and_store_nothing() {
     let slack = FakeSlack::start().await;
     let smtp = Smtp::start();
@@ -242,7 +242,7 @@ async fn bad_requests_get_a_precise_error_and_store_nothing() {
     assert_eq!(d.post(CAMPAIGN).await.0, 200);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lead_named_like_a_ping_arrives_as_text() {
     let slack = FakeSlack::start().await;
     let smtp = Smtp::start();
@@ -264,7 +264,7 @@ async fn a_lead_named_like_a_ping_arrives_as_text() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_delivery_is_retried_and_one_owed_at_a_stop_is_sent_after_restart() {
     let slack = FakeSlack::start().await;
     let smtp = Smtp::start();
@@ -297,7 +297,7 @@ async fn a_failed_delivery_is_retried_and_one_owed_at_a_stop_is_sent_after_resta
     assert!(attempts["attempts"].as_u64().unwrap() >= 2);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_passes_on_the_shipped_configs() {
     let root = env!("CARGO_MANIFEST_DIR");
     for cfg in [
@@ -328,7 +328,7 @@ async fn check_passes_on_the_shipped_configs() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_lists_every_problem_and_exits_1() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("t/slack")).unwrap();
@@ -385,7 +385,7 @@ rules:
     assert!(stdout.contains("lead_nmae"), "{stdout}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn render_shows_what_would_be_sent_and_sends_nothing() {
     let slack = FakeSlack::start().await;
     let smtp = Smtp::start();

@@ -1,0 +1,349 @@
+//! Operating the daemon: health, readiness, metrics, reload without restart, send-test, and the
+//! quiet-period alert.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn config(slack: &FakeSlack, extra_rule: &str) -> String {
+    format!(
+        r#"
+server:
+  listen: "127.0.0.1:0"
+  tokens: ["{TOKEN}"]
+store:
+  path: "{{dir}}/store.db"
+templates_dir: "{{templates}}"
+channels:
+  console: {{ type: log }}
+  sales: {{ type: slack, webhook_url: "{url}", max_per_second: 0 }}
+rules:
+  - name: every_call
+    notify:
+      - channel: sales
+        template: slack/summary
+{extra_rule}
+"#,
+        url = slack.url
+    )
+}
+
+async fn get(url: &str) -> (u16, String) {
+    let r = reqwest::get(url).await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_and_metrics_answer() {
+    let slack = FakeSlack::start().await;
+    let d = Daemon::start(&config(&slack, ""));
+    let (s, body) = get(&d.url("/healthz")).await;
+    assert_eq!((s, body.as_str()), (200, r#"{"status":"ok"}"#));
+    let (s, body) = get(&d.url("/readyz")).await;
+    assert_eq!((s, body.as_str()), (200, r#"{"status":"ready"}"#));
+    let (s, _) = get(&d.url("/metrics")).await;
+    assert_eq!(s, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_counters_move_with_calls_and_deliveries() {
+    let slack = FakeSlack::start().await;
+    let d = Daemon::start(&config(&slack, ""));
+    for i in 0..3 {
+        assert_eq!(d.post(&with_sid(FIXTURE, &format!("CAm{i}"))).await.0, 200);
+    }
+    d.post(&with_sid(FIXTURE, "CAm0")).await;
+    post(&d.url("/webhooks/air"), FIXTURE, Some("wrong")).await;
+    post(&d.url("/webhooks/air"), "{}", Some(TOKEN)).await;
+    slack.wait_accepted(3, WAIT).await;
+    let text = eventually("delivery metrics", WAIT, || {
+        let t = std::process::Command::new("curl")
+            .args(["-s", &d.url("/metrics")])
+            .output()
+            .ok()?;
+        let t = String::from_utf8_lossy(&t.stdout).to_string();
+        (metric(
+            &t,
+            r#"callnotify_deliveries_total{channel="sales",outcome="done"}"#,
+        ) == 3.0)
+            .then_some(t)
+    })
+    .await;
+    assert_eq!(
+        metric(
+            &text,
+            r#"callnotify_calls_received_total{result="accepted"}"#
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            r#"callnotify_calls_received_total{result="duplicate"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            r#"callnotify_calls_received_total{result="unauthorized"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            r#"callnotify_calls_received_total{result="rejected"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            r#"callnotify_rules_matched_total{rule="every_call"}"#
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            r#"callnotify_delivery_latency_seconds_count{channel="sales"}"#
+        ),
+        3.0
+    );
+    assert!(metric(&text, "callnotify_last_call_received_timestamp_seconds") > 1.7e9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_swaps_a_good_config_and_keeps_the_old_one_when_bad() {
+    let slack = FakeSlack::start().await;
+    let d = Daemon::start(&config(&slack, ""));
+    let original = std::fs::read_to_string(&d.config).unwrap();
+
+    // A broken config: refused, the old one keeps serving.
+    std::fs::write(
+        &d.config,
+        original.replace("template: slack/summary", "template: slack/nope"),
+    )
+    .unwrap();
+    d.signal("HUP");
+    eventually("a refused reload", WAIT, || {
+        d.logs().contains("reload refused").then_some(())
+    })
+    .await;
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAr1")).await.0, 200);
+    slack.wait_accepted(1, WAIT).await;
+
+    // A good config with a second rule: used for calls after the swap.
+    let extra =
+        "  - name: second\n    notify:\n      - channel: console\n        template: log/summary\n";
+    std::fs::write(&d.config, format!("{original}{extra}")).unwrap();
+    d.signal("HUP");
+    eventually("a reload", WAIT, || {
+        d.logs().contains("config reloaded").then_some(())
+    })
+    .await;
+    let (_, body) = d.post(&with_sid(FIXTURE, "CAr2")).await;
+    assert_eq!(body["rules"], serde_json::json!(["every_call", "second"]));
+
+    // The same through the HTTP endpoint.
+    let r = reqwest::Client::new()
+        .post(d.url("/-/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    std::fs::write(&d.config, "rules: [").unwrap();
+    let r = reqwest::Client::new()
+        .post(d.url("/-/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 422);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "config_invalid");
+    let (_, body) = d.post(&with_sid(FIXTURE, "CAr3")).await;
+    assert_eq!(body["rules"], serde_json::json!(["every_call", "second"]));
+    let metrics = get(&d.url("/metrics")).await.1;
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"callnotify_config_reloads_total{result="failure"}"#
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"callnotify_config_reloads_total{result="success"}"#
+        ),
+        2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_posted_during_reloads_are_all_accepted_and_delivered() {
+    let slack = FakeSlack::start().await;
+    let d = Daemon::start(&config(&slack, ""));
+    let url = d.url("/webhooks/air");
+    let poster = tokio::spawn(async move {
+        let mut codes = Vec::new();
+        for i in 0..60 {
+            codes.push(
+                post(&url, &with_sid(FIXTURE, &format!("CAdr{i}")), Some(TOKEN))
+                    .await
+                    .0,
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        codes
+    });
+    for _ in 0..10 {
+        d.signal("HUP");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let codes = poster.await.unwrap();
+    assert!(codes.iter().all(|c| *c == 200), "{codes:?}");
+    slack.wait_accepted(60, WAIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_test_sends_to_slack_and_smtp_and_reports_the_answer() {
+    let slack = FakeSlack::start().await;
+    let smtp = Smtp::start();
+    let yaml = format!(
+        r#"
+store: {{ path: "{{dir}}/store.db" }}
+templates_dir: "{{templates}}"
+channels:
+  sales: {{ type: slack, webhook_url: "{url}" }}
+  mail:
+    type: email
+    smtp: {{ host: "127.0.0.1", port: {port}, tls: none }}
+    from: "Call Bot <calls@example.com>"
+rules: []
+"#,
+        url = slack.url,
+        port = smtp.port
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        yaml.replace("{dir}", &dir.path().display().to_string())
+            .replace("{templates}", &templates_dir().display().to_string()),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"))
+            .args(args)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (code, out) = run(&["send-test", "--channel", "sales"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("delivered: HTTP 200"), "{out}");
+    assert!(slack.accepted()[0]["text"]
+        .as_str()
+        .unwrap()
+        .contains("callnotify test message: Maria Gonzalez"));
+
+    let (code, out) = run(&["send-test", "--channel", "mail", "--to", "me@example.com"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("delivered: SMTP 250"), "{out}");
+    assert_eq!(
+        smtp.messages()[0]["rcpt_tos"],
+        serde_json::json!(["me@example.com"])
+    );
+
+    slack.set_default(Reply::status(404, "no_service"));
+    let (code, out) = run(&["send-test", "--channel", "sales"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        out.contains("failed (permanent") && out.contains("HTTP 404: no_service"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quiet_alert_fires_once_and_again_when_calls_resume() {
+    use callnotify::clock::{Clock, ManualClock};
+    let slack = FakeSlack::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+server: {{ listen: "127.0.0.1:0" }}
+store: {{ path: "{}/store.db" }}
+templates_dir: "{}"
+channels:
+  ops: {{ type: slack, webhook_url: "{}", max_per_second: 0 }}
+quiet_alert: {{ after: "2h", channel: ops }}
+"#,
+            dir.path().display(),
+            templates_dir().display(),
+            slack.url
+        ),
+    )
+    .unwrap();
+    let t0 = 1_800_000_000_000;
+    let clock = ManualClock::new(t0);
+    let app = callnotify::app::App::build_with_clock(&cfg, clock.clone())
+        .await
+        .unwrap();
+    let shared = app.shared();
+    let live = shared.live.load_full();
+    let q = live.config.quiet_alert.as_ref().unwrap();
+    let mut alert = callnotify::quiet::QuietAlert::default();
+
+    alert.check(&shared, q, clock.now_ms()).await;
+    clock.advance(3_600_000);
+    alert.check(&shared, q, clock.now_ms()).await;
+    assert!(
+        shared.worker.deliver_next().await.is_none(),
+        "nothing after 1h"
+    );
+    clock.advance(3_600_000);
+    alert.check(&shared, q, clock.now_ms()).await;
+    alert.check(&shared, q, clock.now_ms() + 1000).await;
+    assert!(shared.worker.deliver_next().await.is_some());
+    assert!(shared.worker.deliver_next().await.is_none(), "alerted once");
+    let got = slack.accepted();
+    assert!(
+        got[0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("No calls received for 2h 00m"),
+        "{got:?}"
+    );
+
+    clock.advance(60_000);
+    shared.note_call(clock.now_ms());
+    clock.advance(1000);
+    alert.check(&shared, q, clock.now_ms()).await;
+    assert!(shared.worker.deliver_next().await.is_some());
+    assert!(slack.accepted()[1]["text"]
+        .as_str()
+        .unwrap()
+        .contains("Calls are arriving again"));
+}
