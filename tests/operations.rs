@@ -347,3 +347,22 @@ quiet_alert: {{ after: "2h", channel: ops }}
         .unwrap()
         .contains("Calls are arriving again"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_watch_config_an_edited_file_is_reloaded() {
+    let slack = FakeSlack::start().await;
+    let yaml = config(&slack, "").replace("  tokens:", "  watch_config: true\n  tokens:");
+    let d = Daemon::start(&yaml);
+    let original = std::fs::read_to_string(&d.config).unwrap();
+    let extra =
+        "  - name: watched\n    notify:\n      - channel: console\n        template: log/summary\n";
+    std::fs::write(&d.config, format!("{original}{extra}")).unwrap();
+    eventually("a reload on file change", WAIT, || {
+        d.logs()
+            .contains("\"trigger\":\"file change\"")
+            .then_some(())
+    })
+    .await;
+    let (_, body) = d.post(&with_sid(FIXTURE, "CAw1")).await;
+    assert_eq!(body["rules"], serde_json::json!(["every_call", "watched"]));
+}
