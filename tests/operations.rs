@@ -366,3 +366,82 @@ async fn with_watch_config_an_edited_file_is_reloaded() {
     let (_, body) = d.post(&with_sid(FIXTURE, "CAw1")).await;
     assert_eq!(body["rules"], serde_json::json!(["every_call", "watched"]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_separate_admin_listener_serves_the_admin_endpoints_only() {
+    let slack = FakeSlack::start().await;
+    let yaml = config(&slack, "").replace("store:", "admin:\n  listen: \"127.0.0.1:0\"\nstore:");
+    let d = Daemon::start(&yaml);
+    let admin: String = d
+        .logs()
+        .lines()
+        .find_map(|l| {
+            let v: Value = serde_json::from_str(l).ok()?;
+            Some(v["admin"].as_str()?.to_string())
+        })
+        .expect("the admin address is logged");
+    let admin = format!("http://{admin}");
+    assert_eq!(get(&format!("{admin}/metrics")).await.0, 200);
+    assert_eq!(get(&format!("{admin}/readyz")).await.0, 200);
+    assert_eq!(
+        reqwest::Client::new()
+            .post(format!("{admin}/-/reload"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    assert_eq!(
+        post(&format!("{admin}/webhooks/air"), FIXTURE, Some(TOKEN))
+            .await
+            .0,
+        404
+    );
+    // The public listener takes calls but not reloads.
+    assert_eq!(
+        reqwest::Client::new()
+            .post(d.url("/-/reload"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        404
+    );
+    assert_eq!(d.post(FIXTURE).await.0, 200);
+}
+
+#[test]
+fn help_teaches_with_examples() {
+    let run = |args: &[&str]| {
+        String::from_utf8_lossy(
+            &std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"))
+                .args(args)
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .to_string()
+    };
+    let top = run(&["--help"]);
+    for cmd in [
+        "serve",
+        "check",
+        "render",
+        "deliveries",
+        "send-test",
+        "Examples:",
+    ] {
+        assert!(top.contains(cmd), "{cmd} missing from --help:\n{top}");
+    }
+    for sub in [
+        &["render", "--help"][..],
+        &["send-test", "--help"],
+        &["deliveries", "retry", "--help"],
+        &["check", "--help"],
+    ] {
+        assert!(run(sub).contains("Example"), "{sub:?}");
+    }
+}
