@@ -60,6 +60,19 @@ pub fn recipients(to: &[String]) -> (Vec<Mailbox>, Vec<String>) {
     (good, bad)
 }
 
+/// Control characters (CR, LF, NUL, ...) become spaces: a header value stays one line.
+fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+/// A mailbox whose display name is one line. lettre panics while formatting a display name
+/// that holds CR or LF, so names are cleaned here whatever their source.
+fn one_line_name(m: &Mailbox) -> Mailbox {
+    Mailbox::new(m.name.as_deref().map(one_line), m.email.clone())
+}
+
 /// Builds the MIME message: text, HTML, or both as multipart/alternative. Header values are
 /// encoded by lettre (RFC 2047 for non-ASCII); the subject is already one line.
 pub fn build(
@@ -67,15 +80,15 @@ pub fn build(
     to: &[Mailbox],
     parts: &EmailParts,
 ) -> Result<lettre::Message, String> {
-    let mut b = lettre::Message::builder().from(from.clone());
+    let mut b = lettre::Message::builder().from(one_line_name(from));
     for m in to {
-        b = b.to(m.clone());
+        b = b.to(one_line_name(m));
     }
-    let subject: String = parts
-        .subject
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
+    // lettre leaves an ASCII subject as it is, so a value holding an RFC 2047 encoded word
+    // (`=?utf-8?b?...?=`) would be decoded by the reader into other text. A zero-width space
+    // after the `=` makes the subject non-ASCII: lettre then encodes all of it, and the reader
+    // sees the characters that were typed.
+    let subject = one_line(&parts.subject).replace("=?", "=\u{200b}?");
     let b = b.subject(subject);
     let built = match (&parts.text, &parts.html) {
         (Some(text), Some(html)) => b.multipart(MultiPart::alternative_plain_html(
