@@ -261,9 +261,26 @@ impl Worker {
                     tracing::error!(outcome = label, latency_ms, error = detail.as_deref().unwrap_or(""), "delivery is dead; replay with `callnotify deliveries retry {}`", d.id);
                 }
             }
-            if let Err(e) = self.store.record(d.id, attempt, now, recorded.clone(), latency_ms, detail).await {
-                // The row stays `sending` and is retried after the next start.
-                tracing::error!(error = %e, "cannot record the attempt");
+            // The destination has answered; until that is recorded the row stays `sending`, so
+            // keep trying while the store is unavailable (a locked or full disk clears up). Only
+            // a shutdown ends the wait: then the row is requeued at the next start and sent again.
+            let mut failures = 0u32;
+            while let Err(e) = self.store.record(d.id, attempt, now, recorded.clone(), latency_ms, detail.clone()).await {
+                failures += 1;
+                if shutdown.is_cancelled() {
+                    tracing::error!(error = %e, "cannot record the attempt; the delivery is repeated after the next start");
+                    break;
+                }
+                if failures == 1 {
+                    tracing::error!(error = %e, "cannot record the attempt; trying again every second");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(POLL) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+            }
+            if failures > 0 && !shutdown.is_cancelled() {
+                tracing::info!(failures, "attempt recorded after the store came back");
             }
             Some(recorded)
         }

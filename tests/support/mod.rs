@@ -295,6 +295,8 @@ pub struct Received {
     pub at: Instant,
     pub body: Value,
     pub answered: u16,
+    /// The sender's address: one TCP connection of one daemon process.
+    pub from: Option<SocketAddr>,
 }
 
 #[derive(Default)]
@@ -316,8 +318,9 @@ impl FakeSlack {
         let state = Arc::new(Mutex::new(SlackState::default()));
         let s = state.clone();
         let route = warp::post()
+            .and(warp::addr::remote())
             .and(warp::body::bytes())
-            .then(move |body: bytes::Bytes| {
+            .then(move |from: Option<SocketAddr>, body: bytes::Bytes| {
                 let s = s.clone();
                 async move {
                     let reply = {
@@ -333,6 +336,7 @@ impl FakeSlack {
                             at: Instant::now(),
                             body,
                             answered: reply.status,
+                            from,
                         });
                         reply
                     };
