@@ -298,6 +298,19 @@ async fn sigterm_finishes_in_flight_and_exits_0() {
         (!slack.received().is_empty()).then_some(())
     })
     .await;
+    d.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // While it drains, a new call is refused (503) or finds the listener closed: never a 2xx.
+    let late = reqwest::Client::new()
+        .post(d.url("/webhooks/air"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body(call("CAlate"))
+        .send()
+        .await;
+    if let Ok(r) = &late {
+        assert_eq!(r.status().as_u16(), 503, "a call accepted during shutdown");
+    }
     let code = tokio::task::block_in_place(|| d.terminate());
     assert_eq!(code, Some(0), "{}", d.logs());
     // The one in flight finished and was recorded before the exit.
