@@ -379,6 +379,22 @@ fn cases() -> Vec<Case> {
             answer_first: false,
         },
     ];
+    cases.push(Case {
+        name: "200 headers (over hyper's limit of 100)",
+        head: post_head(
+            "/webhooks/air",
+            Some(&bearer()),
+            Some("application/json"),
+            &(0..200)
+                .map(|i| format!("\r\nX-Flood-{i}: {i}"))
+                .collect::<String>(),
+            CAMPAIGN.len(),
+        ),
+        body: CAMPAIGN.as_bytes().to_vec(),
+        status: 431,
+        kind: None,
+        answer_first: false,
+    });
     // The case-insensitive scheme is accepted, and so gets as far as the body.
     cases.push(Case {
         name: "lower-case bearer with a bad body",
