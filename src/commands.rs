@@ -34,7 +34,7 @@ pub fn samples() -> Vec<(&'static str, Call)> {
         .insert("transcript".into(), Value::String(transcript));
     long.sid = "CAlongtranscript".into();
     let mut hostile = campaign.clone();
-    let name = "<!channel> <@U123> *Zoë* \"Quotes\" \\ back\\slash & <https://evil.example|click> 🎉\u{202e}RTL\u{0} \r\nBcc: x@evil.example";
+    let name = "<!channel> <@U123> *Zoë* \"Quotes\" \\ back\\slash & <https://evil.example|click> 🎉\u{202e}RTL\u{0} \r\nBcc: x@evil.example =?utf-8?b?QmNjOg==?= \u{2028}}}";
     hostile.lead_name = name.trim().to_string();
     hostile
         .raw
