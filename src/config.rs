@@ -619,13 +619,20 @@ fn from_tree(path: &Path, tree: Value, problems: &mut Vec<Problem>) -> Option<Co
 
     // Channels, each on its own so every broken one is reported.
     let mut channels = IndexMap::new();
+    // Channels that have problems of their own: actions using them are not reported again.
+    let mut broken = HashSet::new();
     match take("channels") {
         Value::Object(map) => {
             for (name, v) in map {
                 let at = format!("channels.{name}");
-                if let Some(raw) = section::<RawChannel>(v, &at, problems) {
-                    if let Some(ch) = build_channel(&name, raw, &at, problems) {
+                let built = section::<RawChannel>(v, &at, problems)
+                    .and_then(|raw| build_channel(&name, raw, &at, problems));
+                match built {
+                    Some(ch) => {
                         channels.insert(name, ch);
+                    }
+                    None => {
+                        broken.insert(name);
                     }
                 }
             }
@@ -696,8 +703,10 @@ fn from_tree(path: &Path, tree: Value, problems: &mut Vec<Problem>) -> Option<Co
                     ));
                 }
                 for (j, action) in raw.notify.iter().enumerate() {
-                    let aat = format!("{at}.notify[{j}]");
-                    check_action(action, &aat, &channels, renderer.as_ref(), problems);
+                    if !broken.contains(&action.channel) {
+                        let aat = format!("{at}.notify[{j}]");
+                        check_action(action, &aat, &channels, renderer.as_ref(), problems);
+                    }
                 }
                 rules_out.push(Rule {
                     name: raw.name,
@@ -1128,6 +1137,103 @@ mod tests {
         assert!(err.contains("MISSING"), "{err}");
         assert!(expand_str("${A", &e).is_err());
         assert!(expand_str("${a b}", &e).is_err());
+    }
+
+    fn write(dir: &Path, yaml: &str) -> PathBuf {
+        std::fs::create_dir_all(dir.join("t/slack")).unwrap();
+        std::fs::write(dir.join("t/slack/x.hbs"), "{{lead_name}}").unwrap();
+        let p = dir.join("c.yaml");
+        std::fs::write(
+            &p,
+            yaml.replace("{t}", &dir.join("t").display().to_string()),
+        )
+        .unwrap();
+        p
+    }
+
+    const GOOD: &str = r#"
+templates_dir: "{t}"
+server: { tokens: ["${TOKEN}"] }
+channels:
+  s: { type: slack, webhook_url: "${URL}" }
+rules:
+  - name: r
+    when: { campaignId: 8812 }
+    notify: [{ channel: s, template: slack/x }]
+"#;
+
+    #[test]
+    fn environment_overrides_and_secrets_that_look_like_yaml() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), GOOD);
+        let e = env(&[
+            ("TOKEN", "tok: with # yaml [chars] 0123456789"),
+            ("URL", "https://hooks.slack.com/services/T/B/X"),
+            ("CALLNOTIFY_SERVER__LISTEN", "127.0.0.1:9999"),
+            ("CALLNOTIFY_SERVER__MAX_BODY_BYTES", "2048"),
+            ("CALLNOTIFY_CONFIG", "ignored: not an override"),
+        ]);
+        let c = load_with_env(&p, &e).unwrap();
+        assert_eq!(c.server.listen.port(), 9999);
+        assert_eq!(c.server.max_body_bytes, 2048);
+        assert_eq!(
+            c.server.tokens[0].expose_secret(),
+            "tok: with # yaml [chars] 0123456789"
+        );
+        assert_eq!(c.rules[0].name, "r");
+        // Secrets never reach Debug output.
+        let debug = format!("{c:?}");
+        assert!(
+            !debug.contains("hooks.slack.com") && !debug.contains("yaml [chars]"),
+            "{debug}"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            r#"
+templates_dir: "{t}"
+bogus_section: 1
+server: { tokens: [""], listen: "nowhere" }
+channels:
+  s: { type: slack, webhook_url: "https://hooks.slack.com/x", colour: red }
+  e: { type: email, smtp: { host: "h", tls: sometimes }, from: "x" }
+  ok: { type: slack, webhook_url: "ftp://x" }
+rules:
+  - name: r
+    notify: [{ channel: ok, template: slack/nope, to: ["a@b.c"] }, { channel: s, template: slack/x }]
+  - { name: q, notify: [{ channel: s, template: slack/x }], extra: 1 }
+"#,
+        );
+        let err = load_with_env(&p, &env(&[])).unwrap_err();
+        let places: Vec<&str> = err.problems.iter().map(|p| p.at.as_str()).collect();
+        for want in [
+            "bogus_section",
+            "server.tokens[0]",
+            "server.listen",
+            "channels.s",
+            "channels.e",
+            "channels.ok.webhook_url",
+            "rules[0] (r).notify[0].to",
+            "rules[0] (r).notify[0].template",
+            "rules[1].extra",
+        ] {
+            assert!(
+                places.iter().any(|p| p.starts_with(want)),
+                "{want} not in {places:?}"
+            );
+        }
+        // A broken channel is reported once, not again at every rule that uses it.
+        assert!(
+            !places
+                .iter()
+                .any(|p| p.starts_with("rules[0] (r).notify[1]")),
+            "{places:?}"
+        );
+        assert!(err.to_string().contains("unknown field `colour`"), "{err}");
     }
 
     #[test]
