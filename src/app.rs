@@ -54,24 +54,14 @@ impl Shared {
     pub async fn reload(&self, trigger: &str) -> Result<(), ConfigError> {
         let _one_at_a_time = self.reload_lock.lock().await;
         let path = self.config_path.clone();
-        let loaded = tokio::task::spawn_blocking(move || {
-            let config = config::load(&path)?;
-            let problems = crate::commands::render_problems(&config);
-            if !problems.is_empty() {
-                return Err(ConfigError {
-                    source: path,
-                    problems,
-                });
-            }
-            Ok(config)
-        })
-        .await
-        .unwrap_or_else(|e| {
-            Err(ConfigError {
-                source: self.config_path.clone(),
-                problems: vec![config::Problem::new("reload", e.to_string())],
-            })
-        });
+        let loaded = tokio::task::spawn_blocking(move || load_checked(&path))
+            .await
+            .unwrap_or_else(|e| {
+                Err(ConfigError {
+                    source: self.config_path.clone(),
+                    problems: vec![config::Problem::new("reload", e.to_string())],
+                })
+            });
         let config = match loaded {
             Ok(c) => c,
             Err(e) => {
@@ -127,6 +117,21 @@ impl Shared {
     }
 }
 
+/// Loads and validates a config, then renders every template against the sample payloads: the
+/// same bar at start-up and at reload, so a template that would fail on a real call is refused.
+pub fn load_checked(path: &Path) -> Result<Config, ConfigError> {
+    let config = config::load(path)?;
+    let problems = crate::commands::render_problems(&config);
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError {
+            source: path.to_path_buf(),
+            problems,
+        })
+    }
+}
+
 pub struct App {
     shared: Arc<Shared>,
     listener: TcpListener,
@@ -141,7 +146,7 @@ impl App {
 
     pub async fn build_with_clock(config_path: &Path, clock: SharedClock) -> anyhow::Result<App> {
         crate::metrics::handle(); // install the recorder before anything counts
-        let config = config::load(config_path)?;
+        let config = load_checked(config_path)?;
         for w in &config.warnings {
             tracing::warn!("{w}");
         }

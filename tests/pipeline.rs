@@ -433,3 +433,30 @@ async fn render_shows_what_would_be_sent_and_sends_nothing() {
     assert!(smtp.messages().is_empty());
     assert!(d.deliveries(None).is_empty());
 }
+
+#[test]
+fn the_daemon_refuses_to_start_on_a_config_that_would_fail_a_call() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("t")).unwrap();
+    std::fs::write(dir.path().join("t/typo.hbs"), "{{lead_nmae}}").unwrap();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "server: {{ listen: \"127.0.0.1:0\" }}\nstore: {{ path: \"{d}/s.db\" }}\ntemplates_dir: \"{d}/t\"\nchannels:\n  c: {{ type: log }}\nrules:\n  - name: r\n    notify: [{{ channel: c, template: typo }}]\n",
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("rules[0] (r).notify[0]") && err.contains("lead_nmae"),
+        "{err}"
+    );
+}
