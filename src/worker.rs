@@ -98,6 +98,9 @@ pub struct Worker {
     live: Arc<arc_swap::ArcSwap<Live>>,
     clock: SharedClock,
     pacers: Mutex<HashMap<String, Arc<Mutex<Pacer>>>>,
+    /// Destinations that asked us to wait (429 with `Retry-After`), by pacing key: nothing is
+    /// sent to them before this instant, not only the rate-limited message.
+    paused: Mutex<HashMap<String, Instant>>,
     wake: watch::Sender<u64>,
 }
 
@@ -112,6 +115,7 @@ impl Worker {
             live,
             clock,
             pacers: Mutex::new(HashMap::new()),
+            paused: Mutex::new(HashMap::new()),
             wake: watch::channel(0).0,
         })
     }
@@ -230,6 +234,11 @@ impl Worker {
                     return None;
                 }
             };
+            if let (Outcome::Retry { after: Some(after), .. }, Some(channel)) =
+                (&outcome, live.config.channels.get(&d.channel))
+            {
+                self.pause(channel.kind.pacing_key(&d.channel), *after);
+            }
             let now = self.clock.now_ms();
             let latency_ms = started.elapsed().as_millis() as i64;
             let delivery = &live.config.delivery;
@@ -333,11 +342,15 @@ impl Worker {
                 tracing::info!(cuts, "message cut to fit Slack's limits");
             }
         }
-        let wait = self.pace(
-            &channel.kind.pacing_key(&d.channel),
-            channel.max_per_second,
-            channel.burst,
-        );
+        let key = channel.kind.pacing_key(&d.channel);
+        let paused = self.paused_for(&key);
+        if !paused.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(paused) => {}
+                _ = shutdown.cancelled() => return None,
+            }
+        }
+        let wait = self.pace(&key, channel.max_per_second, channel.burst);
         if !wait.is_zero() {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
@@ -355,6 +368,28 @@ impl Worker {
             delivery_id: d.id,
         };
         Some(live.senders.send(&channel.kind, &message, &meta).await)
+    }
+
+    /// Holds every send to a destination for `after` (its `Retry-After`).
+    fn pause(&self, key: String, after: Duration) {
+        let until = Instant::now() + after;
+        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = paused.entry(key).or_insert(until);
+        *entry = (*entry).max(until);
+    }
+
+    /// How long a destination is still paused for.
+    fn paused_for(&self, key: &str) -> Duration {
+        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        match paused.get(key) {
+            Some(until) if *until > now => *until - now,
+            Some(_) => {
+                paused.remove(key);
+                Duration::ZERO
+            }
+            None => Duration::ZERO,
+        }
     }
 
     fn pace(&self, key: &str, rate: f64, burst: u32) -> Duration {

@@ -111,17 +111,25 @@ async fn slack_429_is_retried_no_sooner_than_retry_after() {
     let slack = FakeSlack::start().await;
     slack.script([Reply::status(429, "rate_limited").retry_after(2)]);
     let d = Daemon::start(&slack_only(tpl.path(), &slack, FAST));
-    accept(&d, "CA429").await;
-    slack.wait_accepted(1, WAIT).await;
+    for sid in ["CA429a", "CA429b", "CA429c"] {
+        accept(&d, sid).await;
+    }
+    slack.wait_accepted(3, WAIT).await;
     let r = slack.received();
-    assert_eq!(r.len(), 2);
-    let gap = r[1].at - r[0].at;
-    assert!(
-        gap >= Duration::from_secs(2),
-        "retried {gap:?} after a 429 with Retry-After: 2"
-    );
+    assert_eq!(r.len(), 4);
+    assert_eq!(r[0].answered, 429);
+    // Slack's rate limit is per webhook: nothing goes to it until Retry-After has passed, not
+    // just the rate-limited message.
+    for later in &r[1..] {
+        let gap = later.at - r[0].at;
+        assert!(
+            gap >= Duration::from_secs(2),
+            "{} sent {gap:?} after a 429 with Retry-After: 2",
+            sid_of(&later.body)
+        );
+    }
     let rows = d.wait_settled(WAIT).await;
-    assert_eq!(by_sid(&rows, "CA429")["status"], "done");
+    assert!(rows.iter().all(|r| r["status"] == "done"), "{rows:?}");
 }
 
 #[tokio::test]
