@@ -226,6 +226,34 @@ async fn smtp_4xx_is_retried_and_5xx_is_dead() {
 }
 
 #[tokio::test]
+async fn an_smtp_server_that_is_down_is_retried() {
+    let tpl = templates();
+    // A port with nothing listening: connection refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let channels = format!(
+        "  mail:\n    type: email\n    smtp: {{ host: \"127.0.0.1\", port: {port}, tls: none }}\n    from: \"Call Bot <calls@example.com>\"\n"
+    );
+    let d = Daemon::start(&config(
+        tpl.path(),
+        FAST,
+        &channels,
+        r#"[{ channel: mail, to: ["a@example.com"], subject: "{{sid}}", template: email/sid }]"#,
+    ));
+    accept(&d, "CAsmtpdown").await;
+    let row = eventually("two failed attempts", WAIT, || {
+        let r = d.deliveries(None).into_iter().next()?;
+        (r["attempts"].as_u64()? >= 2).then_some(r)
+    })
+    .await;
+    assert_eq!(row["status"], "pending", "{row}");
+    assert!(!row["last_error"].as_str().unwrap().is_empty(), "{row}");
+}
+
+#[tokio::test]
 async fn dead_deliveries_are_listed_and_replayed_with_the_cli() {
     let tpl = templates();
     let slack = FakeSlack::start().await;
@@ -578,4 +606,81 @@ async fn store_unavailable_answers_503() {
     assert!(rows.iter().all(|r| r["status"] == "done"), "{rows:?}");
     let ready = reqwest::get(d.url("/readyz")).await.unwrap();
     assert_eq!(ready.status().as_u16(), 200);
+}
+
+/// A small tmpfs, unmounted on drop. None where mounting is not allowed (not root, no
+/// CAP_SYS_ADMIN): the test that needs it then says so and passes.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Tmpfs(dir))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_answers_503_and_recovers() {
+    let Some(disk) = Tmpfs::mount("4m") else {
+        println!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let tpl = templates();
+    let slack = FakeSlack::start().await;
+    let store = disk.0.path().join("store.db");
+    let yaml = slack_only(tpl.path(), &slack, FAST)
+        .replace("{dir}/store.db", &store.display().to_string());
+    let d = Daemon::start(&yaml);
+    accept(&d, "CAroom").await;
+    d.wait_settled(WAIT).await;
+    // Fill the disk to the last byte.
+    let filler = disk.0.path().join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        let small = [0u8; 512];
+        while f.write_all(&small).is_ok() {}
+        let _ = f.flush();
+    }
+    let mut refused = 0;
+    for i in 0..5 {
+        let (status, body) = d.post(&call(&format!("CAfull{i}"))).await;
+        match status {
+            503 => {
+                assert_eq!(body["error"], "store_unavailable", "{body}");
+                refused += 1;
+            }
+            200 => {} // SQLite still had room in its write-ahead log: stored for real
+            other => panic!("{other}: {body}"),
+        }
+    }
+    assert!(refused > 0, "a full disk never answered 503");
+    std::fs::remove_file(&filler).unwrap();
+    for i in 0..5 {
+        let (status, body) = d.post(&call(&format!("CAfull{i}"))).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let rows = d.wait_settled(WAIT).await;
+    assert_eq!(rows.len(), 6);
+    assert!(rows.iter().all(|r| r["status"] == "done"), "{rows:?}");
+    let sids: HashSet<String> = slack.accepted().iter().map(sid_of).collect();
+    assert_eq!(sids.len(), 6, "each stored call delivered once");
+    assert_eq!(slack.accepted().len(), 6);
+    drop(d);
 }
