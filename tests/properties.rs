@@ -55,13 +55,13 @@ fn call(name: &str, transcript: &str, url_tail: &str, note: &str, company: &str)
         "transcript": transcript,
         "duration": 61,
         "callRecordingUrl": format!("https://api.example.com/rec/{url_tail}"),
-        "leadData": {"note": note, "company": company},
+        "leadData": {"note": note, "company": company, "missing": null},
     }});
     payload::parse(body.to_string().as_bytes()).expect("a call with a fixed sid parses")
 }
 
 const TEXT_TEMPLATE: &str =
-    "*{{lead_name}}* ({{duration_human}}) from {{call.leadData.company}}\n{{call.leadData.note}}\n```{{call.transcript}}```";
+    "*{{lead_name}}* ({{duration_human}}) from {{call.leadData.company}}\n{{call.leadData.note}}\n```{{call.transcript}}```\n{{truncate call.leadData.note 20}} {{last_lines call.transcript 2}} {{upper lead_name}} {{default call.leadData.missing call.leadData.company}}";
 
 const BLOCKS_TEMPLATE: &str = r#"{
   "blocks": [
