@@ -824,6 +824,15 @@ fn build_server(
             "must be greater than 0",
         ));
     }
+    // Zero would close every connection (or time out every body) at once.
+    for (key, d) in [
+        ("server.header_read_timeout", s.header_read_timeout),
+        ("server.body_read_timeout", s.body_read_timeout),
+    ] {
+        if d.is_zero() {
+            problems.push(Problem::new(key, "must be greater than 0"));
+        }
+    }
     Some(ServerConfig {
         listen: listen?,
         webhook_path: s.webhook_path,
