@@ -93,6 +93,31 @@ impl Pacer {
     }
 }
 
+/// Destinations that asked us to wait (429 with `Retry-After`), by pacing key.
+#[derive(Debug, Default)]
+pub struct Pauses(HashMap<String, Instant>);
+
+impl Pauses {
+    /// Nothing goes to `key` for `after` from `now`; a longer pause already in force stays.
+    pub fn pause(&mut self, key: String, after: Duration, now: Instant) {
+        let until = now + after;
+        let entry = self.0.entry(key).or_insert(until);
+        *entry = (*entry).max(until);
+    }
+
+    /// How long `key` is still paused at `now` (zero when it is not).
+    pub fn remaining(&mut self, key: &str, now: Instant) -> Duration {
+        match self.0.get(key) {
+            Some(until) if *until > now => *until - now,
+            Some(_) => {
+                self.0.remove(key);
+                Duration::ZERO
+            }
+            None => Duration::ZERO,
+        }
+    }
+}
+
 pub struct Worker {
     store: Store,
     live: Arc<arc_swap::ArcSwap<Live>>,
@@ -100,7 +125,7 @@ pub struct Worker {
     pacers: Mutex<HashMap<String, Arc<Mutex<Pacer>>>>,
     /// Destinations that asked us to wait (429 with `Retry-After`), by pacing key: nothing is
     /// sent to them before this instant, not only the rate-limited message.
-    paused: Mutex<HashMap<String, Instant>>,
+    paused: Mutex<Pauses>,
     wake: watch::Sender<u64>,
 }
 
@@ -115,7 +140,7 @@ impl Worker {
             live,
             clock,
             pacers: Mutex::new(HashMap::new()),
-            paused: Mutex::new(HashMap::new()),
+            paused: Mutex::new(Pauses::default()),
             wake: watch::channel(0).0,
         })
     }
@@ -372,24 +397,14 @@ impl Worker {
 
     /// Holds every send to a destination for `after` (its `Retry-After`).
     fn pause(&self, key: String, after: Duration) {
-        let until = Instant::now() + after;
         let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = paused.entry(key).or_insert(until);
-        *entry = (*entry).max(until);
+        paused.pause(key, after, Instant::now());
     }
 
     /// How long a destination is still paused for.
     fn paused_for(&self, key: &str) -> Duration {
         let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        match paused.get(key) {
-            Some(until) if *until > now => *until - now,
-            Some(_) => {
-                paused.remove(key);
-                Duration::ZERO
-            }
-            None => Duration::ZERO,
-        }
+        paused.remaining(key, Instant::now())
     }
 
     fn pace(&self, key: &str, rate: f64, burst: u32) -> Duration {
@@ -465,6 +480,20 @@ mod tests {
         let waits: Vec<Duration> = (0..4).map(|_| p.reserve(Instant::now())).collect();
         assert_eq!(&waits[..3], &[Duration::ZERO; 3]);
         assert_eq!(waits[3], S(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_pauses_the_destination_and_never_shortens() {
+        let mut p = Pauses::default();
+        p.pause("hook".into(), S(30), Instant::now());
+        p.pause("hook".into(), S(5), Instant::now()); // a shorter one does not cut it
+        assert_eq!(p.remaining("hook", Instant::now()), S(30));
+        assert_eq!(p.remaining("other", Instant::now()), Duration::ZERO);
+        tokio::time::advance(S(20)).await;
+        assert_eq!(p.remaining("hook", Instant::now()), S(10));
+        tokio::time::advance(S(10)).await;
+        assert_eq!(p.remaining("hook", Instant::now()), Duration::ZERO);
+        assert!(p.0.is_empty(), "an expired pause is forgotten");
     }
 
     #[tokio::test(start_paused = true)]
