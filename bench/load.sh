@@ -1,0 +1,239 @@
+#!/usr/bin/env bash
+# The load benchmark of issue 6. One command:   bash bench/load.sh
+#
+# Builds release, then side by side in one run, on 127.0.0.1 only:
+#   - the bare warp baseline (examples/bare_warp.rs: token check + serde_json parse + 200),
+#   - the release callnotify daemon with a temporary store, one rule and a local Slack stand-in
+#     (examples/bench_sink.rs, answers at once; max_per_second: 0),
+# drives each with wrk at 1, 16 and 64 connections (the fixture, a Bearer token, a new `sid` on
+# every request) and prints requests/s, p50/p99 answer latency, the callnotify/baseline ratio,
+# idle and peak RSS, and end-to-end delivery latency (receipt to the sink's 200, from the
+# daemon's callnotify_delivery_latency_seconds histogram) and the time to drain the backlog.
+# Then the same load with a Slack that hangs for 30 s on every request.
+#
+# Knobs (environment): DURATION (seconds per wrk run, default 5), CONNS ("1 16 64"),
+# THREADS (wrk threads, default 2), HANG (1 = run the hanging-Slack case, default 1),
+# CONCURRENCY (deliveries in flight for the Slack channel, default 1), LOG_LEVEL (default info).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+DURATION=${DURATION:-5}
+CONNS=${CONNS:-"1 16 64"}
+THREADS=${THREADS:-2}
+HANG=${HANG:-1}
+CONCURRENCY=${CONCURRENCY:-1}
+LOG_LEVEL=${LOG_LEVEL:-info}
+TOKEN=bench-token
+FIXTURE="$ROOT/tests/fixtures/post_call_data.json"
+
+command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 1; }
+
+echo "== building (cargo build --release --examples --bins)" >&2
+cargo build --release --examples --bins >&2
+BIN="$ROOT/target/release"
+
+TMP=$(mktemp -d)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# Waits (bounded) until a TCP port accepts connections.
+wait_port() {
+    for _ in $(seq 1 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "nothing listens on port $1" >&2
+    return 1
+}
+
+kb() { awk -v k="$2" '$1 == k":" {print $2}' "/proc/$1/status"; }
+mb() { awk -v v="$1" 'BEGIN { printf "%.1f MB", v / 1024 }'; }
+
+# A wrk script that gives every request a new sid (a counter per thread, a per-run prefix) and
+# prints one machine-readable line at the end.
+make_lua() { # $1 = run label, $2 = path
+    local body
+    body=$(python3 -c 'import json,sys; print(json.dumps(json.dumps(json.load(open(sys.argv[1])), separators=(",", ":"))))' "$FIXTURE")
+    cat >"$TMP/$1.lua" <<EOF
+local body = $body
+local sid = "CAec7g2x30425ba039a83ffb4286754983"
+local a, b = string.find(body, sid, 1, true)
+local pre, post = string.sub(body, 1, a - 1), string.sub(body, b + 1)
+-- tid is a global each thread gets from setup(); the counter is per thread.
+local counter = 0
+tid = 0
+local n = 0
+function setup(thread)
+  n = n + 1
+  thread:set("tid", n)
+end
+wrk.method = "POST"
+wrk.path = "$2"
+wrk.headers["Authorization"] = "Bearer $TOKEN"
+wrk.headers["Content-Type"] = "application/json"
+function request()
+  counter = counter + 1
+  return wrk.format(nil, nil, nil, pre .. "$1-" .. tid .. "-" .. counter .. post)
+end
+function done(summary, latency, requests)
+  local secs = summary.duration / 1e6
+  local bad = summary.errors.status + summary.errors.connect + summary.errors.read
+            + summary.errors.write + summary.errors.timeout
+  io.write(string.format("RESULT %d %.0f %d %d %d\n", summary.requests, summary.requests / secs,
+    latency:percentile(50), latency:percentile(99), bad))
+end
+EOF
+}
+
+# Runs wrk; prints "requests rps p50_us p99_us errors".
+drive() { # $1 = port, $2 = connections, $3 = label, $4 = path
+    make_lua "$3" "$4"
+    local t=$THREADS
+    [ "$2" -lt "$t" ] && t=$2
+    wrk -t"$t" -c"$2" -d"${DURATION}s" --timeout 10s -s "$TMP/$3.lua" "http://127.0.0.1:$1" \
+        | awk '/^RESULT/ {print $2, $3, $4, $5, $6}'
+}
+
+metric() { # $1 = port, $2 = metric line prefix (name{labels})
+    curl -s "http://127.0.0.1:$1/metrics" | awk -v m="$2" 'index($0, m) == 1 {s += $NF} END {printf "%d\n", s}'
+}
+
+# Approximate quantile from the Prometheus histogram buckets (upper bound of the bucket).
+latency_quantiles() { # $1 = port
+    curl -s "http://127.0.0.1:$1/metrics" | awk '
+      /^callnotify_delivery_latency_seconds_bucket/ {
+        match($0, /le="[^"]+"/); le = substr($0, RSTART + 4, RLENGTH - 5)
+        cum[le] += $NF; if (!(le in seen)) { seen[le] = 1; order[++k] = le } }
+      /^callnotify_delivery_latency_seconds_sum/ { sum += $NF }
+      /^callnotify_delivery_latency_seconds_count/ { cnt += $NF }
+      END {
+        if (cnt == 0) { print "no deliveries recorded"; exit }
+        p50 = ""; p99 = ""
+        for (i = 1; i <= k; i++) {
+          if (p50 == "" && cum[order[i]] >= 0.5 * cnt) p50 = order[i]
+          if (p99 == "" && cum[order[i]] >= 0.99 * cnt) p99 = order[i]
+        }
+        printf "%d delivered, mean %.1f ms, p50 <= %s s, p99 <= %s s\n", cnt, 1000 * sum / cnt, p50, p99 }'
+}
+
+write_config() { # $1 = file, $2 = listen port, $3 = sink port, $4 = store
+    cat >"$1" <<EOF
+server:
+  listen: "127.0.0.1:$2"
+  webhook_path: "/webhooks/air"
+  tokens: ["$TOKEN"]
+store:
+  path: "$4"
+templates_dir: "$ROOT/templates"
+delivery:
+  request_timeout: 60s
+channels:
+  sales: { type: slack, webhook_url: "http://127.0.0.1:$3/hook", max_per_second: 0, concurrency: $CONCURRENCY }
+rules:
+  - name: every_call
+    notify:
+      - channel: sales
+        template: slack/summary
+EOF
+}
+
+start_daemon() { # $1 = config, $2 = log; sets DAEMON_PID
+    "$BIN/callnotify" --config "$1" --log-level "$LOG_LEVEL" serve >"$2" 2>&1 &
+    DAEMON_PID=$!
+    PIDS+=("$DAEMON_PID")
+}
+
+stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+BASE_PORT=$(free_port)
+"$BIN/examples/bare_warp" "127.0.0.1:$BASE_PORT" "$TOKEN" 2>/dev/null &
+BASE_PID=$!
+PIDS+=("$BASE_PID")
+SINK_PORT=$(free_port)
+"$BIN/examples/bench_sink" "127.0.0.1:$SINK_PORT" ok 2>/dev/null &
+SINK_PID=$!
+PIDS+=("$SINK_PID")
+CN_PORT=$(free_port)
+write_config "$TMP/callnotify.yaml" "$CN_PORT" "$SINK_PORT" "$TMP/callnotify.db"
+start_daemon "$TMP/callnotify.yaml" "$TMP/callnotify.log"
+CN_PID=$DAEMON_PID
+wait_port "$BASE_PORT"
+wait_port "$SINK_PORT"
+wait_port "$CN_PORT"
+sleep 1
+BASE_IDLE=$(kb "$BASE_PID" VmRSS)
+CN_IDLE=$(kb "$CN_PID" VmRSS)
+
+echo "== $(nproc) cores, $(uname -r), wrk $THREADS threads, ${DURATION}s per run, fixture $(wc -c <"$FIXTURE") bytes"
+echo "== Slack stand-in: concurrency $CONCURRENCY, max_per_second 0; daemon log level $LOG_LEVEL"
+printf "%-6s | %-30s | %-30s | %s\n" conns "baseline req/s (p50/p99 ms)" "callnotify req/s (p50/p99 ms)" "ratio"
+us_ms() { awk -v u="$1" 'BEGIN { printf "%.2f", u / 1000 }'; }
+TOTAL=0
+LOAD_END=0
+for c in $CONNS; do
+    read -r _ brps bp50 bp99 berr < <(drive "$BASE_PORT" "$c" "base$c" /webhooks/air)
+    read -r creq crps cp50 cp99 cerr < <(drive "$CN_PORT" "$c" "cn$c" /webhooks/air)
+    TOTAL=$((TOTAL + creq))
+    LOAD_END=$(date +%s.%N)
+    ratio=$(awk -v a="$crps" -v b="$brps" 'BEGIN { printf "%.2f", a / b }')
+    printf "%-6s | %8s (%s/%s) err %-5s | %8s (%s/%s) err %-5s | %s\n" "$c" \
+        "$brps" "$(us_ms "$bp50")" "$(us_ms "$bp99")" "$berr" \
+        "$crps" "$(us_ms "$cp50")" "$(us_ms "$cp99")" "$cerr" "$ratio"
+done
+ACCEPTED=$(metric "$CN_PORT" 'callnotify_calls_received_total{result="accepted"}')
+DUPS=$(metric "$CN_PORT" 'callnotify_calls_received_total{result="duplicate"}')
+echo "calls accepted $ACCEPTED (duplicates $DUPS) of $TOTAL requests"
+
+# Drain: wait (bounded, 120 s) until the sink has every notification.
+DRAINED=""
+for _ in $(seq 1 1200); do
+    got=$(curl -s "http://127.0.0.1:$SINK_PORT/count")
+    if [ "${got:-0}" -ge "$ACCEPTED" ]; then
+        DRAINED=$(awk -v s="$LOAD_END" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
+        break
+    fi
+    sleep 0.1
+done
+echo "backlog: sink received $(curl -s "http://127.0.0.1:$SINK_PORT/count") of $ACCEPTED;" \
+    "drained ${DRAINED:-NOT within 120}s after the last wrk run ended"
+echo "end-to-end delivery latency: $(latency_quantiles "$CN_PORT")"
+echo "RSS idle:  baseline $(mb "$BASE_IDLE"), callnotify $(mb "$CN_IDLE")"
+echo "RSS peak:  baseline $(mb "$(kb "$BASE_PID" VmHWM)"), callnotify $(mb "$(kb "$CN_PID" VmHWM)") (VmHWM)"
+echo "RSS after: callnotify $(mb "$(kb "$CN_PID" VmRSS)")"
+echo "store: $(du -h "$TMP/callnotify.db"* | awk '{print $1}' | paste -sd+ -) ($(ls "$TMP" | grep -c db) files)"
+stop "$CN_PID"
+stop "$SINK_PID"
+
+if [ "$HANG" = 1 ]; then
+    HANG_PORT=$(free_port)
+    "$BIN/examples/bench_sink" "127.0.0.1:$HANG_PORT" hang 30 2>/dev/null &
+    HANG_PID=$!
+    PIDS+=("$HANG_PID")
+    CN2_PORT=$(free_port)
+    write_config "$TMP/hang.yaml" "$CN2_PORT" "$HANG_PORT" "$TMP/hang.db"
+    start_daemon "$TMP/hang.yaml" "$TMP/hang.log"
+    CN2_PID=$DAEMON_PID
+    wait_port "$HANG_PORT"
+    wait_port "$CN2_PORT"
+    sleep 1
+    echo "== Slack hangs 30 s on every request (16 connections)"
+    read -r _ brps bp50 bp99 berr < <(drive "$BASE_PORT" 16 "hbase" /webhooks/air)
+    read -r creq crps cp50 cp99 cerr < <(drive "$CN2_PORT" 16 "hang" /webhooks/air)
+    ratio=$(awk -v a="$crps" -v b="$brps" 'BEGIN { printf "%.2f", a / b }')
+    printf "%-6s | %8s (%s/%s) err %-5s | %8s (%s/%s) err %-5s | %s\n" 16 \
+        "$brps" "$(us_ms "$bp50")" "$(us_ms "$bp99")" "$berr" \
+        "$crps" "$(us_ms "$cp50")" "$(us_ms "$cp99")" "$cerr" "$ratio"
+    echo "hanging sink got $(curl -s --max-time 2 "http://127.0.0.1:$HANG_PORT/count") requests;" \
+        "callnotify RSS peak $(mb "$(kb "$CN2_PID" VmHWM)"), now $(mb "$(kb "$CN2_PID" VmRSS)")"
+    stop "$CN2_PID"
+    stop "$HANG_PID"
+fi
+stop "$BASE_PID"
