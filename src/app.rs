@@ -150,7 +150,7 @@ impl App {
         for w in &config.warnings {
             tracing::warn!("{w}");
         }
-        let store = Store::open(&config.store.path)?;
+        let store = Store::open_with(&config.store.path, config.store.synchronous)?;
         let requeued = store.reset_inflight(clock.now_ms()).await?;
         if requeued > 0 {
             tracing::info!(

@@ -400,7 +400,10 @@ pub fn format_deliveries(rows: &[DeliveryRow]) -> String {
 
 /// Opens the store a config names, for the CLI (works while the daemon runs).
 pub fn open_store(config: &Config) -> anyhow::Result<Store> {
-    Ok(Store::open(&config.store.path)?)
+    Ok(Store::open_with(
+        &config.store.path,
+        config.store.synchronous,
+    )?)
 }
 
 /// `callnotify send-test`: renders a sample (or the given payload) for a channel with the first

@@ -21,6 +21,7 @@ use serde_json::Value;
 
 use crate::render::Renderer;
 use crate::rules::{self, Action, Rule};
+pub use crate::store::Durability;
 
 /// Environment variables that configure the binary itself and are not config overrides.
 const NOT_OVERRIDES: &[&str] = &[
@@ -117,6 +118,7 @@ pub struct AdminConfig {
 #[derive(Debug)]
 pub struct StoreConfig {
     pub path: PathBuf,
+    pub synchronous: Durability,
 }
 
 #[derive(Debug, Clone)]
@@ -231,6 +233,8 @@ struct RawAdmin {
 struct RawStore {
     #[serde(default = "default_store_path")]
     path: PathBuf,
+    #[serde(default)]
+    synchronous: Durability,
 }
 
 #[derive(Debug, Deserialize)]
@@ -762,7 +766,10 @@ fn from_tree(path: &Path, tree: Value, problems: &mut Vec<Problem>) -> Option<Co
         source: path.to_path_buf(),
         server: server?,
         admin,
-        store: StoreConfig { path: store?.path },
+        store: store.map(|s| StoreConfig {
+            path: s.path,
+            synchronous: s.synchronous,
+        })?,
         delivery: delivery?,
         channels,
         rules: rules_out,

@@ -123,13 +123,20 @@ enum Deliveries {
     },
 }
 
-fn init_logging(format: LogFormat, level: &str) {
+/// Logs go to stderr through a writer thread, so a burst of calls never waits on the terminal or
+/// the journal; nothing is dropped (the writer blocks when its buffer is full). Keep the guard
+/// until exit: dropping it flushes what is buffered.
+fn init_logging(format: LogFormat, level: &str) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder
@@ -138,6 +145,7 @@ fn init_logging(format: LogFormat, level: &str) {
             .with_current_span(true)
             .init(),
     }
+    guard
 }
 
 fn load(path: &std::path::Path) -> Result<config::Config, ExitCode> {
@@ -149,7 +157,7 @@ fn load(path: &std::path::Path) -> Result<config::Config, ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format, &cli.log_level);
+    let _flush_logs_at_exit = init_logging(cli.log_format, &cli.log_level);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

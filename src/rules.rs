@@ -290,9 +290,10 @@ fn short(v: &Value) -> String {
 
 impl Op {
     /// Ok when the operator holds for `found`; Err says why not.
-    fn check(&self, path: &str, found: Option<&Value>) -> Result<(), String> {
+    /// Whether the operator holds for `found`; no allocation.
+    fn holds(&self, found: Option<&Value>) -> bool {
         let present = found.filter(|v| !v.is_null());
-        let holds = match self {
+        match self {
             Op::Exists(want) => present.is_some() == *want,
             Op::Eq(x) => found.is_some_and(|v| loosely_equal(v, x)),
             Op::Ne(x) => !found.is_some_and(|v| loosely_equal(v, x)),
@@ -308,8 +309,12 @@ impl Op {
                 Value::Number(_) | Value::Bool(_) => re.is_match(&v.to_string()),
                 _ => false,
             }),
-        };
-        if holds {
+        }
+    }
+
+    /// Ok when the operator holds for `found`; Err says why not.
+    fn check(&self, path: &str, found: Option<&Value>) -> Result<(), String> {
+        if self.holds(found) {
             return Ok(());
         }
         let got = match found {
@@ -348,6 +353,19 @@ fn search(v: &Value, re: &Regex) -> bool {
 }
 
 impl Condition {
+    /// Whether the condition holds: the matching path, with no explanation and no allocation.
+    pub fn holds(&self, call: &Map<String, Value>) -> bool {
+        match self {
+            Condition::All(parts) => parts.iter().all(|p| p.holds(call)),
+            Condition::Any(parts) => parts.is_empty() || parts.iter().any(|p| p.holds(call)),
+            Condition::Not(inner) => !inner.holds(call),
+            Condition::Field { path, ops } => {
+                let found = lookup(call, path);
+                ops.iter().all(|op| op.holds(found))
+            }
+        }
+    }
+
     /// Ok when the condition holds for the call object; Err names the first part that failed.
     pub fn check(&self, call: &Map<String, Value>) -> Result<(), String> {
         match self {
@@ -378,6 +396,11 @@ impl Condition {
 }
 
 impl Rule {
+    /// Whether this rule applies to the call (what ingest uses; [`Rule::check`] explains).
+    pub fn matches(&self, call: &Call) -> bool {
+        self.events.as_ref().is_none_or(|e| e.contains(&call.event)) && self.when.holds(&call.raw)
+    }
+
     /// Ok when this rule applies to the call; Err says which condition failed.
     pub fn check(&self, call: &Call) -> Result<(), String> {
         if let Some(events) = &self.events {
@@ -397,7 +420,7 @@ impl Rule {
 pub fn matching<'a>(rules: &'a [Rule], call: &Call) -> Vec<&'a Rule> {
     let mut out = Vec::new();
     for rule in rules {
-        if rule.check(call).is_ok() {
+        if rule.matches(call) {
             out.push(rule);
             if rule.stop {
                 break;
@@ -532,7 +555,9 @@ mod tests {
             json!({}),
         ];
         for c in yes {
-            assert_eq!(compile(c.clone()).check(&obj), Ok(()), "{c}");
+            let cond = compile(c.clone());
+            assert_eq!(cond.check(&obj), Ok(()), "{c}");
+            assert!(cond.holds(&obj), "{c}");
         }
         let no = [
             json!({"s": {"eq": "hello world"}}),
@@ -546,7 +571,9 @@ mod tests {
             json!({"nested.deep.x.y": "y"}),
         ];
         for c in no {
-            assert!(compile(c.clone()).check(&obj).is_err(), "{c}");
+            let cond = compile(c.clone());
+            assert!(cond.check(&obj).is_err(), "{c}");
+            assert!(!cond.holds(&obj), "{c}");
         }
     }
 

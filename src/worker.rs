@@ -127,6 +127,8 @@ pub struct Worker {
     /// sent to them before this instant, not only the rate-limited message.
     paused: Mutex<Pauses>,
     wake: watch::Sender<u64>,
+    /// Attempts being recorded; waited for at shutdown.
+    records: tokio_util::task::TaskTracker,
 }
 
 impl Worker {
@@ -142,6 +144,7 @@ impl Worker {
             pacers: Mutex::new(HashMap::new()),
             paused: Mutex::new(Pauses::default()),
             wake: watch::channel(0).0,
+            records: tokio_util::task::TaskTracker::new(),
         })
     }
 
@@ -173,6 +176,8 @@ impl Worker {
         for (_, lane) in lanes {
             let _ = lane.await;
         }
+        self.records.close();
+        self.records.wait().await;
     }
 
     async fn lane(self: Arc<Self>, name: String, shutdown: CancellationToken) {
@@ -220,7 +225,7 @@ impl Worker {
                     let this = self.clone();
                     let shutdown = shutdown.clone();
                     async move {
-                        this.deliver(d, &shutdown).await;
+                        this.deliver(d, &shutdown, false).await;
                     }
                 })
                 .await;
@@ -229,14 +234,14 @@ impl Worker {
 
     /// Claims one due delivery of any channel and delivers it. For tests and tools that want to
     /// drain the queue step by step.
-    pub async fn deliver_next(&self) -> Option<(i64, Recorded)> {
+    pub async fn deliver_next(self: &Arc<Self>) -> Option<(i64, Recorded)> {
         let live = self.live.load_full();
         let now = self.clock.now_ms();
         for name in live.config.channels.keys() {
             if let Ok(mut batch) = self.store.claim(name.clone(), now, 1).await {
                 if let Some(d) = batch.pop() {
                     let id = d.id;
-                    let recorded = self.deliver(d, &CancellationToken::new()).await;
+                    let recorded = self.deliver(d, &CancellationToken::new(), true).await;
                     return Some((id, recorded?));
                 }
             }
@@ -246,7 +251,12 @@ impl Worker {
 
     /// One attempt at one delivery, recorded. None when shutdown interrupted it before sending
     /// (the delivery is back in the queue).
-    async fn deliver(&self, d: Claimed, shutdown: &CancellationToken) -> Option<Recorded> {
+    async fn deliver(
+        self: &Arc<Self>,
+        d: Claimed,
+        shutdown: &CancellationToken,
+        wait_for_record: bool,
+    ) -> Option<Recorded> {
         let attempt = d.attempts + 1;
         let span = tracing::info_span!("delivery", id = d.id, sid = %d.sid, rule = %d.rule, channel = %d.channel, attempt);
         async move {
@@ -295,31 +305,64 @@ impl Worker {
                     tracing::error!(outcome = label, latency_ms, error = detail.as_deref().unwrap_or(""), "delivery is dead; replay with `callnotify deliveries retry {}`", d.id);
                 }
             }
-            // The destination has answered; until that is recorded the row stays `sending`, so
-            // keep trying while the store is unavailable (a locked or full disk clears up). Only
-            // a shutdown ends the wait: then the row is requeued at the next start and sent again.
-            let mut failures = 0u32;
-            while let Err(e) = self.store.record(d.id, attempt, now, recorded.clone(), latency_ms, detail.clone()).await {
-                failures += 1;
-                if shutdown.is_cancelled() {
-                    tracing::error!(error = %e, "cannot record the attempt; the delivery is repeated after the next start");
-                    break;
-                }
-                if failures == 1 {
-                    tracing::error!(error = %e, "cannot record the attempt; trying again every second");
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(POLL) => {}
-                    _ = shutdown.cancelled() => {}
-                }
-            }
-            if failures > 0 && !shutdown.is_cancelled() {
-                tracing::info!(failures, "attempt recorded after the store came back");
+            let record = self.clone().record(d.id, attempt, now, recorded.clone(), latency_ms, detail, shutdown.clone());
+            if wait_for_record {
+                record.await;
+            } else {
+                // Recording is one more commit; the lane moves on meanwhile (the row stays
+                // `sending` until it is recorded, so nobody claims it twice).
+                self.records.spawn(record.in_current_span());
             }
             Some(recorded)
         }
         .instrument(span)
         .await
+    }
+
+    /// Records an attempt. The destination has answered; until that is recorded the row stays
+    /// `sending`, so keep trying while the store is unavailable (a locked or full disk clears
+    /// up). Only a shutdown ends the wait: then the row is requeued at the next start and sent
+    /// again.
+    #[allow(clippy::too_many_arguments)]
+    async fn record(
+        self: Arc<Self>,
+        id: i64,
+        attempt: u32,
+        now: i64,
+        recorded: Recorded,
+        latency_ms: i64,
+        detail: Option<String>,
+        shutdown: CancellationToken,
+    ) {
+        let mut failures = 0u32;
+        while let Err(e) = self
+            .store
+            .record(
+                id,
+                attempt,
+                now,
+                recorded.clone(),
+                latency_ms,
+                detail.clone(),
+            )
+            .await
+        {
+            failures += 1;
+            if shutdown.is_cancelled() {
+                tracing::error!(error = %e, "cannot record the attempt; the delivery is repeated after the next start");
+                break;
+            }
+            if failures == 1 {
+                tracing::error!(error = %e, "cannot record the attempt; trying again every second");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(POLL) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        }
+        if failures > 0 && !shutdown.is_cancelled() {
+            tracing::info!(failures, "attempt recorded after the store came back");
+        }
     }
 
     /// Render, pace and send. None when shutdown came first.

@@ -217,12 +217,8 @@ async fn bad_requests_get_a_precise_error_and_store_nothing() {
             415,
             "application/json",
         ),
-        (
-            "application/json",
-            vec![b' '; 2 * 1024 * 1024],
-            413,
-            "larger than 1048576",
-        ),
+        // 413 is covered in tests/hostile.rs with raw sockets: a client still writing a body
+        // the daemon refused may see its connection reset before it reads the answer.
     ];
     for (ct, body, want, reason) in cases {
         let r = client
