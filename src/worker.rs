@@ -182,6 +182,12 @@ impl Worker {
 
     async fn lane(self: Arc<Self>, name: String, shutdown: CancellationToken) {
         let mut wake = self.wake.subscribe();
+        // Records outstanding at once: the channel's concurrency when the lane started.
+        let slots = {
+            let live = self.live.load();
+            let n = live.config.channels.get(&name).map_or(1, |c| c.concurrency);
+            Arc::new(tokio::sync::Semaphore::new(n))
+        };
         loop {
             if shutdown.is_cancelled() {
                 return;
@@ -224,8 +230,9 @@ impl Worker {
                 .for_each_concurrent(concurrency, |d| {
                     let this = self.clone();
                     let shutdown = shutdown.clone();
+                    let slots = slots.clone();
                     async move {
-                        this.deliver(d, &shutdown, false).await;
+                        this.deliver(d, &shutdown, Some(&slots)).await;
                     }
                 })
                 .await;
@@ -241,7 +248,7 @@ impl Worker {
             if let Ok(mut batch) = self.store.claim(name.clone(), now, 1).await {
                 if let Some(d) = batch.pop() {
                     let id = d.id;
-                    let recorded = self.deliver(d, &CancellationToken::new(), true).await;
+                    let recorded = self.deliver(d, &CancellationToken::new(), None).await;
                     return Some((id, recorded?));
                 }
             }
@@ -255,7 +262,7 @@ impl Worker {
         self: &Arc<Self>,
         d: Claimed,
         shutdown: &CancellationToken,
-        wait_for_record: bool,
+        record_slots: Option<&Arc<tokio::sync::Semaphore>>,
     ) -> Option<Recorded> {
         let attempt = d.attempts + 1;
         let span = tracing::info_span!("delivery", id = d.id, sid = %d.sid, rule = %d.rule, channel = %d.channel, attempt);
@@ -306,12 +313,22 @@ impl Worker {
                 }
             }
             let record = self.clone().record(d.id, attempt, now, recorded.clone(), latency_ms, detail, shutdown.clone());
-            if wait_for_record {
-                record.await;
-            } else {
-                // Recording is one more commit; the lane moves on meanwhile (the row stays
-                // `sending` until it is recorded, so nobody claims it twice).
-                self.records.spawn(record.in_current_span());
+            match record_slots {
+                None => record.await,
+                Some(slots) => {
+                    // Recording is one more commit; the lane sends the next message meanwhile
+                    // (the row stays `sending` until recorded, so nobody claims it twice). At most
+                    // `concurrency` records are outstanding, which bounds what a crash can make
+                    // us send twice to 2 x concurrency messages per channel.
+                    let slot = slots.clone().acquire_owned().await;
+                    self.records.spawn(
+                        async move {
+                            record.await;
+                            drop(slot);
+                        }
+                        .in_current_span(),
+                    );
+                }
             }
             Some(recorded)
         }

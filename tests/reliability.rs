@@ -559,11 +559,13 @@ async fn kill_9_during_a_stream_of_calls_loses_nothing() {
             "{sid} was sent twice by one process: {from:?}"
         );
     }
+    // A kill can catch, per channel, one message whose send is confirmed and one whose record
+    // is still committing (concurrency 1): those, and only those, are sent again.
     assert!(
-        slack_dups <= KILLS,
+        slack_dups <= 2 * KILLS,
         "{slack_dups} duplicates after {KILLS} kills"
     );
-    assert!(log_dups <= KILLS, "{log_dups}");
+    assert!(log_dups <= 2 * KILLS, "{log_dups}");
 }
 
 #[tokio::test]
