@@ -86,6 +86,13 @@ impl Call {
 }
 
 /// Parses a webhook body.
+///
+/// ```
+/// let body = br#"{"call": {"sid": "CA1", "duration": "187", "cachedLeadName": " Maria "}, "headers": {}}"#;
+/// let call = callnotify::payload::parse(body).unwrap();
+/// assert_eq!((call.sid.as_str(), call.duration, call.lead_name.as_str()), ("CA1", Some(187.0), "Maria"));
+/// assert!(callnotify::payload::parse(br#"{"call": {"sid": ""}}"#).is_err());
+/// ```
 pub fn parse(body: &[u8]) -> Result<Call, PayloadError> {
     let v: Value =
         serde_json::from_slice(body).map_err(|e| PayloadError::NotJson(e.to_string()))?;

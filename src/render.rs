@@ -144,6 +144,10 @@ pub fn escape_slack_json(s: &str) -> String {
 }
 
 /// Formats seconds as `44s`, `3m 07s`, `1h 02m`.
+///
+/// ```
+/// assert_eq!(callnotify::render::duration_human(187.0), "3m 07s");
+/// ```
 pub fn duration_human(secs: f64) -> String {
     let s = secs.max(0.0).round() as u64;
     match s {
