@@ -6,9 +6,10 @@
 //! is a small JSON object `{"error": kind, "message": reason}`. The accept loop is ours rather
 //! than `warp::serve` so connections can be limited and slow clients cut off.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use futures_util::{Stream, StreamExt};
@@ -17,7 +18,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use warp::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use warp::reply::Response;
@@ -348,12 +349,81 @@ pub struct Limits {
     pub header_read_timeout: Duration,
 }
 
+/// The open connections and whether each is between requests, so that at the connection limit
+/// the one idle the longest can make room for a new one: idle connections cannot starve real
+/// requests.
+#[derive(Default)]
+struct Conns(Mutex<ConnsInner>);
+
+#[derive(Default)]
+struct ConnsInner {
+    next: u64,
+    open: HashMap<u64, Conn>,
+}
+
+struct Conn {
+    /// Since when it has had no request in progress (a new connection is idle until it speaks);
+    /// None while a request is being served or once it was asked to close.
+    idle_since: Option<Instant>,
+    evict: Arc<Notify>,
+}
+
+impl Conns {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConnsInner> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn open(&self) -> (u64, Arc<Notify>) {
+        let mut c = self.lock();
+        c.next += 1;
+        let id = c.next;
+        let evict = Arc::new(Notify::new());
+        c.open.insert(
+            id,
+            Conn {
+                idle_since: Some(Instant::now()),
+                evict: evict.clone(),
+            },
+        );
+        (id, evict)
+    }
+
+    fn set_idle(&self, id: u64, idle: bool) {
+        if let Some(conn) = self.lock().open.get_mut(&id) {
+            conn.idle_since = idle.then(Instant::now);
+        }
+    }
+
+    fn close(&self, id: u64) {
+        self.lock().open.remove(&id);
+    }
+
+    /// Asks the connection idle the longest to close; false when none is idle.
+    fn evict_longest_idle(&self) -> bool {
+        let mut c = self.lock();
+        let oldest = c
+            .open
+            .iter_mut()
+            .filter(|(_, conn)| conn.idle_since.is_some())
+            .min_by_key(|(_, conn)| conn.idle_since);
+        match oldest {
+            Some((_, conn)) => {
+                conn.idle_since = None;
+                conn.evict.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// Serves `filter` on `listener` until `shutdown`, then lets open requests finish.
 pub async fn serve<F>(listener: TcpListener, filter: F, limits: Limits, shutdown: CancellationToken)
 where
     F: Filter<Extract = (Response,), Error = warp::Rejection> + Clone + Send + Sync + 'static,
 {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let conns = Arc::new(Conns::default());
     let local: Option<SocketAddr> = listener.local_addr().ok();
     loop {
         let accepted = tokio::select! {
@@ -369,17 +439,58 @@ where
                 continue;
             }
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(
-                max = limits.max_connections,
-                "connection limit reached; closing a new connection"
-            );
-            drop(stream);
-            continue;
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                // Full: close the connection idle the longest and take its place; only when
+                // every connection is busy is the new one turned away.
+                let evicted = conns.evict_longest_idle();
+                let freed = if evicted {
+                    tokio::time::timeout(
+                        Duration::from_millis(200),
+                        permits.clone().acquire_owned(),
+                    )
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                } else {
+                    None
+                };
+                match freed {
+                    Some(p) => {
+                        tracing::debug!(
+                            max = limits.max_connections,
+                            "connection limit reached; closed the longest-idle connection"
+                        );
+                        p
+                    }
+                    None => {
+                        tracing::warn!(
+                            max = limits.max_connections,
+                            "connection limit reached and every connection busy; closing a new connection"
+                        );
+                        drop(stream);
+                        continue;
+                    }
+                }
+            }
         };
         let _ = stream.set_nodelay(true);
-        let svc = hyper_util::service::TowerToHyperService::new(warp::service(filter.clone()));
+        let (id, evict) = conns.open();
+        let inner = warp::service(filter.clone());
+        let track = conns.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            track.set_idle(id, false);
+            let mut inner = inner.clone();
+            let track = track.clone();
+            async move {
+                let response = tower_service::Service::call(&mut inner, req).await;
+                track.set_idle(id, true);
+                response
+            }
+        });
         let shutdown = shutdown.clone();
+        let conns = conns.clone();
         tokio::spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -392,7 +503,12 @@ where
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }
+                _ = evict.notified() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
             }
+            conns.close(id);
             drop(permit);
         });
     }

@@ -138,11 +138,6 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The current process's log file.
-    pub fn log_path(&self) -> PathBuf {
-        self.log.clone()
-    }
-
     /// Every log file of every process started on this dir.
     pub fn all_logs(&self) -> String {
         let mut out = String::new();
