@@ -14,6 +14,9 @@
 # Knobs (environment): DURATION (seconds per wrk run, default 5), CONNS ("1 16 64"),
 # THREADS (wrk threads, default 2), HANG (1 = run the hanging-Slack case, default 1),
 # CONCURRENCY (deliveries in flight for the Slack channel, default 1), LOG_LEVEL (default info).
+# SOAK=SECONDS instead runs one long wrk run against callnotify alone (SOAK_CONNS connections,
+# default 4) and prints its RSS and the delivery backlog every 30 s, to show memory stays flat:
+#   SOAK=600 CONCURRENCY=16 bash bench/load.sh
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -171,6 +174,24 @@ wait_port "$CN_PORT"
 sleep 1
 BASE_IDLE=$(kb "$BASE_PID" VmRSS)
 CN_IDLE=$(kb "$CN_PID" VmRSS)
+
+if [ -n "${SOAK:-}" ]; then
+    SOAK_CONNS=${SOAK_CONNS:-4}
+    echo "== soak: ${SOAK}s at $SOAK_CONNS connections, Slack stand-in concurrency $CONCURRENCY; idle RSS $(mb "$CN_IDLE")"
+    DURATION=$SOAK drive "$CN_PORT" "$SOAK_CONNS" soak /webhooks/air >"$TMP/soak.result" &
+    WRK_PID=$!
+    START=$(date +%s)
+    while kill -0 "$WRK_PID" 2>/dev/null; do
+        sleep 30
+        kill -0 "$WRK_PID" 2>/dev/null || break
+        echo "t=$(( $(date +%s) - START ))s RSS $(mb "$(kb "$CN_PID" VmRSS)") (peak $(mb "$(kb "$CN_PID" VmHWM)")), sink received $(curl -s "http://127.0.0.1:$SINK_PORT/count"), accepted $(metric "$CN_PORT" 'callnotify_calls_received_total{result="accepted"}')"
+    done
+    wait "$WRK_PID" || true
+    read -r creq crps cp50 cp99 cerr <"$TMP/soak.result"
+    echo "soak: $creq requests, $crps req/s, p50 $((cp50 / 1000)) ms, p99 $((cp99 / 1000)) ms, errors $cerr"
+    echo "RSS at the end $(mb "$(kb "$CN_PID" VmRSS)"), peak $(mb "$(kb "$CN_PID" VmHWM)"); store $(du -sh "$TMP" | cut -f1)"
+    exit 0
+fi
 
 echo "== $(nproc) cores, $(uname -r), wrk $THREADS threads, ${DURATION}s per run, fixture $(wc -c <"$FIXTURE") bytes"
 echo "== Slack stand-in: concurrency $CONCURRENCY, max_per_second 0; daemon log level $LOG_LEVEL"
