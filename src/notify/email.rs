@@ -20,7 +20,7 @@ use lettre::transport::smtp::extension::ClientId;
 use lettre::transport::smtp::response::Response;
 use secrecy::ExposeSecret;
 
-use super::{excerpt, Meta, Outcome};
+use super::{error_chain, excerpt, Meta, Outcome};
 use crate::config::{SmtpConfig, SmtpTls};
 use crate::render::EmailParts;
 
@@ -339,14 +339,7 @@ pub async fn send(
 /// SMTP's answer -> what to do: 5xx permanent, everything else (4xx, timeouts, connection and
 /// TLS failures) transient.
 pub fn classify(e: &lettre::transport::smtp::Error) -> Outcome {
-    let mut error = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        error.push_str(": ");
-        error.push_str(&s.to_string());
-        source = s.source();
-    }
-    let error = excerpt(&format!("SMTP: {error}"), 400);
+    let error = excerpt(&format!("SMTP: {}", error_chain(e)), 400);
     if e.is_permanent() {
         Outcome::Permanent { error }
     } else {

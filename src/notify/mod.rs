@@ -94,6 +94,18 @@ impl Senders {
     }
 }
 
+/// An error and its causes, `outer: inner: innermost`, as the last error of a delivery.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 /// Shortens a destination's answer for storage and logs.
 pub fn excerpt(s: &str, max: usize) -> String {
     let s = s.trim();

@@ -6,7 +6,7 @@ use reqwest::header::RETRY_AFTER;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
-use super::{excerpt, Outcome};
+use super::{error_chain, excerpt, Outcome};
 
 /// Wait used for a 429 that names no `Retry-After`.
 pub const DEFAULT_RATE_LIMIT_WAIT: Duration = Duration::from_secs(30);
@@ -68,16 +68,9 @@ fn classify_error(e: &reqwest::Error) -> Outcome {
     } else {
         "request failed"
     };
-    let mut chain = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        chain.push_str(": ");
-        chain.push_str(&s.to_string());
-        source = s.source();
-    }
     Outcome::Retry {
         after: None,
-        error: format!("{kind}: {}", excerpt(&chain, 300)),
+        error: format!("{kind}: {}", excerpt(&error_chain(e), 300)),
     }
 }
 
