@@ -887,6 +887,8 @@ fn build_channel(
             concurrency,
         } => {
             match reqwest::Url::parse(&webhook_url) {
+                // An unset variable was reported already; don't report its placeholder too.
+                _ if webhook_url.contains("${") => {}
                 Ok(u) if u.scheme() == "https" || u.scheme() == "http" => {}
                 // The URL is a secret: say what is wrong without echoing it.
                 Ok(_) => problems.push(Problem::new(
@@ -1250,6 +1252,16 @@ rules:
             "{places:?}"
         );
         assert!(err.to_string().contains("unknown field `colour`"), "{err}");
+    }
+
+    #[test]
+    fn an_unset_secret_is_reported_once_not_again_as_a_bad_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), GOOD);
+        let err = load_with_env(&p, &env(&[("TOKEN", "0123456789abcdef")])).unwrap_err();
+        let places: Vec<&str> = err.problems.iter().map(|p| p.at.as_str()).collect();
+        assert_eq!(places, ["channels.s.webhook_url"], "{err}");
+        assert!(err.problems[0].message.contains("URL is not set"), "{err}");
     }
 
     #[test]
