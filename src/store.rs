@@ -189,7 +189,8 @@ impl Store {
             Durability::Normal => "NORMAL",
         };
         conn.execute_batch(&format!(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;"
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;
+             PRAGMA temp_store = MEMORY;"
         ))
         .map_err(|e| open_err(e.to_string()))?;
         conn.execute_batch(SCHEMA)
@@ -453,6 +454,11 @@ impl Store {
     }
 }
 
+/// Runs a transaction-control statement from the statement cache (parsed once, not per call).
+fn control(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
 fn writer(conn: Connection, rx: mpsc::Receiver<Job>) {
     while let Ok(first) = rx.recv() {
         let mut batch = Vec::with_capacity(16);
@@ -463,7 +469,7 @@ fn writer(conn: Connection, rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        if let Err(e) = control(&conn, "BEGIN IMMEDIATE") {
             let msg = e.to_string();
             for job in batch {
                 let (_, done) = job(Err(&msg));
@@ -473,25 +479,23 @@ fn writer(conn: Connection, rx: mpsc::Receiver<Job>) {
         }
         let mut finishers = Vec::with_capacity(batch.len());
         for job in batch {
-            if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+            if let Err(e) = control(&conn, "SAVEPOINT job") {
                 let msg = e.to_string();
                 let (_, done) = job(Err(&msg));
                 finishers.push((false, done));
                 continue;
             }
             let (ok, done) = job(Ok(&conn));
-            let end = if ok {
-                "RELEASE job"
-            } else {
-                "ROLLBACK TO job; RELEASE job"
-            };
-            let _ = conn.execute_batch(end);
+            if !ok {
+                let _ = control(&conn, "ROLLBACK TO job");
+            }
+            let _ = control(&conn, "RELEASE job");
             finishers.push((ok, done));
         }
-        match conn.execute_batch("COMMIT") {
+        match control(&conn, "COMMIT") {
             Ok(()) => finishers.into_iter().for_each(|(_, done)| done(None)),
             Err(e) => {
-                let _ = conn.execute_batch("ROLLBACK");
+                let _ = control(&conn, "ROLLBACK");
                 let msg = e.to_string();
                 finishers.into_iter().for_each(|(_, done)| done(Some(&msg)));
             }
