@@ -223,6 +223,10 @@ impl App {
             max_connections: cfg.server.max_connections,
             header_read_timeout: cfg.server.header_read_timeout,
         };
+        // Both before "listening" is logged: an edit or a SIGHUP that comes as soon as the daemon
+        // is up counts (an unhandled SIGHUP would end the process).
+        let watched = mtimes(&shared);
+        let hup = hangup();
         tracing::info!(
             listen = %listener.local_addr()?,
             webhook = %cfg.server.webhook_path,
@@ -251,7 +255,7 @@ impl App {
             )));
         }
         let worker = tokio::spawn(shared.worker.clone().run(stop.clone()));
-        let background = tokio::spawn(background(shared.clone(), stop.clone()));
+        let background = tokio::spawn(background(shared.clone(), stop.clone(), watched, hup));
 
         shutdown.await;
         tracing::info!("shutting down: no new calls; finishing in-flight deliveries");
@@ -279,12 +283,15 @@ impl App {
 }
 
 /// Housekeeping: metrics gauges, pruning, SIGHUP, config file watching, the quiet-period alert.
-async fn background(shared: Arc<Shared>, stop: CancellationToken) {
+async fn background(
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    mut watched: Vec<(PathBuf, Option<SystemTime>)>,
+    mut hup: Hangup,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut hup = hangup();
     let mut last_prune = 0i64;
-    let mut watched = mtimes(&shared);
     let mut quiet = crate::quiet::QuietAlert::default();
     loop {
         tokio::select! {
@@ -367,32 +374,43 @@ fn hangup() -> Hangup {
 
 async fn recv_hangup(h: &mut Hangup) {
     #[cfg(unix)]
-    if let Some(s) = h {
-        s.recv().await;
-        return;
+    recv_signal(h.as_mut()).await;
+    #[cfg(not(unix))]
+    {
+        let _ = h;
+        std::future::pending::<()>().await
     }
-    let _ = h;
-    std::future::pending::<()>().await
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// Resolves on SIGTERM or Ctrl-C. The handlers are installed when this is called, not when it is
+/// first awaited, so a signal that arrives while the daemon starts up is not lost (nor fatal).
+#[cfg(unix)]
+pub fn shutdown_signal() -> impl Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut int = signal(SignalKind::interrupt()).ok();
+    async move {
+        tokio::select! {
+            _ = recv_signal(term.as_mut()) => {}
+            _ = recv_signal(int.as_mut()) => {}
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+    }
+}
+
+#[cfg(unix)]
+async fn recv_signal(s: Option<&mut tokio::signal::unix::Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
+/// Resolves on Ctrl-C.
+#[cfg(not(unix))]
+pub fn shutdown_signal() -> impl Future<Output = ()> {
+    async {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
