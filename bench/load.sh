@@ -197,6 +197,14 @@ echo "== $(nproc) cores, $(uname -r), wrk $THREADS threads, ${DURATION}s per run
 echo "== Slack stand-in: concurrency $CONCURRENCY, max_per_second 0; daemon log level $LOG_LEVEL"
 printf "%-6s | %-30s | %-30s | %s\n" conns "baseline req/s (p50/p99 ms)" "callnotify req/s (p50/p99 ms)" "ratio"
 us_ms() { awk -v u="$1" 'BEGIN { printf "%.2f", u / 1000 }'; }
+# One table row from the last baseline (b*) and callnotify (c*) runs, with their ratio.
+row() { # $1 = connections
+    local ratio
+    ratio=$(awk -v a="$crps" -v b="$brps" 'BEGIN { printf "%.2f", a / b }')
+    printf "%-6s | %8s (%s/%s) err %-5s | %8s (%s/%s) err %-5s | %s\n" "$1" \
+        "$brps" "$(us_ms "$bp50")" "$(us_ms "$bp99")" "$berr" \
+        "$crps" "$(us_ms "$cp50")" "$(us_ms "$cp99")" "$cerr" "$ratio"
+}
 TOTAL=0
 LOAD_END=0
 for c in $CONNS; do
@@ -204,10 +212,7 @@ for c in $CONNS; do
     read -r creq crps cp50 cp99 cerr < <(drive "$CN_PORT" "$c" "cn$c" /webhooks/air)
     TOTAL=$((TOTAL + creq))
     LOAD_END=$(date +%s.%N)
-    ratio=$(awk -v a="$crps" -v b="$brps" 'BEGIN { printf "%.2f", a / b }')
-    printf "%-6s | %8s (%s/%s) err %-5s | %8s (%s/%s) err %-5s | %s\n" "$c" \
-        "$brps" "$(us_ms "$bp50")" "$(us_ms "$bp99")" "$berr" \
-        "$crps" "$(us_ms "$cp50")" "$(us_ms "$cp99")" "$cerr" "$ratio"
+    row "$c"
 done
 ACCEPTED=$(metric "$CN_PORT" 'callnotify_calls_received_total{result="accepted"}')
 DUPS=$(metric "$CN_PORT" 'callnotify_calls_received_total{result="duplicate"}')
@@ -257,10 +262,7 @@ if [ "$HANG" = 1 ]; then
     echo "== Slack hangs 30 s on every request (16 connections)"
     read -r _ brps bp50 bp99 berr < <(drive "$BASE_PORT" 16 "hbase" /webhooks/air)
     read -r creq crps cp50 cp99 cerr < <(drive "$CN2_PORT" 16 "hang" /webhooks/air)
-    ratio=$(awk -v a="$crps" -v b="$brps" 'BEGIN { printf "%.2f", a / b }')
-    printf "%-6s | %8s (%s/%s) err %-5s | %8s (%s/%s) err %-5s | %s\n" 16 \
-        "$brps" "$(us_ms "$bp50")" "$(us_ms "$bp99")" "$berr" \
-        "$crps" "$(us_ms "$cp50")" "$(us_ms "$cp99")" "$cerr" "$ratio"
+    row 16
     echo "hanging sink got $(curl -s --max-time 2 "http://127.0.0.1:$HANG_PORT/count") requests;" \
         "callnotify RSS peak $(mb "$(kb "$CN2_PID" VmHWM)"), now $(mb "$(kb "$CN2_PID" VmRSS)")"
     stop "$CN2_PID"

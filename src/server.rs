@@ -24,7 +24,7 @@ use warp::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
-use crate::app::Shared;
+use crate::app::{Live, Shared};
 use crate::store::{Inserted, NewDelivery};
 use crate::{metrics, payload, rules};
 
@@ -76,9 +76,11 @@ where
     S: Stream<Item = Result<B, warp::Error>> + Unpin,
     B: Buf,
 {
-    let webhook_path = shared.live.load().config.server.webhook_path.clone();
+    // One snapshot of the config per request: a reload meanwhile does not mix two configs.
+    let live = shared.live.load_full();
     let admin = matches!(surface, Surface::Admin | Surface::Main { with_admin: true });
-    let is_webhook = matches!(surface, Surface::Main { .. }) && path == webhook_path;
+    let is_webhook =
+        matches!(surface, Surface::Main { .. }) && path == live.config.server.webhook_path;
     let allowed: &[Method] = match path {
         _ if is_webhook => &[Method::POST],
         "/healthz" | "/readyz" | "/metrics" => &[Method::GET, Method::HEAD],
@@ -108,7 +110,7 @@ where
         return r;
     }
     match path {
-        _ if is_webhook => ingest(&shared, &headers, body).await,
+        _ if is_webhook => ingest(&shared, &live, &headers, body).await,
         "/healthz" => ok_json(json!({"status": "ok"})),
         "/readyz" => ready(&shared).await,
         "/metrics" => {
@@ -212,12 +214,11 @@ where
         .map_err(|_| BodyError::Timeout)?
 }
 
-async fn ingest<S, B>(shared: &Shared, headers: &HeaderMap, body: S) -> Response
+async fn ingest<S, B>(shared: &Shared, live: &Live, headers: &HeaderMap, body: S) -> Response
 where
     S: Stream<Item = Result<B, warp::Error>> + Unpin,
     B: Buf,
 {
-    let live = shared.live.load_full();
     let cfg = &live.config.server;
     if !authorized(headers, &cfg.tokens) {
         metrics::call_received("unauthorized");
