@@ -96,6 +96,20 @@ pub enum Recorded {
     Dead,
 }
 
+/// One finished attempt at a delivery, to be recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attempt {
+    pub id: i64,
+    /// 1-based.
+    pub attempt: u32,
+    /// When it finished, unix ms.
+    pub at: i64,
+    pub outcome: Recorded,
+    pub latency_ms: i64,
+    /// The destination's answer or the error.
+    pub detail: Option<String>,
+}
+
 /// One delivery as `deliveries list` shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeliveryRow {
@@ -276,28 +290,11 @@ impl Store {
             .await
     }
 
-    /// Records an attempt and what became of the delivery.
-    pub async fn record(
-        &self,
-        id: i64,
-        attempt: u32,
-        now: i64,
-        outcome: Recorded,
-        latency_ms: i64,
-        detail: Option<String>,
-    ) -> Result<(), StoreError> {
-        self.run(move |conn| {
-            record(
-                conn,
-                id,
-                attempt,
-                now,
-                &outcome,
-                latency_ms,
-                detail.as_deref(),
-            )
-        })
-        .await
+    /// Records finished attempts and what became of their deliveries, all in one job (a lane
+    /// writes what finished while its previous records were committing).
+    pub async fn record(&self, attempts: Vec<Attempt>) -> Result<(), StoreError> {
+        self.run(move |conn| attempts.iter().try_for_each(|a| record(conn, a)))
+            .await
     }
 
     /// Gives a claimed delivery back to the queue without counting an attempt (shutdown came
@@ -601,30 +598,22 @@ fn claim(
     Ok(out)
 }
 
-fn record(
-    conn: &Connection,
-    id: i64,
-    attempt: u32,
-    now: i64,
-    outcome: &Recorded,
-    latency_ms: i64,
-    detail: Option<&str>,
-) -> rusqlite::Result<()> {
-    let (status, next, name) = match outcome {
-        Recorded::Done => ("done", now, "done"),
-        Recorded::Retry { next_attempt_at } => ("pending", *next_attempt_at, "retry"),
-        Recorded::Dead => ("dead", now, "dead"),
+fn record(conn: &Connection, a: &Attempt) -> rusqlite::Result<()> {
+    let (status, next, name) = match a.outcome {
+        Recorded::Done => ("done", a.at, "done"),
+        Recorded::Retry { next_attempt_at } => ("pending", next_attempt_at, "retry"),
+        Recorded::Dead => ("dead", a.at, "dead"),
     };
     conn.prepare_cached(
         "UPDATE deliveries SET status = ?2, attempts = ?3, next_attempt_at = ?4, updated_at = ?5,
              last_error = CASE WHEN ?2 = 'done' THEN last_error ELSE ?6 END
          WHERE id = ?1",
     )?
-    .execute(params![id, status, attempt, next, now, detail])?;
+    .execute(params![a.id, status, a.attempt, next, a.at, a.detail])?;
     conn.prepare_cached(
         "INSERT INTO attempts (delivery_id, attempt, at, outcome, latency_ms, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
-    .execute(params![id, attempt, now, name, latency_ms, detail])?;
+    .execute(params![a.id, a.attempt, a.at, name, a.latency_ms, a.detail])?;
     Ok(())
 }
 
@@ -664,6 +653,17 @@ mod tests {
             template: "t".into(),
             to: vec![],
             subject: None,
+        }
+    }
+
+    fn attempt(id: i64, n: u32, at: i64, outcome: Recorded, detail: Option<&str>) -> Attempt {
+        Attempt {
+            id,
+            attempt: n,
+            at,
+            outcome,
+            latency_ms: 3,
+            detail: detail.map(String::from),
         }
     }
 
@@ -758,30 +758,28 @@ mod tests {
             .unwrap();
         let c = store.claim("c".into(), 0, 1).await.unwrap().remove(0);
         store
-            .record(
+            .record(vec![attempt(
                 c.id,
                 1,
                 5,
                 Recorded::Retry {
                     next_attempt_at: 100,
                 },
-                3,
-                Some("HTTP 500".into()),
-            )
+                Some("HTTP 500"),
+            )])
             .await
             .unwrap();
         assert!(store.claim("c".into(), 99, 1).await.unwrap().is_empty());
         let c = store.claim("c".into(), 100, 1).await.unwrap().remove(0);
         assert_eq!(c.attempts, 1);
         store
-            .record(
+            .record(vec![attempt(
                 c.id,
                 2,
                 101,
                 Recorded::Dead,
-                3,
-                Some("HTTP 404 channel_not_found".into()),
-            )
+                Some("HTTP 404 channel_not_found"),
+            )])
             .await
             .unwrap();
         let dead = store.list(Some("dead".into()), None, 10).await.unwrap();
@@ -794,6 +792,44 @@ mod tests {
         assert_eq!(store.retry_dead(vec![], 200).await.unwrap(), 1);
         let c = store.claim("c".into(), 200, 1).await.unwrap().remove(0);
         assert_eq!((c.attempts, c.window_start), (0, 200));
+    }
+
+    #[tokio::test]
+    async fn outcomes_written_together_each_update_their_own_delivery() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        store
+            .insert_call("CA1".into(), "POST_CALL_DATA", "{}".into(), 0, owed(3))
+            .await
+            .unwrap();
+        let ids: Vec<i64> = store
+            .claim("c".into(), 0, 3)
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.id)
+            .collect();
+        let retry = Recorded::Retry {
+            next_attempt_at: 50,
+        };
+        store
+            .record(vec![
+                attempt(ids[0], 1, 10, Recorded::Done, None),
+                attempt(ids[1], 1, 10, retry, Some("HTTP 500")),
+                attempt(ids[2], 1, 10, Recorded::Dead, Some("HTTP 404")),
+            ])
+            .await
+            .unwrap();
+        let mut rows = store.list(None, None, 10).await.unwrap();
+        rows.sort_by_key(|r| r.id);
+        let got: Vec<(&str, u32, i64)> = rows
+            .iter()
+            .map(|r| (r.status.as_str(), r.attempts, r.next_attempt_at))
+            .collect();
+        assert_eq!(got, [("done", 1, 10), ("pending", 1, 50), ("dead", 1, 10)]);
+        for id in ids {
+            assert_eq!(store.attempts(id).await.unwrap().len(), 1);
+        }
     }
 
     #[tokio::test]
@@ -822,12 +858,11 @@ mod tests {
             .insert_call("new".into(), "POST_CALL_DATA", "{}".into(), 1000, owed(1))
             .await
             .unwrap();
-        for c in store.claim("c".into(), 1000, 10).await.unwrap() {
-            store
-                .record(c.id, 1, 1000, Recorded::Done, 1, None)
-                .await
-                .unwrap();
-        }
+        let done = store.claim("c".into(), 1000, 10).await.unwrap();
+        let done = done
+            .iter()
+            .map(|c| attempt(c.id, 1, 1000, Recorded::Done, None));
+        store.record(done.collect()).await.unwrap();
         assert_eq!(store.prune(500).await.unwrap(), 1);
         let left: Vec<String> = store
             .list(None, None, 10)

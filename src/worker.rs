@@ -21,10 +21,12 @@ use crate::app::Live;
 use crate::clock::SharedClock;
 use crate::notify::{self, Meta, Outcome};
 use crate::render::{self, Message};
-use crate::store::{Claimed, Recorded, Store};
+use crate::store::{Attempt, Claimed, Recorded, Store};
 
 /// Claimed rows per lane and unit of concurrency.
 const CLAIM_FACTOR: usize = 8;
+/// Most outcomes written in one store job.
+const RECORD_BATCH: usize = 256;
 /// Longest a lane sleeps before looking at the store again (retries fall due, replays arrive
 /// from the CLI).
 const POLL: Duration = Duration::from_millis(1000);
@@ -118,6 +120,16 @@ impl Pauses {
     }
 }
 
+/// An outcome on its way to the store, holding one of the lane's `ahead` slots until written.
+type Unrecorded = (Attempt, tokio::sync::OwnedSemaphorePermit);
+
+/// Where a lane's senders leave outcomes for its recorder.
+struct Outbox {
+    tx: tokio::sync::mpsc::UnboundedSender<Unrecorded>,
+    /// Bounds the outcomes not yet written (what a crash would repeat).
+    ahead: Arc<tokio::sync::Semaphore>,
+}
+
 pub struct Worker {
     store: Store,
     live: Arc<arc_swap::ArcSwap<Live>>,
@@ -127,8 +139,6 @@ pub struct Worker {
     /// sent to them before this instant, not only the rate-limited message.
     paused: Mutex<Pauses>,
     wake: watch::Sender<u64>,
-    /// Attempts being recorded; waited for at shutdown.
-    records: tokio_util::task::TaskTracker,
 }
 
 impl Worker {
@@ -144,7 +154,6 @@ impl Worker {
             pacers: Mutex::new(HashMap::new()),
             paused: Mutex::new(Pauses::default()),
             wake: watch::channel(0).0,
-            records: tokio_util::task::TaskTracker::new(),
         })
     }
 
@@ -176,31 +185,54 @@ impl Worker {
         for (_, lane) in lanes {
             let _ = lane.await;
         }
-        self.records.close();
-        self.records.wait().await;
     }
 
+    /// Claims, sends and records one channel's deliveries until shutdown or until a reload
+    /// removes the channel. Attempts are recorded by a companion task, so sending goes on while
+    /// the previous outcomes commit; the lane returns once every outcome is written.
     async fn lane(self: Arc<Self>, name: String, shutdown: CancellationToken) {
-        let mut wake = self.wake.subscribe();
-        // Records outstanding at once: the channel's concurrency when the lane started.
-        let slots = {
+        // Outcomes sent but not yet recorded, at most: the claim size of the channel's
+        // concurrency when the lane started. A crash repeats at most these (plus those in flight).
+        let ahead = {
             let live = self.live.load();
             let n = live.config.channels.get(&name).map_or(1, |c| c.concurrency);
-            Arc::new(tokio::sync::Semaphore::new(n))
+            n * CLAIM_FACTOR
         };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let recorder = tokio::spawn(
+            self.clone()
+                .recorder(rx, shutdown.clone())
+                .in_current_span(),
+        );
+        let outbox = Outbox {
+            tx,
+            ahead: Arc::new(tokio::sync::Semaphore::new(ahead)),
+        };
+        self.send_loop(&name, &outbox, &shutdown).await;
+        drop(outbox);
+        let _ = recorder.await;
+    }
+
+    async fn send_loop(
+        self: &Arc<Self>,
+        name: &str,
+        outbox: &Outbox,
+        shutdown: &CancellationToken,
+    ) {
+        let mut wake = self.wake.subscribe();
         loop {
             if shutdown.is_cancelled() {
                 return;
             }
             let live = self.live.load_full();
-            let Some(channel) = live.config.channels.get(&name) else {
+            let Some(channel) = live.config.channels.get(name) else {
                 return; // the channel was removed by a reload
             };
             let concurrency = channel.concurrency;
             let now = self.clock.now_ms();
             let batch = match self
                 .store
-                .claim(name.clone(), now, concurrency * CLAIM_FACTOR)
+                .claim(name.to_string(), now, concurrency * CLAIM_FACTOR)
                 .await
             {
                 Ok(b) => b,
@@ -214,7 +246,7 @@ impl Worker {
                 }
             };
             if batch.is_empty() {
-                let next = self.store.next_due(name.clone()).await.ok().flatten();
+                let next = self.store.next_due(name.to_string()).await.ok().flatten();
                 let wait = next.map_or(POLL, |t| {
                     Duration::from_millis((t - now).clamp(1, POLL.as_millis() as i64) as u64)
                 });
@@ -227,15 +259,25 @@ impl Worker {
                 continue;
             }
             futures_util::stream::iter(batch)
-                .for_each_concurrent(concurrency, |d| {
-                    let this = self.clone();
-                    let shutdown = shutdown.clone();
-                    let slots = slots.clone();
-                    async move {
-                        this.deliver(d, &shutdown, Some(&slots)).await;
-                    }
+                .for_each_concurrent(concurrency, |d| async move {
+                    self.deliver(d, shutdown, Some(outbox)).await;
                 })
                 .await;
+        }
+    }
+
+    /// Writes a lane's outcomes: whatever finished while the previous write committed goes in
+    /// the next one. Runs until the lane has stopped and every outcome is written.
+    async fn recorder(
+        self: Arc<Self>,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<Unrecorded>,
+        shutdown: CancellationToken,
+    ) {
+        let mut batch = Vec::new();
+        while rx.recv_many(&mut batch, RECORD_BATCH).await > 0 {
+            let (attempts, permits): (Vec<Attempt>, Vec<_>) = batch.drain(..).unzip();
+            self.record(attempts, &shutdown).await;
+            drop(permits);
         }
     }
 
@@ -262,7 +304,7 @@ impl Worker {
         self: &Arc<Self>,
         d: Claimed,
         shutdown: &CancellationToken,
-        record_slots: Option<&Arc<tokio::sync::Semaphore>>,
+        outbox: Option<&Outbox>,
     ) -> Option<Recorded> {
         let attempt = d.attempts + 1;
         let span = tracing::info_span!("delivery", id = d.id, sid = %d.sid, rule = %d.rule, channel = %d.channel, attempt);
@@ -312,22 +354,16 @@ impl Worker {
                     tracing::error!(outcome = label, latency_ms, error = detail.as_deref().unwrap_or(""), "delivery is dead; replay with `callnotify deliveries retry {}`", d.id);
                 }
             }
-            let record = self.clone().record(d.id, attempt, now, recorded.clone(), latency_ms, detail, shutdown.clone());
-            match record_slots {
-                None => record.await,
-                Some(slots) => {
-                    // Recording is one more commit; the lane sends the next message meanwhile
-                    // (the row stays `sending` until recorded, so nobody claims it twice). At most
-                    // `concurrency` records are outstanding, which bounds what a crash can make
-                    // us send twice to 2 x concurrency messages per channel.
-                    let slot = slots.clone().acquire_owned().await;
-                    self.records.spawn(
-                        async move {
-                            record.await;
-                            drop(slot);
-                        }
-                        .in_current_span(),
-                    );
+            let done = Attempt { id: d.id, attempt, at: now, outcome: recorded.clone(), latency_ms, detail };
+            match outbox {
+                None => self.record(vec![done], shutdown).await,
+                Some(outbox) => {
+                    // The row stays `sending` until recorded, so nobody claims it twice; the lane
+                    // sends its next message meanwhile.
+                    let Ok(slot) = outbox.ahead.clone().acquire_owned().await else {
+                        unreachable!("the lane's semaphore is never closed")
+                    };
+                    let _ = outbox.tx.send((done, slot));
                 }
             }
             Some(recorded)
@@ -336,41 +372,20 @@ impl Worker {
         .await
     }
 
-    /// Records an attempt. The destination has answered; until that is recorded the row stays
+    /// Records attempts. The destinations have answered; until that is recorded the rows stay
     /// `sending`, so keep trying while the store is unavailable (a locked or full disk clears
-    /// up). Only a shutdown ends the wait: then the row is requeued at the next start and sent
+    /// up). Only a shutdown ends the wait: then the rows are requeued at the next start and sent
     /// again.
-    #[allow(clippy::too_many_arguments)]
-    async fn record(
-        self: Arc<Self>,
-        id: i64,
-        attempt: u32,
-        now: i64,
-        recorded: Recorded,
-        latency_ms: i64,
-        detail: Option<String>,
-        shutdown: CancellationToken,
-    ) {
+    async fn record(&self, attempts: Vec<Attempt>, shutdown: &CancellationToken) {
         let mut failures = 0u32;
-        while let Err(e) = self
-            .store
-            .record(
-                id,
-                attempt,
-                now,
-                recorded.clone(),
-                latency_ms,
-                detail.clone(),
-            )
-            .await
-        {
+        while let Err(e) = self.store.record(attempts.clone()).await {
             failures += 1;
             if shutdown.is_cancelled() {
-                tracing::error!(error = %e, "cannot record the attempt; the delivery is repeated after the next start");
+                tracing::error!(error = %e, n = attempts.len(), "cannot record attempts; their deliveries are repeated after the next start");
                 break;
             }
             if failures == 1 {
-                tracing::error!(error = %e, "cannot record the attempt; trying again every second");
+                tracing::error!(error = %e, "cannot record attempts; trying again every second");
             }
             tokio::select! {
                 _ = tokio::time::sleep(POLL) => {}
@@ -378,7 +393,7 @@ impl Worker {
             }
         }
         if failures > 0 && !shutdown.is_cancelled() {
-            tracing::info!(failures, "attempt recorded after the store came back");
+            tracing::info!(failures, "attempts recorded after the store came back");
         }
     }
 
