@@ -72,7 +72,6 @@ pub fn queue(stats: &crate::store::Stats, now_ms: i64) {
     for (state, n) in [
         ("pending", stats.pending),
         ("sending", stats.sending),
-        ("done", stats.done),
         ("dead", stats.dead),
     ] {
         metrics::gauge!("callnotify_queue_depth", "state" => state).set(n as f64);
