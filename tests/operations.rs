@@ -34,7 +34,7 @@ rules:
 }
 
 async fn get(url: &str) -> (u16, String) {
-    let r = reqwest::get(url).await.unwrap();
+    let r = http().get(url).send().await.unwrap();
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
@@ -159,18 +159,10 @@ async fn sighup_swaps_a_good_config_and_keeps_the_old_one_when_bad() {
     assert_eq!(body["rules"], serde_json::json!(["every_call", "second"]));
 
     // The same through the HTTP endpoint.
-    let r = reqwest::Client::new()
-        .post(d.url("/-/reload"))
-        .send()
-        .await
-        .unwrap();
+    let r = http().post(d.url("/-/reload")).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
     std::fs::write(&d.config, "rules: [").unwrap();
-    let r = reqwest::Client::new()
-        .post(d.url("/-/reload"))
-        .send()
-        .await
-        .unwrap();
+    let r = http().post(d.url("/-/reload")).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 422);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"], "config_invalid");
@@ -223,41 +215,8 @@ async fn calls_posted_during_reloads_are_all_accepted_and_delivered() {
 async fn send_test_sends_to_slack_and_smtp_and_reports_the_answer() {
     let slack = FakeSlack::start().await;
     let smtp = Smtp::start();
-    let yaml = format!(
-        r#"
-store: {{ path: "{{dir}}/store.db" }}
-templates_dir: "{{templates}}"
-channels:
-  sales: {{ type: slack, webhook_url: "{url}" }}
-  mail:
-    type: email
-    smtp: {{ host: "127.0.0.1", port: {port}, tls: none }}
-    from: "Call Bot <calls@example.com>"
-rules: []
-"#,
-        url = slack.url,
-        port = smtp.port
-    );
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("c.yaml");
-    std::fs::write(
-        &cfg,
-        yaml.replace("{dir}", &dir.path().display().to_string())
-            .replace("{templates}", &templates_dir().display().to_string()),
-    )
-    .unwrap();
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"))
-            .args(args)
-            .arg("--config")
-            .arg(&cfg)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-        )
-    };
+    let run = cli_for(&slack.url, smtp.port, "none", &dir);
     let (code, out) = run(&["send-test", "--channel", "sales"]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("delivered: HTTP 200"), "{out}");
@@ -281,6 +240,72 @@ rules: []
         out.contains("failed (permanent") && out.contains("HTTP 404: no_service"),
         "{out}"
     );
+}
+
+/// A config in `dir` with a Slack channel `sales` at `slack_url` and an email channel `mail` on
+/// the SMTP server at `smtp_port`; the returned closure runs a CLI command against it and gives
+/// its exit code and stdout.
+fn cli_for(
+    slack_url: &str,
+    smtp_port: u16,
+    smtp_tls: &str,
+    dir: &tempfile::TempDir,
+) -> impl Fn(&[&str]) -> (Option<i32>, String) {
+    let yaml = format!(
+        r#"
+store: {{ path: "{dir}/store.db" }}
+templates_dir: "{templates}"
+channels:
+  sales: {{ type: slack, webhook_url: "{slack_url}" }}
+  mail:
+    type: email
+    smtp: {{ host: "127.0.0.1", port: {smtp_port}, tls: {smtp_tls} }}
+    from: "Call Bot <calls@example.com>"
+rules: []
+"#,
+        dir = dir.path().display(),
+        templates = templates_dir().display(),
+    );
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(&cfg, yaml).unwrap();
+    move |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"))
+            .args(args)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destinations_whose_certificate_is_not_trusted_are_refused() {
+    // Both peers present a self-signed certificate for 127.0.0.1: the TLS stacks (Slack over
+    // HTTPS, SMTP with STARTTLS) must handshake, check it and refuse to send.
+    let https = HttpsPeer::start();
+    let smtp = Smtp::start_starttls();
+    let dir = tempfile::tempdir().unwrap();
+    let https_url = format!("https://127.0.0.1:{}/hook", https.port);
+    let run = cli_for(&https_url, smtp.port, "starttls", &dir);
+
+    let (code, out) = run(&["send-test", "--channel", "sales"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("invalid peer certificate"), "{out}");
+    let seen = https.handshakes();
+    assert!(
+        !seen.is_empty() && seen.iter().all(|h| h.starts_with("handshake failed")),
+        "{seen:?}"
+    );
+
+    let (code, out) = run(&["send-test", "--channel", "mail", "--to", "me@example.com"]);
+    assert_eq!(code, Some(1), "{out}");
+    // lettre's errors repeat their sources; the report says it once.
+    assert_eq!(out.matches("invalid peer certificate").count(), 1, "{out}");
+    assert!(smtp.messages().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -384,7 +409,7 @@ async fn a_separate_admin_listener_serves_the_admin_endpoints_only() {
     assert_eq!(get(&format!("{admin}/metrics")).await.0, 200);
     assert_eq!(get(&format!("{admin}/readyz")).await.0, 200);
     assert_eq!(
-        reqwest::Client::new()
+        http()
             .post(format!("{admin}/-/reload"))
             .send()
             .await
@@ -401,7 +426,7 @@ async fn a_separate_admin_listener_serves_the_admin_endpoints_only() {
     );
     // The public listener takes calls but not reloads.
     assert_eq!(
-        reqwest::Client::new()
+        http()
             .post(d.url("/-/reload"))
             .send()
             .await

@@ -196,7 +196,7 @@ async fn bad_requests_get_a_precise_error_and_store_nothing() {
     let smtp = Smtp::start();
     let d = Daemon::start(&full_config(&slack, &smtp));
     let url = d.url("/webhooks/air");
-    let client = reqwest::Client::new();
+    let client = http();
     let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
         (
             "application/json",

@@ -337,7 +337,7 @@ async fn sigterm_finishes_in_flight_and_exits_0() {
     d.signal("TERM");
     tokio::time::sleep(Duration::from_millis(200)).await;
     // While it drains, a new call is refused (503) or finds the listener closed: never a 2xx.
-    let late = reqwest::Client::new()
+    let late = http()
         .post(d.url("/webhooks/air"))
         .bearer_auth(TOKEN)
         .header("content-type", "application/json")
@@ -437,6 +437,7 @@ async fn a_slow_destination_does_not_delay_another_channel() {
 
 /// Posts until the daemon (whichever process currently listens) answers 2xx.
 async fn post_until_acknowledged(url: Arc<Mutex<String>>, body: String) {
+    callnotify::notify::install_tls_provider();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
@@ -595,7 +596,7 @@ async fn store_unavailable_answers_503() {
     let (status, body) = d.post(&call("CAlocked")).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"], "store_unavailable", "{body}");
-    let ready = reqwest::get(d.url("/readyz")).await.unwrap();
+    let ready = http().get(d.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status().as_u16(), 503);
 
     drop(locker.stdin.take());
@@ -606,7 +607,7 @@ async fn store_unavailable_answers_503() {
     let rows = d.wait_settled(WAIT).await;
     assert_eq!(rows.len(), 2);
     assert!(rows.iter().all(|r| r["status"] == "done"), "{rows:?}");
-    let ready = reqwest::get(d.url("/readyz")).await.unwrap();
+    let ready = http().get(d.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status().as_u16(), 200);
 }
 

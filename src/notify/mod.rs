@@ -38,6 +38,12 @@ pub struct Meta<'a> {
     pub delivery_id: i64,
 }
 
+/// Makes ring the process's TLS crypto provider, shared by Slack (reqwest) and SMTP (lettre).
+/// Must run before any `reqwest::Client` is built; running it again is a no-op.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// The clients for every configured channel, built once per config load.
 pub struct Senders {
     http: reqwest::Client,
@@ -47,6 +53,7 @@ pub struct Senders {
 
 impl Senders {
     pub fn new(config: &Config) -> Result<Senders, String> {
+        install_tls_provider();
         let http = reqwest::Client::builder()
             .timeout(config.delivery.request_timeout)
             .connect_timeout(config.delivery.request_timeout.min(Duration::from_secs(10)))
@@ -99,8 +106,12 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
+        // Some errors already print their source; say each part once.
+        let part = s.to_string();
+        if !out.contains(&part) {
+            out.push_str(": ");
+            out.push_str(&part);
+        }
         source = s.source();
     }
     out

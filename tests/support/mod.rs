@@ -241,7 +241,7 @@ impl Drop for Daemon {
 }
 
 pub async fn post(url: &str, body: &str, token: Option<&str>) -> (u16, Value) {
-    let mut req = reqwest::Client::new()
+    let mut req = http()
         .post(url)
         .header("content-type", "application/json")
         .body(body.to_string());
@@ -400,23 +400,18 @@ pub struct Smtp {
 impl Smtp {
     pub fn start() -> Smtp {
         let dir = tempfile::tempdir().unwrap();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/smtp_server.py");
-        let mut child = Command::new("python3")
-            .arg(script)
-            .arg(dir.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("python3 runs");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let port = line
-            .strip_prefix("READY ")
-            .and_then(|p| p.trim().parse().ok())
-            .unwrap_or_else(|| panic!("the SMTP server did not start (is aiosmtpd installed? `python3 -m pip install aiosmtpd`): {line:?}"));
+        let (child, port, _) = python_peer("smtp_server.py", &[dir.path()]);
+        Smtp { port, dir, child }
+    }
+
+    /// A server that requires STARTTLS and presents the untrusted test certificate.
+    pub fn start_starttls() -> Smtp {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = test_certificate();
+        let (child, port, _) = python_peer(
+            "smtp_server.py",
+            &[dir.path(), cert.as_path(), key.as_path()],
+        );
         Smtp { port, dir, child }
     }
 
@@ -447,6 +442,80 @@ impl Smtp {
 }
 
 impl Drop for Smtp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP client for talking to the daemon and its peers.
+pub fn http() -> reqwest::Client {
+    callnotify::notify::install_tls_provider();
+    reqwest::Client::new()
+}
+
+/// tests/fixtures/tls: a self-signed certificate for 127.0.0.1 that nothing trusts.
+pub fn test_certificate() -> (PathBuf, PathBuf) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls");
+    (dir.join("cert.pem"), dir.join("key.pem"))
+}
+
+/// Starts tests/support/SCRIPT with ARGS; it prints "READY <port>" once listening and exits
+/// when its stdin closes (so it never outlives the test).
+fn python_peer(script: &str, args: &[&Path]) -> (Child, u16, BufReader<std::process::ChildStdout>) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/support")
+        .join(script);
+    let mut child = Command::new("python3")
+        .arg(path)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("python3 runs");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let port = line
+        .strip_prefix("READY ")
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{script} did not start (is aiosmtpd installed? `python3 -m pip install aiosmtpd`): {line:?}"));
+    (child, port, out)
+}
+
+/// An HTTPS server presenting the untrusted test certificate; records each TLS handshake.
+pub struct HttpsPeer {
+    pub port: u16,
+    child: Child,
+    handshakes: Arc<Mutex<Vec<String>>>,
+}
+
+impl HttpsPeer {
+    pub fn start() -> HttpsPeer {
+        let (cert, key) = test_certificate();
+        let (child, port, out) = python_peer("https_peer.py", &[cert.as_path(), key.as_path()]);
+        let handshakes = Arc::new(Mutex::new(Vec::new()));
+        let seen = handshakes.clone();
+        std::thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                seen.lock().unwrap().push(line);
+            }
+        });
+        HttpsPeer {
+            port,
+            child,
+            handshakes,
+        }
+    }
+
+    /// "handshake ok" or "handshake failed: <reason>", one per connection so far.
+    pub fn handshakes(&self) -> Vec<String> {
+        self.handshakes.lock().unwrap().clone()
+    }
+}
+
+impl Drop for HttpsPeer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

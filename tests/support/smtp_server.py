@@ -1,6 +1,7 @@
 """A real SMTP server for callnotify's tests: aiosmtpd on 127.0.0.1.
 
-Usage: python3 smtp_server.py DIR
+Usage: python3 smtp_server.py DIR [CERT KEY]
+With CERT and KEY the server requires STARTTLS and presents that certificate.
 Prints "READY <port>" once listening. Each accepted message is parsed with Python's standard
 `email` package and written to DIR/<n>.json (envelope, decoded headers, MIME parts) next to the
 raw DIR/<n>.eml. The file DIR/mode, read on every message, picks the answer to DATA:
@@ -12,6 +13,7 @@ import email.policy
 import json
 import os
 import socket
+import ssl
 import sys
 import threading
 
@@ -71,7 +73,12 @@ def main():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    controller = Controller(Handler(out), hostname="127.0.0.1", port=port)
+    tls = {}
+    if len(sys.argv) == 4:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(sys.argv[2], sys.argv[3])
+        tls = {"tls_context": ctx, "require_starttls": True}
+    controller = Controller(Handler(out), hostname="127.0.0.1", port=port, **tls)
     controller.start()
     print(f"READY {port}", flush=True)
     sys.stdin.read()
