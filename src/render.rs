@@ -296,13 +296,14 @@ pub const AIR_FIELDS: &[&str] = &[
     "primaryOutcomeAchieved",
 ];
 
-/// The data every template sees.
-pub fn context(call: &Call, rule: &str) -> Value {
+/// The data every template sees, wrapped once for handlebars (rendering with a `&Value` would
+/// deep-copy the whole call, transcript included, for every template).
+pub fn context(call: &Call, rule: &str) -> Context {
     let mut raw = call.raw.clone();
     for f in AIR_FIELDS {
         raw.entry(f.to_string()).or_insert(Value::Null);
     }
-    json!({
+    Context::from(json!({
         "call": raw,
         "event": call.event.as_str(),
         "rule": rule,
@@ -312,7 +313,7 @@ pub fn context(call: &Call, rule: &str) -> Value {
         "duration_human": call.duration.map(duration_human).unwrap_or_else(|| "unknown".into()),
         "recording_url": call.recording_url,
         "created_at": call.created_at.map(|t| t.to_rfc3339()),
-    })
+    }))
 }
 
 impl Renderer {
@@ -457,20 +458,20 @@ impl Renderer {
         &self,
         channel_type: &str,
         action: &Action,
-        ctx: &Value,
+        ctx: &Context,
     ) -> Result<Message, RenderError> {
         match self
             .resolve(channel_type, &action.template)
             .map_err(RenderError)?
         {
             Resolved::SlackText { text } => {
-                let text = self.slack.render(&text, ctx)?;
+                let text = self.slack.render_with_context(&text, ctx)?;
                 Ok(Message::Slack {
                     body: json!({ "text": text }),
                 })
             }
             Resolved::SlackBlocks { blocks, text } => {
-                let raw = self.slack_json.render(&blocks, ctx)?;
+                let raw = self.slack_json.render_with_context(&blocks, ctx)?;
                 let mut body: Value = serde_json::from_str(&raw).map_err(|e| {
                     RenderError(format!("{blocks} did not render to valid JSON: {e}"))
                 })?;
@@ -484,11 +485,12 @@ impl Renderer {
                 };
                 if !map.contains_key("text") {
                     let fallback = match text {
-                        Some(t) => self.slack.render(&t, ctx)?,
+                        Some(t) => self.slack.render_with_context(&t, ctx)?,
                         None => {
-                            let lead = ctx["lead_name"].as_str().unwrap_or_default();
-                            let dur = ctx["duration_human"].as_str().unwrap_or_default();
-                            let rule = ctx["rule"].as_str().unwrap_or_default();
+                            let data = ctx.data();
+                            let lead = data["lead_name"].as_str().unwrap_or_default();
+                            let dur = data["duration_human"].as_str().unwrap_or_default();
+                            let rule = data["rule"].as_str().unwrap_or_default();
                             escape_slack(&format!("{rule}: {lead} ({dur})"))
                         }
                     };
@@ -501,7 +503,7 @@ impl Renderer {
                     .subject
                     .as_deref()
                     .unwrap_or("Call from {{lead_name}}");
-                let subject = self.plain.render_template(subject_tpl, ctx)?;
+                let subject = self.plain.render_template_with_context(subject_tpl, ctx)?;
                 let subject = subject
                     .split(['\r', '\n'])
                     .map(str::trim)
@@ -510,7 +512,7 @@ impl Renderer {
                     .join(" ");
                 let mut to = Vec::new();
                 for t in &action.to {
-                    let rendered = self.lenient.render_template(t, ctx)?;
+                    let rendered = self.lenient.render_template_with_context(t, ctx)?;
                     to.extend(
                         rendered
                             .split(',')
@@ -519,8 +521,12 @@ impl Renderer {
                             .map(String::from),
                     );
                 }
-                let text = text.map(|t| self.plain.render(&t, ctx)).transpose()?;
-                let html = html.map(|h| self.html.render(&h, ctx)).transpose()?;
+                let text = text
+                    .map(|t| self.plain.render_with_context(&t, ctx))
+                    .transpose()?;
+                let html = html
+                    .map(|h| self.html.render_with_context(&h, ctx))
+                    .transpose()?;
                 Ok(Message::Email(EmailParts {
                     to,
                     subject,
@@ -529,7 +535,7 @@ impl Renderer {
                 }))
             }
             Resolved::Log { text } => Ok(Message::Log {
-                text: self.plain.render(&text, ctx)?,
+                text: self.plain.render_with_context(&text, ctx)?,
             }),
         }
     }

@@ -295,9 +295,14 @@ async fn destinations_whose_certificate_is_not_trusted_are_refused() {
     let (code, out) = run(&["send-test", "--channel", "sales"]);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("invalid peer certificate"), "{out}");
-    let seen = https.handshakes();
+    // The peer reports the handshake once the client has hung up.
+    let seen = eventually("the HTTPS peer's report", WAIT, || {
+        let seen = https.handshakes();
+        (!seen.is_empty()).then_some(seen)
+    })
+    .await;
     assert!(
-        !seen.is_empty() && seen.iter().all(|h| h.starts_with("handshake failed")),
+        seen.iter().all(|h| h.starts_with("handshake failed")),
         "{seen:?}"
     );
 
