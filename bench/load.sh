@@ -3,10 +3,13 @@
 #
 # Builds release, then side by side in one run, on 127.0.0.1 only:
 #   - the bare warp baseline (examples/bare_warp.rs: token check + serde_json parse + 200),
+#   - the durable floor: the same server appending each body to a file, answering after a group
+#     fdatasync (bare_warp with a FILE argument) -- the least any durable receiver pays here,
 #   - the release callnotify daemon with a temporary store, one rule and a local Slack stand-in
 #     (examples/bench_sink.rs, answers at once; max_per_second: 0),
 # drives each with wrk at 1, 16 and 64 connections (the fixture, a Bearer token, a new `sid` on
-# every request) and prints requests/s, p50/p99 answer latency, the callnotify/baseline ratio,
+# every request) and prints requests/s, p50/p99 answer latency, server CPU per request, the
+# callnotify/baseline and callnotify/floor ratios,
 # idle and peak RSS, and end-to-end delivery latency (receipt to the sink's 200, from the
 # daemon's callnotify_delivery_latency_seconds histogram) and the time to drain the backlog.
 # Then the same load with a Slack that hangs for 30 s on every request.
@@ -96,13 +99,20 @@ end
 EOF
 }
 
-# Runs wrk; prints "requests rps p50_us p99_us errors".
-drive() { # $1 = port, $2 = connections, $3 = label, $4 = path
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # user + system CPU, in clock ticks
+HZ=$(getconf CLK_TCK)
+
+# Runs wrk; prints "requests rps p50_us p99_us errors cpu_us_per_request" (the server's CPU).
+drive() { # $1 = port, $2 = connections, $3 = label, $4 = path, $5 = server pid
     make_lua "$3" "$4"
-    local t=$THREADS
+    local t=$THREADS before
     [ "$2" -lt "$t" ] && t=$2
+    before=$(ticks "$5")
     wrk -t"$t" -c"$2" -d"${DURATION}s" --timeout 10s -s "$TMP/$3.lua" "http://127.0.0.1:$1" \
-        | awk '/^RESULT/ {print $2, $3, $4, $5, $6}'
+        >"$TMP/$3.out"
+    awk -v cpu=$(( $(ticks "$5") - before )) -v hz="$HZ" '/^RESULT/ {
+        printf "%d %d %d %d %d %.0f\n", $2, $3, $4, $5, $6, ($2 > 0 ? cpu * 1e6 / hz / $2 : 0) }' \
+        "$TMP/$3.out"
 }
 
 metric() { # $1 = port, $2 = metric line prefix (name{labels})
@@ -160,6 +170,10 @@ BASE_PORT=$(free_port)
 "$BIN/examples/bare_warp" "127.0.0.1:$BASE_PORT" "$TOKEN" 2>/dev/null &
 BASE_PID=$!
 PIDS+=("$BASE_PID")
+DUR_PORT=$(free_port)
+"$BIN/examples/bare_warp" "127.0.0.1:$DUR_PORT" "$TOKEN" "$TMP/floor.journal" 2>/dev/null &
+DUR_PID=$!
+PIDS+=("$DUR_PID")
 SINK_PORT=$(free_port)
 "$BIN/examples/bench_sink" "127.0.0.1:$SINK_PORT" ok 2>/dev/null &
 SINK_PID=$!
@@ -169,6 +183,7 @@ write_config "$TMP/callnotify.yaml" "$CN_PORT" "$SINK_PORT" "$TMP/callnotify.db"
 start_daemon "$TMP/callnotify.yaml" "$TMP/callnotify.log"
 CN_PID=$DAEMON_PID
 wait_port "$BASE_PORT"
+wait_port "$DUR_PORT"
 wait_port "$SINK_PORT"
 wait_port "$CN_PORT"
 sleep 1
@@ -178,7 +193,7 @@ CN_IDLE=$(kb "$CN_PID" VmRSS)
 if [ -n "${SOAK:-}" ]; then
     SOAK_CONNS=${SOAK_CONNS:-4}
     echo "== soak: ${SOAK}s at $SOAK_CONNS connections, Slack stand-in concurrency $CONCURRENCY; idle RSS $(mb "$CN_IDLE")"
-    DURATION=$SOAK drive "$CN_PORT" "$SOAK_CONNS" soak /webhooks/air >"$TMP/soak.result" &
+    DURATION=$SOAK drive "$CN_PORT" "$SOAK_CONNS" soak /webhooks/air "$CN_PID" >"$TMP/soak.result" &
     WRK_PID=$!
     START=$(date +%s)
     while kill -0 "$WRK_PID" 2>/dev/null; do
@@ -195,21 +210,28 @@ fi
 
 echo "== $(nproc) cores, $(uname -r), wrk $THREADS threads, ${DURATION}s per run, fixture $(wc -c <"$FIXTURE") bytes"
 echo "== Slack stand-in: concurrency $CONCURRENCY, max_per_second 0; daemon log level $LOG_LEVEL"
-printf "%-6s | %-30s | %-30s | %s\n" conns "baseline req/s (p50/p99 ms)" "callnotify req/s (p50/p99 ms)" "ratio"
+echo "== each cell: requests/s (p50/p99 answer ms) server CPU µs per request [errors]"
+printf "%-5s | %-34s | %-34s | %-34s | %s\n" conns "bare warp (baseline)" "durable floor (append+fdatasync)" \
+    "callnotify" "ratio to baseline / to floor"
 us_ms() { awk -v u="$1" 'BEGIN { printf "%.2f", u / 1000 }'; }
-# One table row from the last baseline (b*) and callnotify (c*) runs, with their ratio.
+cell() { # rps p50_us p99_us cpu_us errors
+    printf "%7s (%s/%s) %4sµs [%s]" "$1" "$(us_ms "$2")" "$(us_ms "$3")" "$4" "$5"
+}
+# One table row from the last baseline (b*), floor (f*) and callnotify (c*) runs.
 row() { # $1 = connections
-    local ratio
-    ratio=$(awk -v a="$crps" -v b="$brps" 'BEGIN { printf "%.2f", a / b }')
-    printf "%-6s | %8s (%s/%s) err %-5s | %8s (%s/%s) err %-5s | %s\n" "$1" \
-        "$brps" "$(us_ms "$bp50")" "$(us_ms "$bp99")" "$berr" \
-        "$crps" "$(us_ms "$cp50")" "$(us_ms "$cp99")" "$cerr" "$ratio"
+    printf "%-5s | %-34s | %-34s | %-34s | %s / %s\n" "$1" \
+        "$(cell "$brps" "$bp50" "$bp99" "$bcpu" "$berr")" \
+        "$(cell "$frps" "$fp50" "$fp99" "$fcpu" "$ferr")" \
+        "$(cell "$crps" "$cp50" "$cp99" "$ccpu" "$cerr")" \
+        "$(awk -v a="$crps" -v b="$brps" 'BEGIN { printf "%.2f", a / b }')" \
+        "$(awk -v a="$crps" -v b="$frps" 'BEGIN { printf "%.2f", a / b }')"
 }
 TOTAL=0
 LOAD_END=0
 for c in $CONNS; do
-    read -r _ brps bp50 bp99 berr < <(drive "$BASE_PORT" "$c" "base$c" /webhooks/air)
-    read -r creq crps cp50 cp99 cerr < <(drive "$CN_PORT" "$c" "cn$c" /webhooks/air)
+    read -r _ brps bp50 bp99 berr bcpu < <(drive "$BASE_PORT" "$c" "base$c" /webhooks/air "$BASE_PID")
+    read -r _ frps fp50 fp99 ferr fcpu < <(drive "$DUR_PORT" "$c" "floor$c" /webhooks/air "$DUR_PID")
+    read -r creq crps cp50 cp99 cerr ccpu < <(drive "$CN_PORT" "$c" "cn$c" /webhooks/air "$CN_PID")
     TOTAL=$((TOTAL + creq))
     LOAD_END=$(date +%s.%N)
     row "$c"
@@ -260,8 +282,9 @@ if [ "$HANG" = 1 ]; then
     wait_port "$CN2_PORT"
     sleep 1
     echo "== Slack hangs 30 s on every request (16 connections)"
-    read -r _ brps bp50 bp99 berr < <(drive "$BASE_PORT" 16 "hbase" /webhooks/air)
-    read -r creq crps cp50 cp99 cerr < <(drive "$CN2_PORT" 16 "hang" /webhooks/air)
+    read -r _ brps bp50 bp99 berr bcpu < <(drive "$BASE_PORT" 16 "hbase" /webhooks/air "$BASE_PID")
+    read -r _ frps fp50 fp99 ferr fcpu < <(drive "$DUR_PORT" 16 "hfloor" /webhooks/air "$DUR_PID")
+    read -r creq crps cp50 cp99 cerr ccpu < <(drive "$CN2_PORT" 16 "hang" /webhooks/air "$CN2_PID")
     row 16
     echo "hanging sink got $(curl -s --max-time 2 "http://127.0.0.1:$HANG_PORT/count") requests;" \
         "callnotify RSS peak $(mb "$(kb "$CN2_PID" VmHWM)"), now $(mb "$(kb "$CN2_PID" VmRSS)")"
@@ -269,3 +292,4 @@ if [ "$HANG" = 1 ]; then
     stop "$HANG_PID"
 fi
 stop "$BASE_PID"
+stop "$DUR_PID"

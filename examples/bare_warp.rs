@@ -2,10 +2,18 @@
 //! dependencies as callnotify — a warp server that checks the Bearer token, parses the JSON body
 //! with serde_json and answers 200. It stores nothing.
 //!
-//! Run: `cargo run --release --example bare_warp -- 127.0.0.1:PORT [TOKEN]` (the token defaults
-//! to `$BENCH_TOKEN`, then `bench-token`). Stops on Ctrl-C or SIGTERM.
+//! With a third argument, FILE, it is also the floor of durable ingest: every parsed body is
+//! appended to FILE and answered only after an `fdatasync` that covers it, with group commit (a
+//! writer thread writes whatever arrived during the previous sync in one `write` + one
+//! `fdatasync`). No index, no dedupe, no delivery state: what any durable receiver must at least
+//! pay on this machine.
+//!
+//! Run: `cargo run --release --example bare_warp -- 127.0.0.1:PORT [TOKEN] [FILE]` (the token
+//! defaults to `$BENCH_TOKEN`, then `bench-token`). Stops on Ctrl-C or SIGTERM.
 
+use std::io::Write;
 use std::net::SocketAddr;
+use std::sync::mpsc;
 
 use bytes::Bytes;
 use warp::http::StatusCode;
@@ -23,19 +31,35 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .or_else(|| std::env::var("BENCH_TOKEN").ok())
         .unwrap_or_else(|| "bench-token".into());
     let expected: &'static str = Box::leak(format!("Bearer {token}").into_boxed_str());
+    let journal = match args.next() {
+        Some(path) => Some(journal(std::fs::File::create(path)?)),
+        None => None,
+    };
 
     let route = warp::post()
         .and(warp::path!("webhooks" / "air"))
         .and(warp::header::optional::<String>("authorization"))
         .and(warp::body::content_length_limit(1 << 20))
         .and(warp::body::bytes())
-        .map(move |auth: Option<String>, body: Bytes| {
-            if auth.as_deref() != Some(expected) {
-                return warp::reply::with_status("unauthorized", StatusCode::UNAUTHORIZED);
-            }
-            match serde_json::from_slice::<serde_json::Value>(&body) {
-                Ok(_) => warp::reply::with_status("ok", StatusCode::OK),
-                Err(_) => warp::reply::with_status("bad json", StatusCode::BAD_REQUEST),
+        .then(move |auth: Option<String>, body: Bytes| {
+            let journal = journal.clone();
+            async move {
+                if auth.as_deref() != Some(expected) {
+                    return warp::reply::with_status("unauthorized", StatusCode::UNAUTHORIZED);
+                }
+                if serde_json::from_slice::<serde_json::Value>(&body).is_err() {
+                    return warp::reply::with_status("bad json", StatusCode::BAD_REQUEST);
+                }
+                if let Some(journal) = journal {
+                    let (done, synced) = tokio::sync::oneshot::channel();
+                    if journal.send((body, done)).is_err() || synced.await != Ok(true) {
+                        return warp::reply::with_status(
+                            "not stored",
+                            StatusCode::SERVICE_UNAVAILABLE,
+                        );
+                    }
+                }
+                warp::reply::with_status("ok", StatusCode::OK)
             }
         });
 
@@ -55,4 +79,28 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .run()
         .await;
     Ok(())
+}
+
+type Entry = (Bytes, tokio::sync::oneshot::Sender<bool>);
+
+/// Starts the group-commit writer for FILE; send it a body and wait for its `true`.
+fn journal(mut file: std::fs::File) -> mpsc::Sender<Entry> {
+    let (tx, rx) = mpsc::channel::<Entry>();
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            batch.extend(rx.try_iter());
+            buf.clear();
+            for (body, _) in &batch {
+                buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
+                buf.extend_from_slice(body);
+            }
+            let ok = file.write_all(&buf).and_then(|_| file.sync_data()).is_ok();
+            for (_, done) in batch {
+                let _ = done.send(ok);
+            }
+        }
+    });
+    tx
 }
