@@ -301,7 +301,9 @@ pub const AIR_FIELDS: &[&str] = &[
 pub fn context(call: &Call, rule: &str) -> Context {
     let mut raw = call.raw.clone();
     for f in AIR_FIELDS {
-        raw.entry(f.to_string()).or_insert(Value::Null);
+        if !raw.contains_key(*f) {
+            raw.insert(f.to_string(), Value::Null);
+        }
     }
     Context::from(json!({
         "call": raw,

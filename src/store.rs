@@ -1,9 +1,11 @@
 //! The durable store: every SQL statement lives here.
 //!
 //! SQLite in WAL mode with `synchronous=FULL`, driven by one writer thread. Callers send it
-//! closures; the thread runs whatever has queued up inside one transaction (each closure in its
-//! own savepoint, so one failure does not undo the others) and answers every caller only after
-//! the single `COMMIT` — group commit: one fsync for many concurrent webhooks.
+//! closures; the thread runs whatever has queued up inside one transaction and answers every
+//! caller only after the single `COMMIT` — group commit: one fsync for many concurrent webhooks.
+//! Should one closure fail, the batch is rolled back and each closure runs again alone, so one
+//! failure does not undo the others (cheaper than a savepoint per closure, which copied every
+//! page a closure touched into a sub-journal).
 //!
 //! Tables: `calls` (one row per (sid, event), the call object as received), `deliveries` (one
 //! row per (call, rule, action): `pending` -> `sending` -> `done` | back to `pending` with a
@@ -34,8 +36,45 @@ pub enum StoreError {
     Open { path: String, reason: String },
 }
 
-type Done = Box<dyn FnOnce(Option<&str>) + Send>;
-type Job = Box<dyn FnOnce(Result<&Connection, &str>) -> (bool, Done) + Send>;
+/// Work for the writer thread: statements to run inside its transaction, then an answer.
+trait Work: Send {
+    /// Runs the statements and keeps their result; false when they failed. May run twice: a
+    /// second time, alone, when a neighbour in the batch failed and the batch was rolled back.
+    fn run(&mut self, conn: &Connection) -> bool;
+    /// Answers the caller: the kept result once committed, or why the transaction did not commit.
+    fn answer(self: Box<Self>, not_committed: Option<&str>);
+}
+
+type Job = Box<dyn Work>;
+
+struct Pending<T, F> {
+    f: F,
+    result: Option<Result<T, StoreError>>,
+    tx: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> Work for Pending<T, F>
+where
+    T: Send,
+    F: Fn(&Connection) -> rusqlite::Result<T> + Send,
+{
+    fn run(&mut self, conn: &Connection) -> bool {
+        let result = (self.f)(conn).map_err(StoreError::from);
+        let ok = result.is_ok();
+        self.result = Some(result);
+        ok
+    }
+
+    fn answer(self: Box<Self>, not_committed: Option<&str>) {
+        let answer = match (self.result, not_committed) {
+            (Some(Err(e)), _) => Err(e),
+            (Some(Ok(v)), None) => Ok(v),
+            (_, Some(e)) => Err(StoreError::Commit(e.to_string())),
+            (None, None) => Err(StoreError::Closed),
+        };
+        let _ = self.tx.send(answer);
+    }
+}
 
 /// A handle to the store; cheap to clone.
 #[derive(Clone)]
@@ -264,39 +303,20 @@ impl Store {
     }
 
     /// Runs `f` in the writer thread, inside the current group transaction; the answer comes
-    /// after that transaction committed.
+    /// after that transaction committed. `f` may run twice (see [`Work::run`]), so it is `Fn`.
     pub async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
-    {
-        let rx = self.submit(f)?;
-        rx.await.map_err(|_| StoreError::Closed)?
-    }
-
-    fn submit<T, F>(&self, f: F) -> Result<oneshot::Receiver<Result<T, StoreError>>, StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        F: Fn(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |conn| {
-            let result = match conn {
-                Ok(conn) => f(conn).map_err(StoreError::from),
-                Err(e) => Err(StoreError::Commit(e.to_string())),
-            };
-            let ok = result.is_ok();
-            let done: Done = Box::new(move |commit_error| {
-                let answer = match (result, commit_error) {
-                    (Ok(_), Some(e)) => Err(StoreError::Commit(e.to_string())),
-                    (r, _) => r,
-                };
-                let _ = tx.send(answer);
-            });
-            (ok, done)
+        let job = Box::new(Pending {
+            f,
+            result: None,
+            tx,
         });
         self.tx.send(job).map_err(|_| StoreError::Closed)?;
-        Ok(rx)
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Stores a call and the deliveries it owes, once per (sid, event).
@@ -428,7 +448,7 @@ impl Store {
             }
             let mut stmt = conn.prepare(&format!("{sql} AND id = ?2"))?;
             let mut n = 0;
-            for id in ids {
+            for id in &ids {
                 n += stmt.execute(params![now, id])?;
             }
             Ok(n)
@@ -503,44 +523,38 @@ fn writer(conn: Connection, rx: mpsc::Receiver<Job>) {
     while let Ok(first) = rx.recv() {
         let mut batch = Vec::with_capacity(16);
         batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+        batch.extend(rx.try_iter().take(MAX_BATCH - 1));
+        match commit(&conn, &mut batch) {
+            Ok(()) => batch.into_iter().for_each(|job| job.answer(None)),
+            // One job failed and the batch was rolled back: the others must not pay for it,
+            // so each runs again in a transaction of its own (rare: a full or broken disk
+            // fails them all anyway).
+            Err(None) if batch.len() > 1 => {
+                for mut job in batch {
+                    let outcome = commit(&conn, std::slice::from_mut(&mut job));
+                    job.answer(outcome.err().flatten().as_deref());
+                }
             }
-        }
-        if let Err(e) = control(&conn, "BEGIN IMMEDIATE") {
-            let msg = e.to_string();
-            for job in batch {
-                let (_, done) = job(Err(&msg));
-                done(Some(&msg));
-            }
-            continue;
-        }
-        let mut finishers = Vec::with_capacity(batch.len());
-        for job in batch {
-            if let Err(e) = control(&conn, "SAVEPOINT job") {
-                let msg = e.to_string();
-                let (_, done) = job(Err(&msg));
-                finishers.push((false, done));
-                continue;
-            }
-            let (ok, done) = job(Ok(&conn));
-            if !ok {
-                let _ = control(&conn, "ROLLBACK TO job");
-            }
-            let _ = control(&conn, "RELEASE job");
-            finishers.push((ok, done));
-        }
-        match control(&conn, "COMMIT") {
-            Ok(()) => finishers.into_iter().for_each(|(_, done)| done(None)),
-            Err(e) => {
-                let _ = control(&conn, "ROLLBACK");
-                let msg = e.to_string();
-                finishers.into_iter().for_each(|(_, done)| done(Some(&msg)));
-            }
+            Err(None) => batch.into_iter().for_each(|job| job.answer(None)),
+            Err(Some(e)) => batch.into_iter().for_each(|job| job.answer(Some(&e))),
         }
     }
+}
+
+/// Runs `jobs` in one transaction: one commit (one fsync) for all of them. `Err(None)`: a job
+/// failed and everything was rolled back; `Err(Some(why))`: the transaction itself failed.
+fn commit(conn: &Connection, jobs: &mut [Job]) -> Result<(), Option<String>> {
+    control(conn, "BEGIN IMMEDIATE").map_err(|e| Some(e.to_string()))?;
+    for job in jobs.iter_mut() {
+        if !job.run(conn) {
+            let _ = control(conn, "ROLLBACK");
+            return Err(None);
+        }
+    }
+    control(conn, "COMMIT").map_err(|e| {
+        let _ = control(conn, "ROLLBACK");
+        Some(e.to_string())
+    })
 }
 
 fn insert_call(
@@ -1019,15 +1033,49 @@ mod tests {
         assert_eq!(store.stats().await.unwrap().pending, 200);
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failing_job_does_not_undo_its_batch_neighbours() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("s.db")).unwrap();
+        // Hold the writer so that the next three jobs queue up and commit as one batch.
+        let (started, holding) = std::sync::mpsc::channel();
+        let hold = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .run(move |_| {
+                        let _ = started.send(());
+                        std::thread::sleep(std::time::Duration::from_millis(200));
+                        Ok(())
+                    })
+                    .await
+            }
+        });
+        holding
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap();
+        let runs = std::sync::Arc::new(AtomicUsize::new(0));
+        let counted = store.run({
+            let runs = runs.clone();
+            move |conn| {
+                runs.fetch_add(1, Ordering::SeqCst);
+                conn.execute("INSERT INTO meta (key, value) VALUES ('k', 'v')", [])
+            }
+        });
         let bad = store.run(|conn| conn.execute("INSERT INTO nope VALUES (1)", []));
         let good = store.insert_call("CA1".into(), "POST_CALL_DATA", "{}".into(), 0, owed(1));
-        let (bad, good) = tokio::join!(bad, good);
+        let (counted, bad, good) = tokio::join!(counted, bad, good);
+        hold.await.unwrap().unwrap();
         assert!(bad.is_err());
-        assert!(good.is_ok());
+        assert_eq!(counted.unwrap(), 1);
+        assert!(matches!(good.unwrap(), Inserted::Accepted { .. }));
+        // The batch was rolled back and its jobs ran again, each alone.
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
         assert_eq!(calls(&store).await, 1);
+        assert_eq!(
+            store.get_meta("k".into()).await.unwrap().as_deref(),
+            Some("v")
+        );
     }
 }
