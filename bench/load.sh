@@ -48,6 +48,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Starts a helper server in the background (quiet); its pid is in BG_PID and stopped at exit.
+background() {
+    "$@" 2>/dev/null &
+    BG_PID=$!
+    PIDS+=("$BG_PID")
+}
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # Waits (bounded) until a TCP port accepts connections.
@@ -167,17 +174,14 @@ start_daemon() { # $1 = config, $2 = log; sets DAEMON_PID
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
 BASE_PORT=$(free_port)
-"$BIN/examples/bare_warp" "127.0.0.1:$BASE_PORT" "$TOKEN" 2>/dev/null &
-BASE_PID=$!
-PIDS+=("$BASE_PID")
+background "$BIN/examples/bare_warp" "127.0.0.1:$BASE_PORT" "$TOKEN"
+BASE_PID=$BG_PID
 DUR_PORT=$(free_port)
-"$BIN/examples/bare_warp" "127.0.0.1:$DUR_PORT" "$TOKEN" "$TMP/floor.journal" 2>/dev/null &
-DUR_PID=$!
-PIDS+=("$DUR_PID")
+background "$BIN/examples/bare_warp" "127.0.0.1:$DUR_PORT" "$TOKEN" "$TMP/floor.journal"
+DUR_PID=$BG_PID
 SINK_PORT=$(free_port)
-"$BIN/examples/bench_sink" "127.0.0.1:$SINK_PORT" ok 2>/dev/null &
-SINK_PID=$!
-PIDS+=("$SINK_PID")
+background "$BIN/examples/bench_sink" "127.0.0.1:$SINK_PORT" ok
+SINK_PID=$BG_PID
 CN_PORT=$(free_port)
 write_config "$TMP/callnotify.yaml" "$CN_PORT" "$SINK_PORT" "$TMP/callnotify.db"
 start_daemon "$TMP/callnotify.yaml" "$TMP/callnotify.log"
@@ -271,9 +275,8 @@ stop "$SINK_PID"
 
 if [ "$HANG" = 1 ]; then
     HANG_PORT=$(free_port)
-    "$BIN/examples/bench_sink" "127.0.0.1:$HANG_PORT" hang 30 2>/dev/null &
-    HANG_PID=$!
-    PIDS+=("$HANG_PID")
+    background "$BIN/examples/bench_sink" "127.0.0.1:$HANG_PORT" hang 30
+    HANG_PID=$BG_PID
     CN2_PORT=$(free_port)
     write_config "$TMP/hang.yaml" "$CN2_PORT" "$HANG_PORT" "$TMP/hang.db"
     start_daemon "$TMP/hang.yaml" "$TMP/hang.log"
