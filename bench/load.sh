@@ -171,6 +171,22 @@ start_daemon() { # $1 = config, $2 = log; sets DAEMON_PID
     PIDS+=("$DAEMON_PID")
 }
 
+# Starts a Slack stand-in (mode: ok, or hang SECONDS) and a daemon delivering to it, with
+# $TMP/LABEL.yaml, .db and .log; sets SINK_PORT, SINK_PID, CN_PORT and CN_PID.
+sink_and_daemon() { # $1 = label, $2... = stand-in mode
+    local label=$1
+    shift
+    SINK_PORT=$(free_port)
+    background "$BIN/examples/bench_sink" "127.0.0.1:$SINK_PORT" "$@"
+    SINK_PID=$BG_PID
+    CN_PORT=$(free_port)
+    write_config "$TMP/$label.yaml" "$CN_PORT" "$SINK_PORT" "$TMP/$label.db"
+    start_daemon "$TMP/$label.yaml" "$TMP/$label.log"
+    CN_PID=$DAEMON_PID
+    wait_port "$SINK_PORT"
+    wait_port "$CN_PORT"
+}
+
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
 BASE_PORT=$(free_port)
@@ -179,17 +195,9 @@ BASE_PID=$BG_PID
 DUR_PORT=$(free_port)
 background "$BIN/examples/bare_warp" "127.0.0.1:$DUR_PORT" "$TOKEN" "$TMP/floor.journal"
 DUR_PID=$BG_PID
-SINK_PORT=$(free_port)
-background "$BIN/examples/bench_sink" "127.0.0.1:$SINK_PORT" ok
-SINK_PID=$BG_PID
-CN_PORT=$(free_port)
-write_config "$TMP/callnotify.yaml" "$CN_PORT" "$SINK_PORT" "$TMP/callnotify.db"
-start_daemon "$TMP/callnotify.yaml" "$TMP/callnotify.log"
-CN_PID=$DAEMON_PID
+sink_and_daemon callnotify ok
 wait_port "$BASE_PORT"
 wait_port "$DUR_PORT"
-wait_port "$SINK_PORT"
-wait_port "$CN_PORT"
 sleep 1
 BASE_IDLE=$(kb "$BASE_PID" VmRSS)
 CN_IDLE=$(kb "$CN_PID" VmRSS)
@@ -274,25 +282,17 @@ stop "$CN_PID"
 stop "$SINK_PID"
 
 if [ "$HANG" = 1 ]; then
-    HANG_PORT=$(free_port)
-    background "$BIN/examples/bench_sink" "127.0.0.1:$HANG_PORT" hang 30
-    HANG_PID=$BG_PID
-    CN2_PORT=$(free_port)
-    write_config "$TMP/hang.yaml" "$CN2_PORT" "$HANG_PORT" "$TMP/hang.db"
-    start_daemon "$TMP/hang.yaml" "$TMP/hang.log"
-    CN2_PID=$DAEMON_PID
-    wait_port "$HANG_PORT"
-    wait_port "$CN2_PORT"
+    sink_and_daemon hang hang 30
     sleep 1
     echo "== Slack hangs 30 s on every request (16 connections)"
     read -r _ brps bp50 bp99 berr bcpu < <(drive "$BASE_PORT" 16 "hbase" /webhooks/air "$BASE_PID")
     read -r _ frps fp50 fp99 ferr fcpu < <(drive "$DUR_PORT" 16 "hfloor" /webhooks/air "$DUR_PID")
-    read -r creq crps cp50 cp99 cerr ccpu < <(drive "$CN2_PORT" 16 "hang" /webhooks/air "$CN2_PID")
+    read -r creq crps cp50 cp99 cerr ccpu < <(drive "$CN_PORT" 16 "hang" /webhooks/air "$CN_PID")
     row 16
-    echo "hanging sink got $(curl -s --max-time 2 "http://127.0.0.1:$HANG_PORT/count") requests;" \
-        "callnotify RSS peak $(mb "$(kb "$CN2_PID" VmHWM)"), now $(mb "$(kb "$CN2_PID" VmRSS)")"
-    stop "$CN2_PID"
-    stop "$HANG_PID"
+    echo "hanging sink got $(curl -s --max-time 2 "http://127.0.0.1:$SINK_PORT/count") requests;" \
+        "callnotify RSS peak $(mb "$(kb "$CN_PID" VmHWM)"), now $(mb "$(kb "$CN_PID" VmRSS)")"
+    stop "$CN_PID"
+    stop "$SINK_PID"
 fi
 stop "$BASE_PID"
 stop "$DUR_PID"
