@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -216,7 +217,7 @@ async fn send_test_sends_to_slack_and_smtp_and_reports_the_answer() {
     let slack = FakeSlack::start().await;
     let smtp = Smtp::start();
     let dir = tempfile::tempdir().unwrap();
-    let run = cli_for(&slack.url, smtp.port, "none", &dir);
+    let run = cli_for(&slack.url, smtp.port, "none", &dir, None);
     let (code, out) = run(&["send-test", "--channel", "sales"]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("delivered: HTTP 200"), "{out}");
@@ -245,11 +246,15 @@ async fn send_test_sends_to_slack_and_smtp_and_reports_the_answer() {
 /// A config in `dir` with a Slack channel `sales` at `slack_url` and an email channel `mail` on
 /// the SMTP server at `smtp_port`; the returned closure runs a CLI command against it and gives
 /// its exit code and stdout.
+/// Runs the binary's commands on a config with a Slack channel `sales` and an email channel
+/// `mail`. `trusted`, if given, is the only certificate the system's trust store holds for it
+/// (through `SSL_CERT_FILE`, which rustls-platform-verifier reads on Linux).
 fn cli_for(
     slack_url: &str,
     smtp_port: u16,
     smtp_tls: &str,
     dir: &tempfile::TempDir,
+    trusted: Option<PathBuf>,
 ) -> impl Fn(&[&str]) -> (Option<i32>, String) {
     let yaml = format!(
         r#"
@@ -269,12 +274,12 @@ rules: []
     let cfg = dir.path().join("c.yaml");
     std::fs::write(&cfg, yaml).unwrap();
     move |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"))
-            .args(args)
-            .arg("--config")
-            .arg(&cfg)
-            .output()
-            .unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"));
+        cmd.args(args).arg("--config").arg(&cfg);
+        if let Some(cert) = &trusted {
+            cmd.env("SSL_CERT_FILE", cert).env_remove("SSL_CERT_DIR");
+        }
+        let out = cmd.output().unwrap();
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).to_string(),
@@ -290,7 +295,7 @@ async fn destinations_whose_certificate_is_not_trusted_are_refused() {
     let smtp = Smtp::start_starttls();
     let dir = tempfile::tempdir().unwrap();
     let https_url = format!("https://127.0.0.1:{}/hook", https.port);
-    let run = cli_for(&https_url, smtp.port, "starttls", &dir);
+    let run = cli_for(&https_url, smtp.port, "starttls", &dir, None);
 
     let (code, out) = run(&["send-test", "--channel", "sales"]);
     assert_eq!(code, Some(1), "{out}");
@@ -311,6 +316,29 @@ async fn destinations_whose_certificate_is_not_trusted_are_refused() {
     // lettre's errors repeat their sources; the report says it once.
     assert_eq!(out.matches("invalid peer certificate").count(), 1, "{out}");
     assert!(smtp.messages().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destinations_whose_certificate_the_system_trusts_are_accepted() {
+    // The same peers, with their certificate in the system's trust store: Slack over HTTPS and
+    // SMTP with STARTTLS both use that store, so a relay signed by an in-house CA works.
+    let https = HttpsPeer::start();
+    let smtp = Smtp::start_starttls();
+    let dir = tempfile::tempdir().unwrap();
+    let https_url = format!("https://127.0.0.1:{}/hook", https.port);
+    let (cert, _) = test_certificate();
+    let run = cli_for(&https_url, smtp.port, "starttls", &dir, Some(cert));
+
+    let (code, out) = run(&["send-test", "--channel", "sales"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("delivered: HTTP 200"), "{out}");
+    assert_eq!(https.handshakes(), ["handshake ok"]);
+
+    let (code, out) = run(&["send-test", "--channel", "mail", "--to", "me@example.com"]);
+    assert_eq!(code, Some(0), "{out}");
+    let got = smtp.messages();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["rcpt_tos"], serde_json::json!(["me@example.com"]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
