@@ -4,8 +4,9 @@
 #     -e AIR_WEBHOOK_TOKEN=... callnotify
 FROM rust:1-bookworm AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
+COPY benches ./benches
 COPY tests/fixtures ./tests/fixtures
 RUN cargo build --release --locked --bin callnotify
 
