@@ -3,16 +3,19 @@
 //! with serde_json and answers 200. It stores nothing.
 //!
 //! With a third argument, FILE, it is also the floor of durable ingest: every parsed body is
-//! appended to FILE and answered only after an `fdatasync` that covers it, with group commit (a
+//! written to FILE and answered only after an `fdatasync` that covers it, with group commit (a
 //! writer thread writes whatever arrived during the previous sync in one `write` + one
-//! `fdatasync`). No index, no dedupe, no delivery state: what any durable receiver must at least
-//! pay on this machine.
+//! `fdatasync`). FILE is a ring of 64 MiB written out once at start, so a sync flushes data
+//! only, never a growing file's size -- as SQLite's write-ahead log, which is reused after each
+//! checkpoint, does. No index, no dedupe, no delivery state: what any durable receiver must at
+//! least pay on this machine.
 //!
 //! Run: `cargo run --release --example bare_warp -- 127.0.0.1:PORT [TOKEN] [FILE]` (the token
 //! defaults to `$BENCH_TOKEN`, then `bench-token`). Stops on Ctrl-C or SIGTERM.
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
 use std::sync::mpsc;
 
 use bytes::Bytes;
@@ -32,7 +35,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|| "bench-token".into());
     let expected: &'static str = Box::leak(format!("Bearer {token}").into_boxed_str());
     let journal = match args.next() {
-        Some(path) => Some(journal(std::fs::File::create(path)?)),
+        Some(path) => Some(journal(std::fs::File::create(path)?)?),
         None => None,
     };
 
@@ -83,10 +86,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 type Entry = (Bytes, tokio::sync::oneshot::Sender<bool>);
 
+/// Size of the journal ring; a batch that would cross its end starts again at offset 0.
+const RING: u64 = 64 << 20;
+
+/// Writes FILE out to its full size and syncs it, so later syncs carry data only.
+fn preallocate(file: &mut std::fs::File) -> std::io::Result<()> {
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..RING >> 20 {
+        file.write_all(&zeros)?;
+    }
+    file.sync_all()
+}
+
 /// Starts the group-commit writer for FILE; send it a body and wait for its `true`.
-fn journal(mut file: std::fs::File) -> mpsc::Sender<Entry> {
+fn journal(mut file: std::fs::File) -> std::io::Result<mpsc::Sender<Entry>> {
+    preallocate(&mut file)?;
     let (tx, rx) = mpsc::channel::<Entry>();
     std::thread::spawn(move || {
+        let mut at = 0u64;
         let mut buf = Vec::new();
         while let Ok(first) = rx.recv() {
             let mut batch = vec![first];
@@ -96,11 +113,18 @@ fn journal(mut file: std::fs::File) -> mpsc::Sender<Entry> {
                 buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
                 buf.extend_from_slice(body);
             }
-            let ok = file.write_all(&buf).and_then(|_| file.sync_data()).is_ok();
+            if at + buf.len() as u64 > RING {
+                at = 0;
+            }
+            let ok = file
+                .write_all_at(&buf, at)
+                .and_then(|_| file.sync_data())
+                .is_ok();
+            at += buf.len() as u64;
             for (_, done) in batch {
                 let _ = done.send(ok);
             }
         }
     });
-    tx
+    Ok(tx)
 }
