@@ -3,8 +3,8 @@
 #
 # Builds release, then side by side in one run, on 127.0.0.1 only:
 #   - the bare warp baseline (examples/bare_warp.rs: token check + serde_json parse + 200),
-#   - the durable floor: the same server appending each body to a file, answering after a group
-#     fdatasync (bare_warp with a FILE argument) -- the least any durable receiver pays here,
+#   - the durable floor: the same server writing each body to a preallocated file, answering after
+#     a group fdatasync (bare_warp with a FILE argument) -- the least any durable receiver pays here,
 #   - the release callnotify daemon with a temporary store, one rule and a local Slack stand-in
 #     (examples/bench_sink.rs, answers at once; max_per_second: 0),
 # drives each with wrk at 1, 16 and 64 connections (the fixture, a Bearer token, a new `sid` on
@@ -223,7 +223,7 @@ fi
 echo "== $(nproc) cores, $(uname -r), wrk $THREADS threads, ${DURATION}s per run, fixture $(wc -c <"$FIXTURE") bytes"
 echo "== Slack stand-in: concurrency $CONCURRENCY, max_per_second 0; daemon log level $LOG_LEVEL"
 echo "== each cell: requests/s (p50/p99 answer ms) server CPU µs per request [errors]"
-printf "%-5s | %-34s | %-34s | %-34s | %s\n" conns "bare warp (baseline)" "durable floor (append+fdatasync)" \
+printf "%-5s | %-34s | %-34s | %-34s | %s\n" conns "bare warp (baseline)" "durable floor (write+fdatasync)" \
     "callnotify" "ratio to baseline / to floor"
 us_ms() { awk -v u="$1" 'BEGIN { printf "%.2f", u / 1000 }'; }
 cell() { # rps p50_us p99_us cpu_us errors
