@@ -424,6 +424,18 @@ async fn render_shows_what_would_be_sent_and_sends_nothing() {
         mime.contains("To: sales-leads@example.com, jordan@ourteam.example"),
         "{mime}"
     );
+    // `-` reads the body from standard input, as in `curl ... | callnotify render -`.
+    let out = d.cli_with_stdin(&["render", "--json", "-"], CAMPAIGN);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let piped: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(piped["rules"], v["rules"]);
+    let p = piped["notifications"].as_array().unwrap();
+    assert_eq!(p.len(), 3);
+    assert_eq!(p[0]["message"], n[0]["message"]);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(slack.received().is_empty());
     assert!(smtp.messages().is_empty());

@@ -199,6 +199,25 @@ impl Daemon {
             .expect("run the CLI")
     }
 
+    /// Runs a CLI command against this daemon's config with `input` on its standard input.
+    pub fn cli_with_stdin(&self, args: &[&str], input: &str) -> Output {
+        use std::io::Write;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_callnotify"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run the CLI");
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        stdin.write_all(input.as_bytes()).expect("write stdin");
+        drop(stdin);
+        child.wait_with_output().expect("run the CLI")
+    }
+
     /// POSTs a webhook body with the test token.
     pub async fn post(&self, body: &str) -> (u16, Value) {
         post(&self.url("/webhooks/air"), body, Some(TOKEN)).await
