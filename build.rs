@@ -33,10 +33,13 @@ fn probe(target: &str) -> bool {
     if std::fs::write(&src, "int main(void) { return 0; }\n").is_err() {
         return false;
     }
-    let compiler = cc::Build::new()
+    let Ok(compiler) = cc::Build::new()
         .cargo_metadata(false)
         .opt_level(0)
-        .get_compiler();
+        .try_get_compiler()
+    else {
+        return false;
+    };
     let linked = compiler
         .to_command()
         .args(["-fPIE", "-pie", FLAG, "-o"])

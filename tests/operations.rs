@@ -245,10 +245,8 @@ async fn send_test_sends_to_slack_and_smtp_and_reports_the_answer() {
 
 /// A config in `dir` with a Slack channel `sales` at `slack_url` and an email channel `mail` on
 /// the SMTP server at `smtp_port`; the returned closure runs a CLI command against it and gives
-/// its exit code and stdout.
-/// Runs the binary's commands on a config with a Slack channel `sales` and an email channel
-/// `mail`. `trusted`, if given, is the only certificate the system's trust store holds for it
-/// (through `SSL_CERT_FILE`, which rustls-platform-verifier reads on Linux).
+/// its exit code and stdout. `trusted`, if given, is the only certificate the command's system
+/// trust store holds (through `SSL_CERT_FILE`, which rustls-platform-verifier reads on Linux).
 fn cli_for(
     slack_url: &str,
     smtp_port: u16,
