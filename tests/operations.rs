@@ -344,24 +344,14 @@ async fn the_quiet_alert_fires_once_and_again_when_calls_resume() {
     use callnotify::clock::{Clock, ManualClock};
     let slack = FakeSlack::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("c.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-server: {{ listen: "127.0.0.1:0" }}
-store: {{ path: "{}/store.db" }}
-templates_dir: "{}"
-channels:
-  ops: {{ type: slack, webhook_url: "{}", max_per_second: 0 }}
-quiet_alert: {{ after: "2h", channel: ops }}
-"#,
-            dir.path().display(),
-            templates_dir().display(),
+    let cfg = in_process_config(
+        dir.path(),
+        &templates_dir(),
+        &format!(
+            "channels:\n  ops: {{ type: slack, webhook_url: \"{}\", max_per_second: 0 }}\nquiet_alert: {{ after: \"2h\", channel: ops }}\n",
             slack.url
         ),
-    )
-    .unwrap();
+    );
     let t0 = 1_800_000_000_000;
     let clock = ManualClock::new(t0);
     let app = callnotify::app::App::build_with_clock(&cfg, clock.clone())

@@ -1,6 +1,7 @@
 //! Never lose a notification, proven with the real binary: retries, Retry-After, dead letters
 //! and their replay, give-up windows, SIGTERM, pacing, isolation between destinations, SIGKILL
-//! during a stream of calls, and a store that cannot commit.
+//! during a stream of calls, a store that cannot commit, and a lane that sends on while its
+//! outcomes wait for the store.
 
 mod support;
 
@@ -686,4 +687,113 @@ async fn a_full_disk_answers_503_and_recovers() {
     assert_eq!(sids.len(), 6, "each stored call delivered once");
     assert_eq!(slack.accepted().len(), 6);
     drop(d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_keeps_sending_while_its_outcomes_wait_for_the_store() {
+    // A lane hands each outcome to its recorder and sends the next message at once; it does not
+    // wait for the outcome to commit. Hold the store's writer while the first message is in
+    // flight: the other messages must still go out, and every outcome is written afterwards.
+    let slack = FakeSlack::start().await;
+    slack.script([Reply::ok().delayed(Duration::from_secs(1))]);
+    let tpl = templates();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = in_process_config(
+        dir.path(),
+        tpl.path(),
+        &format!(
+            r#"
+channels:
+  sales: {{ type: slack, webhook_url: "{}", max_per_second: 0, concurrency: 1 }}
+rules:
+  - name: all
+    notify: [{{ channel: sales, template: slack/sid }}]
+"#,
+            slack.url
+        ),
+    );
+    let app = callnotify::app::App::build(&cfg).await.unwrap();
+    let shared = app.shared();
+    let action = shared.live.load().config.rules[0].actions[0].clone();
+    let fixture: Value = serde_json::from_str(FIXTURE).unwrap();
+    for i in 0..5 {
+        let mut call = fixture["call"].clone();
+        call["sid"] = Value::String(format!("CApipe{i}"));
+        let owed = vec![callnotify::store::NewDelivery {
+            rule: "all".into(),
+            action_idx: 0,
+            action: action.clone(),
+        }];
+        shared
+            .store
+            .insert_call(
+                format!("CApipe{i}"),
+                "POST_CALL_DATA",
+                call.to_string(),
+                0,
+                owed,
+            )
+            .await
+            .unwrap();
+    }
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let worker = tokio::spawn(shared.worker.clone().run(shutdown.clone()));
+    eventually("the first message", WAIT, || {
+        (!slack.received().is_empty()).then_some(())
+    })
+    .await;
+
+    let (started, holding) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let hold = tokio::spawn({
+        let store = shared.store.clone();
+        async move {
+            store
+                .run(move |_| {
+                    let _ = started.send(());
+                    let _ = released.recv_timeout(Duration::from_secs(60));
+                    Ok(())
+                })
+                .await
+        }
+    });
+    holding.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        slack.received().len(),
+        1,
+        "the writer must be held before the first answer comes"
+    );
+    eventually("all five messages while the writer is held", WAIT, || {
+        (slack.received().len() == 5).then_some(())
+    })
+    .await;
+    let sids: Vec<String> = slack.received().iter().map(|r| sid_of(&r.body)).collect();
+    assert_eq!(
+        sids,
+        (0..5).map(|i| format!("CApipe{i}")).collect::<Vec<_>>()
+    );
+
+    release.send(()).unwrap();
+    hold.await.unwrap().unwrap();
+    let store = shared.store.clone();
+    let mut done = 0;
+    for _ in 0..200 {
+        done = store
+            .run(|c| {
+                c.query_row(
+                    "SELECT COUNT(*) FROM deliveries WHERE status = 'done'",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+            })
+            .await
+            .unwrap();
+        if done == 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(done, 5, "every outcome is written once the writer is free");
+    shutdown.cancel();
+    worker.await.unwrap();
 }

@@ -20,6 +20,19 @@ pub const OUTCOME: &str = include_str!("../fixtures/post_call_outcome.json");
 pub const TOKEN: &str = "test-token-0123456789abcdef";
 
 /// The repo's templates directory, for configs that use the shipped templates.
+/// Writes `dir/c.yaml` for a daemon built in-process: a listener on a free port, a store in
+/// `dir`, templates from `templates`, then `rest` (channels, rules, ...). Returns its path.
+pub fn in_process_config(dir: &Path, templates: &Path, rest: &str) -> PathBuf {
+    let cfg = dir.join("c.yaml");
+    let head = format!(
+        "server: {{ listen: \"127.0.0.1:0\" }}\nstore: {{ path: \"{}/store.db\" }}\ntemplates_dir: \"{}\"\n",
+        dir.display(),
+        templates.display()
+    );
+    std::fs::write(&cfg, head + rest).unwrap();
+    cfg
+}
+
 pub fn templates_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("templates")
 }
