@@ -68,6 +68,25 @@ wait_port() {
 }
 
 kb() { awk -v k="$2" '$1 == k":" {print $2}' "/proc/$1/status"; }
+
+# The kernel brings VmHWM up to date only at some points (unmapping, exit), so it can read lower
+# than an RSS the process had; a sampler also keeps the highest VmRSS/VmHWM seen every 0.2 s.
+watch_peak() { # $1 = pid; runs in the background while the process lives
+    local max=0 v
+    while kill -0 "$1" 2>/dev/null; do
+        for v in $(awk '$1 == "VmRSS:" || $1 == "VmHWM:" {print $2}' "/proc/$1/status" 2>/dev/null); do
+            if [ "$v" -gt "$max" ]; then max=$v; fi
+        done
+        echo "$max" >"$TMP/peak.$1"
+        sleep 0.2
+    done
+}
+peak_kb() { # $1 = pid: the highest RSS seen, in kB
+    local hwm seen
+    hwm=$(kb "$1" VmHWM)
+    seen=$(cat "$TMP/peak.$1" 2>/dev/null || echo 0)
+    echo $((hwm > seen ? hwm : seen))
+}
 mb() { awk -v v="$1" 'BEGIN { printf "%.1f MB", v / 1024 }'; }
 
 # A wrk script that gives every request a new sid (a counter per thread, a per-run prefix) and
@@ -169,6 +188,8 @@ start_daemon() { # $1 = config, $2 = log; sets DAEMON_PID
     "$BIN/callnotify" --config "$1" --log-level "$LOG_LEVEL" serve >"$2" 2>&1 &
     DAEMON_PID=$!
     PIDS+=("$DAEMON_PID")
+    watch_peak "$DAEMON_PID" &
+    PIDS+=("$!")
 }
 
 # Starts a Slack stand-in (mode: ok, or hang SECONDS) and a daemon delivering to it, with
@@ -192,6 +213,8 @@ stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 BASE_PORT=$(free_port)
 background "$BIN/examples/bare_warp" "127.0.0.1:$BASE_PORT" "$TOKEN"
 BASE_PID=$BG_PID
+watch_peak "$BASE_PID" &
+PIDS+=("$!")
 DUR_PORT=$(free_port)
 background "$BIN/examples/bare_warp" "127.0.0.1:$DUR_PORT" "$TOKEN" "$TMP/floor.journal"
 DUR_PID=$BG_PID
@@ -211,12 +234,12 @@ if [ -n "${SOAK:-}" ]; then
     while kill -0 "$WRK_PID" 2>/dev/null; do
         sleep 30
         kill -0 "$WRK_PID" 2>/dev/null || break
-        echo "t=$(( $(date +%s) - START ))s RSS $(mb "$(kb "$CN_PID" VmRSS)") (peak $(mb "$(kb "$CN_PID" VmHWM)")), sink received $(curl -s "http://127.0.0.1:$SINK_PORT/count"), accepted $(metric "$CN_PORT" 'callnotify_calls_received_total{result="accepted"}')"
+        echo "t=$(( $(date +%s) - START ))s RSS $(mb "$(kb "$CN_PID" VmRSS)") (peak $(mb "$(peak_kb "$CN_PID")")), sink received $(curl -s "http://127.0.0.1:$SINK_PORT/count"), accepted $(metric "$CN_PORT" 'callnotify_calls_received_total{result="accepted"}')"
     done
     wait "$WRK_PID" || true
-    read -r creq crps cp50 cp99 cerr <"$TMP/soak.result"
-    echo "soak: $creq requests, $crps req/s, p50 $((cp50 / 1000)) ms, p99 $((cp99 / 1000)) ms, errors $cerr"
-    echo "RSS at the end $(mb "$(kb "$CN_PID" VmRSS)"), peak $(mb "$(kb "$CN_PID" VmHWM)"); store $(du -sh "$TMP" | cut -f1)"
+    read -r creq crps cp50 cp99 cerr ccpu <"$TMP/soak.result"
+    echo "soak: $creq requests, $crps req/s, p50 $((cp50 / 1000)) ms, p99 $((cp99 / 1000)) ms, errors $cerr, daemon CPU ${ccpu} µs per request (receipt and delivery)"
+    echo "RSS at the end $(mb "$(kb "$CN_PID" VmRSS)"), peak $(mb "$(peak_kb "$CN_PID")"); store $(du -sh "$TMP" | cut -f1)"
     exit 0
 fi
 
@@ -275,7 +298,7 @@ echo "backlog: sink received $(curl -s "http://127.0.0.1:$SINK_PORT/count") POST
     "attempts recorded $(store_count "$TMP/callnotify.db" attempts)"
 echo "end-to-end delivery latency: $(latency_quantiles "$CN_PORT")"
 echo "RSS idle:  baseline $(mb "$BASE_IDLE"), callnotify $(mb "$CN_IDLE")"
-echo "RSS peak:  baseline $(mb "$(kb "$BASE_PID" VmHWM)"), callnotify $(mb "$(kb "$CN_PID" VmHWM)") (VmHWM)"
+echo "RSS peak:  baseline $(mb "$(peak_kb "$BASE_PID")"), callnotify $(mb "$(peak_kb "$CN_PID")") (VmHWM, and VmRSS sampled every 0.2 s)"
 echo "RSS after: callnotify $(mb "$(kb "$CN_PID" VmRSS)")"
 echo "store: $(du -h "$TMP/callnotify.db"* | awk '{print $1}' | paste -sd+ -) ($(ls "$TMP" | grep -c db) files)"
 stop "$CN_PID"
@@ -290,7 +313,7 @@ if [ "$HANG" = 1 ]; then
     read -r creq crps cp50 cp99 cerr ccpu < <(drive "$CN_PORT" 16 "hang" /webhooks/air "$CN_PID")
     row 16
     echo "hanging sink got $(curl -s --max-time 2 "http://127.0.0.1:$SINK_PORT/count") requests;" \
-        "callnotify RSS peak $(mb "$(kb "$CN_PID" VmHWM)"), now $(mb "$(kb "$CN_PID" VmRSS)")"
+        "callnotify RSS peak $(mb "$(peak_kb "$CN_PID")"), now $(mb "$(kb "$CN_PID" VmRSS)")"
     stop "$CN_PID"
     stop "$SINK_PID"
 fi
