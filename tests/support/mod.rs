@@ -203,23 +203,14 @@ impl Daemon {
 
     /// Runs a CLI command against this daemon's config.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_callnotify"))
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .output()
-            .expect("run the CLI")
+        self.command(args).output().expect("run the CLI")
     }
 
     /// Runs a CLI command against this daemon's config with `input` on its standard input.
     pub fn cli_with_stdin(&self, args: &[&str], input: &str) -> Output {
         use std::io::Write;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_callnotify"))
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        let mut child = self
+            .command(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -229,6 +220,16 @@ impl Daemon {
         stdin.write_all(input.as_bytes()).expect("write stdin");
         drop(stdin);
         child.wait_with_output().expect("run the CLI")
+    }
+
+    /// The binary with `args`, this daemon's config and environment.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_callnotify"));
+        cmd.args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        cmd
     }
 
     /// POSTs a webhook body with the test token.
