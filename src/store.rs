@@ -742,6 +742,13 @@ mod tests {
             .unwrap()
     }
 
+    /// A new store in a temporary directory (kept alive by the returned guard).
+    fn temp_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        (dir, store)
+    }
+
     fn owed(n: usize) -> Vec<NewDelivery> {
         (0..n)
             .map(|i| NewDelivery {
@@ -767,8 +774,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_is_stored_once_per_sid_and_event() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        let (_dir, store) = temp_store();
         let first = store
             .insert_call("CA1".into(), "POST_CALL_DATA", "{}".into(), 1, owed(2))
             .await
@@ -825,8 +831,7 @@ mod tests {
 
     #[tokio::test]
     async fn retry_later_dead_and_replay() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        let (_dir, store) = temp_store();
         store
             .insert_call("CA1".into(), "POST_CALL_DATA", "{}".into(), 0, owed(1))
             .await
@@ -871,8 +876,7 @@ mod tests {
 
     #[tokio::test]
     async fn outcomes_written_together_each_update_their_own_delivery() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        let (_dir, store) = temp_store();
         store
             .insert_call("CA1".into(), "POST_CALL_DATA", "{}".into(), 0, owed(3))
             .await
@@ -909,8 +913,7 @@ mod tests {
 
     #[tokio::test]
     async fn indexed_queries_never_scan_a_whole_table() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        let (_dir, store) = temp_store();
         for sql in [
             RESET_INFLIGHT,
             PENDING_CHANNELS,
@@ -941,8 +944,7 @@ mod tests {
 
     #[tokio::test]
     async fn pruning_goes_through_many_chunks_and_skips_unfinished_calls() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        let (_dir, store) = temp_store();
         let n = 2 * PRUNE_CHUNK + 50;
         for i in 0..n {
             store
@@ -971,8 +973,7 @@ mod tests {
 
     #[tokio::test]
     async fn pruning_keeps_calls_with_unfinished_deliveries() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        let (_dir, store) = temp_store();
         store
             .insert_call("old-done".into(), "POST_CALL_DATA", "{}".into(), 0, owed(1))
             .await
@@ -1013,8 +1014,7 @@ mod tests {
 
     #[tokio::test]
     async fn many_concurrent_writers_share_commits() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        let (_dir, store) = temp_store();
         let tasks: Vec<_> = (0..200)
             .map(|i| {
                 let s = store.clone();
@@ -1036,8 +1036,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failing_job_does_not_undo_its_batch_neighbours() {
         use std::sync::atomic::{AtomicUsize, Ordering};
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        let (_dir, store) = temp_store();
         // Hold the writer so that the next three jobs queue up and commit as one batch.
         let (started, holding) = std::sync::mpsc::channel();
         let hold = tokio::spawn({
