@@ -90,17 +90,29 @@ impl Shared {
                 });
             }
         };
-        let channels: Vec<String> = live.config.channels.keys().cloned().collect();
+        let channels = live.config.channels.len();
         self.live.store(Arc::new(live));
         crate::metrics::reload("success");
-        tracing::info!(trigger, channels = channels.len(), "config reloaded");
-        if let Ok(n) = self.store.kill_orphans(channels, self.clock.now_ms()).await {
-            if n > 0 {
-                tracing::warn!(deliveries = n, "deliveries for removed channels are now dead; replay them after restoring the channel");
-            }
-        }
+        tracing::info!(trigger, channels, "config reloaded");
+        self.dead_letter_orphans().await;
         self.worker.wake();
         Ok(())
+    }
+
+    /// Pending deliveries whose channel is not in the running config would wait for a lane that
+    /// never comes: they go dead, visible and replayable. Runs after each reload and every few
+    /// seconds, which also catches rows left by a config changed while the daemon was stopped,
+    /// committed by a call matched just before a reload, or replayed before the channel is back.
+    pub async fn dead_letter_orphans(&self) {
+        let channels = self.live.load().config.channels.keys().cloned().collect();
+        match self.store.kill_orphans(channels, self.clock.now_ms()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                deliveries = n,
+                "deliveries for channels no longer in the config are now dead; replay them after restoring the channel"
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot check for deliveries of removed channels"),
+        }
     }
 
     pub fn note_call(&self, now_ms: i64) {
@@ -303,6 +315,7 @@ async fn background(
             _ = tick.tick() => {
                 let now = shared.clock.now_ms();
                 let live = shared.live.load_full();
+                shared.dead_letter_orphans().await;
                 if let Ok(stats) = shared.store.stats().await {
                     crate::metrics::queue(&stats, now);
                 }

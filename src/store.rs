@@ -233,8 +233,10 @@ CREATE TABLE IF NOT EXISTS meta (
 const RESET_INFLIGHT: &str = "UPDATE deliveries SET status = 'pending', next_attempt_at = MIN(next_attempt_at, ?1), updated_at = ?1
                  WHERE status != 'done' AND status = 'sending'";
 
-/// Channels with pending deliveries.
-const PENDING_CHANNELS: &str = "SELECT DISTINCT channel FROM deliveries WHERE status = 'pending'";
+/// The first channel after ?1 with pending deliveries: one index seek, so listing the channels
+/// costs a seek per channel however long the backlog is (a `DISTINCT` would walk all of it).
+const NEXT_PENDING_CHANNEL: &str =
+    "SELECT MIN(channel) FROM deliveries WHERE status = 'pending' AND channel > ?1";
 
 /// When a channel's next pending delivery falls due.
 const NEXT_DUE: &str =
@@ -373,11 +375,17 @@ impl Store {
     /// visible and can be replayed once the channel is back.
     pub async fn kill_orphans(&self, channels: Vec<String>, now: i64) -> Result<usize, StoreError> {
         self.run(move |conn| {
+            let mut pending: Vec<String> = Vec::new();
+            let mut next = conn.prepare_cached(NEXT_PENDING_CHANNEL)?;
+            let mut after = String::new();
+            while let Some(ch) =
+                next.query_row(params![after], |r| r.get::<_, Option<String>>(0))?
+            {
+                after.clone_from(&ch);
+                pending.push(ch);
+            }
+            drop(next);
             let mut n = 0;
-            let mut stmt = conn.prepare(PENDING_CHANNELS)?;
-            let pending: Vec<String> = stmt
-                .query_map([], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
             for ch in pending.into_iter().filter(|c| !channels.contains(c)) {
                 n += conn.execute(
                     "UPDATE deliveries SET status = 'dead', updated_at = ?2,
@@ -830,6 +838,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn pending_deliveries_of_removed_channels_are_marked_dead() {
+        let (_dir, store) = temp_store();
+        for (sid, channels) in [("CA1", ["a", "gone"]), ("CA2", ["b", "gone2"])] {
+            let owed = channels
+                .iter()
+                .enumerate()
+                .map(|(i, ch)| NewDelivery {
+                    rule: "r".into(),
+                    action_idx: i,
+                    action: action(ch),
+                })
+                .collect();
+            store
+                .insert_call(sid.into(), "POST_CALL_DATA", "{}".into(), 1, owed)
+                .await
+                .unwrap();
+        }
+        // A claimed (sending) delivery of a removed channel is left to its lane.
+        assert_eq!(store.claim("gone2".into(), 1, 5).await.unwrap().len(), 1);
+        let keep = vec!["a".to_string(), "b".to_string()];
+        assert_eq!(store.kill_orphans(keep.clone(), 2).await.unwrap(), 1);
+        assert_eq!(store.kill_orphans(keep, 3).await.unwrap(), 0);
+        let dead = store.list(Some("dead".into()), None, 10).await.unwrap();
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        assert_eq!(dead[0].channel, "gone");
+        assert_eq!(
+            dead[0].last_error.as_deref(),
+            Some("channel gone is no longer in the config")
+        );
+        let stats = store.stats().await.unwrap();
+        assert_eq!((stats.pending, stats.sending, stats.dead), (2, 1, 1));
+    }
+
+    #[tokio::test]
     async fn retry_later_dead_and_replay() {
         let (_dir, store) = temp_store();
         store
@@ -916,7 +958,7 @@ mod tests {
         let (_dir, store) = temp_store();
         for sql in [
             RESET_INFLIGHT,
-            PENDING_CHANNELS,
+            NEXT_PENDING_CHANNEL,
             NEXT_DUE,
             CLAIM,
             PRUNE_NEXT,

@@ -301,6 +301,47 @@ async fn dead_deliveries_are_listed_and_replayed_with_the_cli() {
 }
 
 #[tokio::test]
+async fn deliveries_for_a_channel_no_longer_configured_go_dead_and_stay_visible() {
+    let tpl = templates();
+    let slack = FakeSlack::start().await;
+    slack.set_default(Reply::status(500, "internal_error"));
+    let delivery = r#"{ retry_schedule: ["1h"], request_timeout: "1s" }"#;
+    let mut d = Daemon::start(&slack_only(tpl.path(), &slack, delivery));
+    accept(&d, "CAorphan").await;
+    eventually("the first attempt to be recorded", WAIT, || {
+        let rows = d.deliveries(Some("pending"));
+        (rows.len() == 1 && rows[0]["attempts"] == 1).then_some(())
+    })
+    .await;
+
+    // The channel is renamed while the daemon is stopped: its owed delivery has no lane.
+    assert_eq!(d.terminate(), Some(0));
+    let yaml = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(&d.config, yaml.replace("sales", "sales_us")).unwrap();
+    d.spawn();
+    let rows = d.wait_settled(WAIT).await;
+    let row = by_sid(&rows, "CAorphan");
+    assert_eq!(row["status"], "dead", "{row}");
+    assert_eq!(
+        row["last_error"], "channel sales is no longer in the config",
+        "{row}"
+    );
+
+    // Replayed before the channel is back: dead again, not stranded in the queue.
+    let out = d.cli(&["deliveries", "retry", "--all-dead"]);
+    assert!(out.status.success());
+    let rows = d.wait_settled(WAIT).await;
+    let row = by_sid(&rows, "CAorphan");
+    assert_eq!(row["status"], "dead", "{row}");
+    assert_eq!(row["attempts"], 0, "requeued by the replay: {row}");
+    assert_eq!(
+        slack.received().len(),
+        1,
+        "nothing was sent to the old channel"
+    );
+}
+
+#[tokio::test]
 async fn give_up_after_ends_in_dead() {
     let tpl = templates();
     let slack = FakeSlack::start().await;
