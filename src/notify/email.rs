@@ -106,18 +106,23 @@ impl Transport {
         }
     }
 
+    /// The most recently used idle connection, if it is young enough and answers NOOP in time.
+    /// Otherwise every idle connection is dropped: the others have been idle longer, and a
+    /// server or network path that failed one has likely failed them all. They are closed
+    /// without QUIT, whose answer could be waited for without end on a silent connection.
     async fn reuse(&self) -> Option<AsyncSmtpConnection> {
-        loop {
-            let (mut conn, since) = self.idle.lock().ok()?.pop()?;
-            if since.elapsed() < IDLE_TIMEOUT
-                && tokio::time::timeout(self.smtp.timeout, conn.test_connected())
-                    .await
-                    .unwrap_or(false)
-            {
-                return Some(conn);
-            }
-            conn.abort().await;
+        let (mut conn, since) = self.idle.lock().ok()?.pop()?;
+        if since.elapsed() < IDLE_TIMEOUT
+            && tokio::time::timeout(self.smtp.timeout, conn.test_connected())
+                .await
+                .unwrap_or(false)
+        {
+            return Some(conn);
         }
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.clear();
+        }
+        None
     }
 
     fn put_back(&self, conn: AsyncSmtpConnection) {
@@ -350,6 +355,80 @@ pub fn classify(e: &lettre::transport::smtp::Error) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An SMTP peer on 127.0.0.1 that takes one message per connection and then reads
+    /// without ever answering again (a server that hangs, or a path that drops packets).
+    async fn goes_silent_after_one_message() -> std::net::SocketAddr {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (r, mut w) = sock.into_split();
+                    let mut lines = BufReader::new(r).lines();
+                    w.write_all(b"220 test ESMTP\r\n").await.unwrap();
+                    let mut in_data = false;
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        let reply: &[u8] = if in_data {
+                            if line != "." {
+                                continue;
+                            }
+                            in_data = false;
+                            b"250 queued\r\n"
+                        } else if line.starts_with("EHLO") {
+                            b"250 test\r\n"
+                        } else if line.starts_with("MAIL") || line.starts_with("RCPT") {
+                            b"250 ok\r\n"
+                        } else if line.starts_with("DATA") {
+                            in_data = true;
+                            b"354 go on\r\n"
+                        } else {
+                            // NOOP, QUIT, anything after the message: no answer, ever.
+                            std::future::pending::<()>().await;
+                            unreachable!()
+                        };
+                        w.write_all(reply).await.unwrap();
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    fn message() -> lettre::Message {
+        let from: Mailbox = "calls@example.com".parse().unwrap();
+        let to = vec!["a@example.com".parse().unwrap()];
+        let parts = EmailParts {
+            to: vec![],
+            subject: "s".into(),
+            text: Some("body".into()),
+            html: None,
+        };
+        build(&from, &to, &parts).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_that_went_silent_costs_one_timeout_not_a_hang() {
+        let addr = goes_silent_after_one_message().await;
+        let t = transport(&SmtpConfig {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+            tls: SmtpTls::None,
+            username: None,
+            password: None,
+            timeout: Duration::from_millis(500),
+        })
+        .unwrap();
+        t.send(message()).await.unwrap();
+        assert_eq!(t.idle.lock().unwrap().len(), 1);
+        // The pooled connection never answers its NOOP: after one timeout the message goes
+        // out on a new connection (it used to wait for ever on the QUIT that closed the old).
+        let second = tokio::time::timeout(Duration::from_secs(10), t.send(message()))
+            .await
+            .expect("the second send hung");
+        assert!(second.is_ok(), "{second:?}");
+    }
 
     #[test]
     fn recipients_are_validated_one_by_one() {
