@@ -748,6 +748,27 @@ fn from_tree(path: &Path, tree: Value, problems: &mut Vec<Problem>) -> Option<Co
             ));
             return None;
         }
+        // A wait under a second would retry a failing destination in a tight loop.
+        if let Some(w) = d
+            .retry_schedule
+            .iter()
+            .find(|w| *w < &Duration::from_secs(1))
+        {
+            problems.push(Problem::new(
+                "delivery.retry_schedule",
+                format!(
+                    "{} is too short: each wait must be at least 1s",
+                    humantime::format_duration(*w)
+                ),
+            ));
+        }
+        // Zero would time out every request, some of them after Slack took the message.
+        if d.request_timeout.is_zero() {
+            problems.push(Problem::new(
+                "delivery.request_timeout",
+                "must be greater than 0",
+            ));
+        }
         Some(DeliveryConfig {
             retry_schedule: d.retry_schedule,
             give_up_after: d.give_up_after,
@@ -927,6 +948,12 @@ fn build_channel(
             };
             if smtp.host.trim().is_empty() {
                 problems.push(Problem::new(format!("{at}.smtp.host"), "must not be empty"));
+            }
+            if smtp.timeout.is_zero() {
+                problems.push(Problem::new(
+                    format!("{at}.smtp.timeout"),
+                    "must be greater than 0",
+                ));
             }
             if smtp.username.is_some() != smtp.password.is_some() {
                 problems.push(Problem::new(
@@ -1252,6 +1279,34 @@ rules:
             "{places:?}"
         );
         assert!(err.to_string().contains("unknown field `colour`"), "{err}");
+    }
+
+    #[test]
+    fn timeouts_of_zero_and_retries_in_a_tight_loop_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            r#"
+templates_dir: "{t}"
+server: { tokens: ["0123456789abcdef"] }
+delivery: { request_timeout: "0s", retry_schedule: ["5s", "200ms"] }
+channels:
+  e: { type: email, smtp: { host: "h", timeout: "0s" }, from: "x@example.com" }
+rules: []
+"#,
+        );
+        let err = load_with_env(&p, &env(&[])).unwrap_err();
+        let places: Vec<&str> = err.problems.iter().map(|p| p.at.as_str()).collect();
+        assert_eq!(
+            places,
+            [
+                "channels.e.smtp.timeout",
+                "delivery.retry_schedule",
+                "delivery.request_timeout"
+            ],
+            "{err}"
+        );
+        assert!(err.to_string().contains("200ms is too short"), "{err}");
     }
 
     #[test]
