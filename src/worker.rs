@@ -102,7 +102,9 @@ pub struct Pauses(HashMap<String, Instant>);
 impl Pauses {
     /// Nothing goes to `key` for `after` from `now`; a longer pause already in force stays.
     pub fn pause(&mut self, key: String, after: Duration, now: Instant) {
-        let until = now + after;
+        let until = now
+            .checked_add(after)
+            .unwrap_or_else(|| now + notify::slack::MAX_RATE_LIMIT_WAIT);
         let entry = self.0.entry(key).or_insert(until);
         *entry = (*entry).max(until);
     }
@@ -569,6 +571,12 @@ mod tests {
         tokio::time::advance(S(10)).await;
         assert_eq!(p.remaining("hook", Instant::now()), Duration::ZERO);
         assert!(p.0.is_empty(), "an expired pause is forgotten");
+        // A pause past what an Instant can hold does not panic the lane.
+        p.pause("hook".into(), Duration::MAX, Instant::now());
+        assert_eq!(
+            p.remaining("hook", Instant::now()),
+            notify::slack::MAX_RATE_LIMIT_WAIT
+        );
     }
 
     #[tokio::test(start_paused = true)]

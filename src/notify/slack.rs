@@ -10,6 +10,9 @@ use super::{error_chain, excerpt, Outcome};
 
 /// Wait used for a 429 that names no `Retry-After`.
 pub const DEFAULT_RATE_LIMIT_WAIT: Duration = Duration::from_secs(30);
+/// The longest `Retry-After` taken at its word (Slack asks for seconds); a larger one, up to
+/// `u64::MAX`, would otherwise overflow the pause's deadline.
+pub const MAX_RATE_LIMIT_WAIT: Duration = Duration::from_secs(3600);
 
 pub async fn send(client: &reqwest::Client, url: &SecretString, body: &Value) -> Outcome {
     let response = client.post(url.expose_secret()).json(body).send().await;
@@ -43,7 +46,7 @@ pub fn classify(status: u16, retry_after: Option<&str>, body: &str) -> Outcome {
             after: Some(
                 retry_after
                     .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(Duration::from_secs)
+                    .map(|secs| Duration::from_secs(secs).min(MAX_RATE_LIMIT_WAIT))
                     .unwrap_or(DEFAULT_RATE_LIMIT_WAIT),
             ),
             error: said,
@@ -305,6 +308,12 @@ mod tests {
         );
         assert!(
             matches!(classify(429, None, ""), Outcome::Retry { after: Some(d), .. } if d == DEFAULT_RATE_LIMIT_WAIT)
+        );
+        // A huge Retry-After is capped: taken as is it overflowed the lane's pause and panicked.
+        let huge = classify(429, Some("18446744073709551615"), "");
+        assert!(
+            matches!(huge, Outcome::Retry { after: Some(d), .. } if d == MAX_RATE_LIMIT_WAIT),
+            "{huge:?}"
         );
         assert!(matches!(
             classify(500, None, ""),
