@@ -230,10 +230,19 @@ mod compat {
 }
 
 /// Validates recipients: the good ones, and a note about each that is not an address.
+/// Beyond this many recipients a message's further addresses are skipped and noted, so a lead
+/// field rendered into `to` cannot turn one notification into a mailing to a list it carries.
+pub const MAX_RECIPIENTS: usize = 20;
+
 pub fn recipients(to: &[String]) -> (Vec<Mailbox>, Vec<String>) {
     let mut good = Vec::new();
     let mut bad = Vec::new();
+    let mut over = 0;
     for r in to {
+        if good.len() == MAX_RECIPIENTS {
+            over += 1;
+            continue;
+        }
         if r.chars().any(char::is_control) {
             bad.push(format!(
                 "{:?} is not an address (control characters)",
@@ -245,6 +254,11 @@ pub fn recipients(to: &[String]) -> (Vec<Mailbox>, Vec<String>) {
             Ok(m) => good.push(m),
             Err(e) => bad.push(format!("{:?} is not an address ({e})", excerpt(r, 80))),
         }
+    }
+    if over > 0 {
+        bad.push(format!(
+            "{over} more recipients (at most {MAX_RECIPIENTS} per message)"
+        ));
     }
     (good, bad)
 }
@@ -440,6 +454,20 @@ mod tests {
         ]);
         assert_eq!(good.len(), 2);
         assert_eq!(bad.len(), 2);
+    }
+
+    #[test]
+    fn a_list_in_lead_data_cannot_become_a_mailing() {
+        let many: Vec<String> = (0..1000).map(|i| format!("r{i}@example.com")).collect();
+        let (good, bad) = recipients(&many);
+        assert_eq!(good.len(), MAX_RECIPIENTS);
+        assert_eq!(good[0].email.to_string(), "r0@example.com");
+        assert_eq!(
+            bad,
+            [format!(
+                "980 more recipients (at most {MAX_RECIPIENTS} per message)"
+            )]
+        );
     }
 
     #[test]
