@@ -83,7 +83,7 @@ where
         matches!(surface, Surface::Main { .. }) && path == live.config.server.webhook_path;
     let allowed: &[Method] = match path {
         _ if is_webhook => &[Method::POST],
-        "/healthz" | "/readyz" | "/metrics" => &[Method::GET, Method::HEAD],
+        "/healthz" | "/readyz" | "/metrics" if admin => &[Method::GET, Method::HEAD],
         "/-/reload" if admin => &[Method::POST],
         _ => {
             return error(

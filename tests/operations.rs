@@ -445,7 +445,8 @@ async fn a_separate_admin_listener_serves_the_admin_endpoints_only() {
             .0,
         404
     );
-    // The public listener takes calls but not reloads.
+    // The public listener takes calls and nothing else: no reloads, and neither metrics (rule
+    // and channel names, call volumes) nor probes (a readiness check writes to the store).
     assert_eq!(
         http()
             .post(d.url("/-/reload"))
@@ -456,6 +457,13 @@ async fn a_separate_admin_listener_serves_the_admin_endpoints_only() {
             .as_u16(),
         404
     );
+    for path in ["/metrics", "/readyz", "/healthz"] {
+        assert_eq!(
+            get(&d.url(path)).await.0,
+            404,
+            "{path} on the public listener"
+        );
+    }
     assert_eq!(d.post(FIXTURE).await.0, 200);
 }
 
