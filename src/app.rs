@@ -71,10 +71,32 @@ impl Shared {
             }
         };
         let old = self.live.load_full();
-        if config.server.listen != old.config.server.listen
-            || config.store.path != old.config.store.path
-        {
-            tracing::warn!("server.listen and store.path take effect only after a restart");
+        let (was, now) = (&old.config, &config);
+        let restart_only = [
+            ("server.listen", was.server.listen != now.server.listen),
+            ("store.path", was.store.path != now.store.path),
+            (
+                "store.synchronous",
+                was.store.synchronous != now.store.synchronous,
+            ),
+            (
+                "server.max_connections",
+                was.server.max_connections != now.server.max_connections,
+            ),
+            (
+                "server.header_read_timeout",
+                was.server.header_read_timeout != now.server.header_read_timeout,
+            ),
+            (
+                "admin.listen",
+                was.admin.as_ref().map(|a| a.listen) != now.admin.as_ref().map(|a| a.listen),
+            ),
+        ];
+        for (setting, _) in restart_only.iter().filter(|(_, changed)| *changed) {
+            tracing::warn!(
+                setting,
+                "{setting} changed: it takes effect only after a restart; the rest of the new config applies now"
+            );
         }
         for w in &config.warnings {
             tracing::warn!("{w}");

@@ -411,6 +411,17 @@ async fn with_watch_config_an_edited_file_is_reloaded() {
     .await;
     let (_, body) = d.post(&with_sid(FIXTURE, "CAw1")).await;
     assert_eq!(body["rules"], serde_json::json!(["every_call", "watched"]));
+
+    // A setting read only at start is named, not silently ignored.
+    let edited = format!("{original}{extra}")
+        .replace("  tokens:", "  header_read_timeout: \"3s\"\n  tokens:");
+    std::fs::write(&d.config, edited).unwrap();
+    eventually("a warning about the restart-only setting", WAIT, || {
+        d.logs()
+            .contains("server.header_read_timeout changed: it takes effect only after a restart")
+            .then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
