@@ -207,7 +207,48 @@ fn check_report(config: &Config) -> (Vec<String>, Vec<Problem>) {
             }
         }
     }
+    if let Some(q) = &config.quiet_alert {
+        problems.extend(quiet_alert_problems(config, q));
+        lines.push(format!(
+            "quiet_alert: both messages rendered for channel {:?}",
+            q.channel
+        ));
+    }
     (lines, problems)
+}
+
+/// Renders the quiet-period alert and its all-clear as they would be sent, and checks the
+/// alert's recipients: a mistake there would surface only on the day calls stop.
+fn quiet_alert_problems(config: &Config, q: &crate::config::QuietAlertConfig) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    for quiet in [true, false] {
+        let (_, body, action) =
+            crate::quiet::notification(q, quiet, "2 hours", "2026-01-05T09:00:00+00:00", 0);
+        let at = format!("quiet_alert ({} via {})", action.template, action.channel);
+        let rendered = serde_json::from_value(body)
+            .map_err(|e| e.to_string())
+            .and_then(|raw| payload::from_call_object(raw).map_err(|e| e.to_string()))
+            .and_then(|call| render_action(config, "quiet_alert", &action, &call));
+        match rendered {
+            Err(e) => problems.push(Problem::new(&at, e)),
+            Ok(Message::Slack { body }) => {
+                for r in slack_rejects(&body) {
+                    problems.push(Problem::new(&at, format!("Slack would reject this: {r}")));
+                }
+            }
+            Ok(Message::Email(parts)) if quiet => {
+                let (good, bad) = notify::email::recipients(&parts.to);
+                for b in bad {
+                    problems.push(Problem::new("quiet_alert.to", b));
+                }
+                if good.is_empty() {
+                    problems.push(Problem::new("quiet_alert.to", "no valid recipient"));
+                }
+            }
+            Ok(_) => {}
+        }
+    }
+    problems
 }
 
 /// `callnotify check`: the report and whether all is well.

@@ -86,10 +86,10 @@ impl QuietAlert {
             self.alerted_at.unwrap_or(0),
             now_ms,
         );
-        let (event, template) = match decision {
+        let quiet = match decision {
             Decision::Nothing => return,
-            Decision::AlertQuiet => ("QUIET_ALERT", "builtin/quiet"),
-            Decision::AlertResumed => ("CALLS_RESUMED", "builtin/resumed"),
+            Decision::AlertQuiet => true,
+            Decision::AlertResumed => false,
         };
         let quiet_for = duration_human(((now_ms - since).max(0) / 1000) as f64);
         let last_at = if last > 0 {
@@ -101,22 +101,7 @@ impl QuietAlert {
         } else {
             "none since start".into()
         };
-        let body = serde_json::json!({
-            "sid": format!("{}-{now_ms}", event.to_ascii_lowercase()),
-            "cachedLeadName": "callnotify",
-            "quietFor": quiet_for,
-            "lastCallAt": last_at,
-        });
-        let action = Action {
-            channel: cfg.channel.clone(),
-            template: template.into(),
-            to: cfg.to.clone(),
-            subject: Some(if decision == Decision::AlertQuiet {
-                format!("callnotify: no calls for {quiet_for}")
-            } else {
-                "callnotify: calls are arriving again".into()
-            }),
-        };
+        let (event, body, action) = notification(cfg, quiet, &quiet_for, &last_at, now_ms);
         let owed = vec![NewDelivery {
             rule: "quiet_alert".into(),
             action_idx: 0,
@@ -130,15 +115,46 @@ impl QuietAlert {
         {
             Ok(_) => {
                 tracing::warn!(event, quiet_for = %quiet_for, channel = %cfg.channel, "quiet-period alert queued");
-                self.alerted_at = match decision {
-                    Decision::AlertQuiet => Some(now_ms),
-                    _ => None,
-                };
+                self.alerted_at = quiet.then_some(now_ms);
                 shared.worker.wake();
             }
             Err(e) => tracing::error!(error = %e, "cannot queue the quiet-period alert"),
         }
     }
+}
+
+/// The alert as a notification: its event, the synthetic call it renders against (`quietFor`,
+/// `lastCallAt`) and the action sending it. `check` renders it too, so a broken template or
+/// recipient shows up before the day it is needed.
+pub fn notification(
+    cfg: &QuietAlertConfig,
+    quiet: bool,
+    quiet_for: &str,
+    last_at: &str,
+    now_ms: i64,
+) -> (&'static str, serde_json::Value, Action) {
+    let (event, template) = if quiet {
+        ("QUIET_ALERT", "builtin/quiet")
+    } else {
+        ("CALLS_RESUMED", "builtin/resumed")
+    };
+    let body = serde_json::json!({
+        "sid": format!("{}-{now_ms}", event.to_ascii_lowercase()),
+        "cachedLeadName": "callnotify",
+        "quietFor": quiet_for,
+        "lastCallAt": last_at,
+    });
+    let action = Action {
+        channel: cfg.channel.clone(),
+        template: template.into(),
+        to: cfg.to.clone(),
+        subject: Some(if quiet {
+            format!("callnotify: no calls for {quiet_for}")
+        } else {
+            "callnotify: calls are arriving again".into()
+        }),
+    };
+    (event, body, action)
 }
 
 #[cfg(test)]

@@ -324,6 +324,15 @@ async fn check_passes_on_the_shipped_configs() {
     }
 }
 
+/// `callnotify check --config PATH`, run to the end.
+fn check_config(cfg: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"))
+        .args(["check", "--config"])
+        .arg(cfg)
+        .output()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_lists_every_problem_and_exits_1() {
     let dir = tempfile::tempdir().unwrap();
@@ -349,11 +358,7 @@ rules:
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"))
-        .args(["check", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = check_config(&cfg);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     for want in [
@@ -371,14 +376,66 @@ rules:
         .replace("gtee", "gte")
         .replace("channel: nope", "channel: s");
     std::fs::write(&cfg, fixed).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"))
-        .args(["check", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = check_config(&cfg);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("lead_nmae"), "{stdout}");
+}
+
+#[test]
+fn check_renders_the_quiet_alert_and_checks_its_recipients() {
+    let dir = tempfile::tempdir().unwrap();
+    let tpl = dir.path().join("t");
+    std::fs::create_dir_all(tpl.join("builtin")).unwrap();
+    let cfg = dir.path().join("c.yaml");
+    let check = |quiet_alert: &str| {
+        std::fs::write(
+            &cfg,
+            format!(
+                r#"
+templates_dir: "{}"
+server: {{ tokens: ["0123456789abcdef"] }}
+channels:
+  ops_mail: {{ type: email, smtp: {{ host: "127.0.0.1" }}, from: "calls@example.com" }}
+  ops_slack: {{ type: slack, webhook_url: "https://hooks.slack.com/x" }}
+rules: []
+quiet_alert: {quiet_alert}
+"#,
+                tpl.display()
+            ),
+        )
+        .unwrap();
+        let out = check_config(&cfg);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    let (code, text) = check(r#"{ after: "2h", channel: ops_mail, to: ["ops@example.com"] }"#);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("quiet_alert: both messages rendered"),
+        "{text}"
+    );
+
+    let (code, text) =
+        check(r#"{ after: "2h", channel: ops_mail, to: ["ops@example.com", "ops@@example.com"] }"#);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("quiet_alert.to") && text.contains("ops@@example.com"),
+        "{text}"
+    );
+
+    // A mistyped override of the alert's template is caught now, not on the quiet day.
+    std::fs::write(tpl.join("builtin/quiet.hbs"), "No calls for {{quietFro}}").unwrap();
+    let (code, text) = check(r#"{ after: "2h", channel: ops_slack }"#);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("quiet_alert (builtin/quiet via ops_slack)") && text.contains("quietFro"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
