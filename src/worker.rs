@@ -122,6 +122,20 @@ impl Pauses {
     }
 }
 
+/// Runs `fut`; a panic inside it comes back as `Err` with its message.
+async fn unless_it_panics<T>(fut: impl std::future::Future<Output = T>) -> Result<T, String> {
+    use futures_util::FutureExt;
+    std::panic::AssertUnwindSafe(fut)
+        .catch_unwind()
+        .await
+        .map_err(|p| {
+            p.downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".into())
+        })
+}
+
 /// An outcome on its way to the store, holding one of the lane's `ahead` slots until written.
 type Unrecorded = (Attempt, tokio::sync::OwnedSemaphorePermit);
 
@@ -313,12 +327,18 @@ impl Worker {
         async move {
             let live = self.live.load_full();
             let started = std::time::Instant::now();
-            let outcome = match self.attempt(&live, &d, shutdown).await {
-                Some(o) => o,
-                None => {
+            let outcome = match unless_it_panics(self.attempt(&live, &d, shutdown)).await {
+                Ok(Some(o)) => o,
+                Ok(None) => {
                     let _ = self.store.release(d.id).await;
                     return None;
                 }
+                // A bug met while rendering or sending: the delivery goes dead with the reason
+                // (replayable once fixed) instead of taking the lane down with it and staying
+                // `sending` until the next start.
+                Err(panic) => Outcome::Permanent {
+                    error: format!("internal error, a bug in callnotify (please report it): {panic}"),
+                },
             };
             if let (Outcome::Retry { after: Some(after), .. }, Some(channel)) =
                 (&outcome, live.config.channels.get(&d.channel))
@@ -576,6 +596,23 @@ mod tests {
         assert_eq!(
             p.remaining("hook", Instant::now()),
             notify::slack::MAX_RATE_LIMIT_WAIT
+        );
+    }
+
+    #[tokio::test]
+    async fn a_panic_while_sending_becomes_an_error_not_a_dead_lane() {
+        assert_eq!(unless_it_panics(async { 7 }).await, Ok(7));
+        let id = 42;
+        let err = unless_it_panics(async move {
+            if id == 42 {
+                panic!("index out of bounds for delivery {id}");
+            }
+        })
+        .await;
+        assert_eq!(err, Err("index out of bounds for delivery 42".into()));
+        assert_eq!(
+            unless_it_panics(async { std::panic::panic_any(3u8) }).await,
+            Err::<(), _>("a panic without a message".into())
         );
     }
 
