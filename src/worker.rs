@@ -366,7 +366,7 @@ impl Worker {
             match &recorded {
                 Recorded::Done => {
                     crate::metrics::delivered_after(&d.channel, (now - d.received_at).max(0) as f64 / 1000.0);
-                    tracing::info!(outcome = label, latency_ms, "delivered");
+                    tracing::info!(outcome = label, latency_ms, detail = detail.as_deref().unwrap_or(""), "delivered");
                 }
                 Recorded::Retry { next_attempt_at } => {
                     let wait = Duration::from_millis((next_attempt_at - now).max(0) as u64);

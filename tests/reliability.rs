@@ -227,6 +227,56 @@ async fn smtp_4xx_is_retried_and_5xx_is_dead() {
 }
 
 #[tokio::test]
+async fn a_recipient_the_server_refuses_does_not_cost_the_others_the_email() {
+    let tpl = templates();
+    let smtp = Smtp::start();
+    let channels = format!(
+        "  mail:\n    type: email\n    smtp: {{ host: \"127.0.0.1\", port: {}, tls: none }}\n    from: \"Call Bot <calls@example.com>\"\n",
+        smtp.port
+    );
+    let d = Daemon::start(&config(
+        tpl.path(),
+        FAST,
+        &channels,
+        r#"[{ channel: mail, to: ["a@example.com", "unknown-owner@example.com", "b@example.com"], subject: "{{sid}}", template: email/sid }]"#,
+    ));
+    accept(&d, "CArcpt").await;
+    let mails = smtp.wait_messages(1, WAIT).await;
+    assert_eq!(
+        mails[0]["rcpt_tos"],
+        serde_json::json!(["a@example.com", "b@example.com"])
+    );
+    let rows = d.wait_settled(WAIT).await;
+    let row = by_sid(&rows, "CArcpt");
+    assert_eq!(row["status"], "done", "{row}");
+    assert_eq!(row["attempts"], 1, "{row}");
+    // The refusal is in the log line of the delivery, for whoever fixes the address.
+    let log = d.logs();
+    let line = log
+        .lines()
+        .find(|l| l.contains("\"delivered\"") && l.contains("CArcpt"))
+        .unwrap_or_else(|| panic!("no delivered line for CArcpt:\n{log}"));
+    assert!(
+        line.contains("unknown-owner@example.com refused") && line.contains("550"),
+        "{line}"
+    );
+
+    // Every recipient refused: the message is dead with the server's answer, as before.
+    let d2 = Daemon::start(&config(
+        tpl.path(),
+        FAST,
+        &channels,
+        r#"[{ channel: mail, to: ["unknown@example.com"], subject: "{{sid}}", template: email/sid }]"#,
+    ));
+    accept(&d2, "CAnobody").await;
+    let rows = d2.wait_settled(WAIT).await;
+    let row = by_sid(&rows, "CAnobody");
+    assert_eq!(row["status"], "dead", "{row}");
+    assert!(row["last_error"].as_str().unwrap().contains("550"), "{row}");
+    assert_eq!(smtp.messages().len(), 1);
+}
+
+#[tokio::test]
 async fn an_smtp_server_that_is_down_is_retried() {
     let tpl = templates();
     // A port with nothing listening: connection refused.

@@ -12,11 +12,13 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use lettre::address::Envelope;
 use lettre::message::header::ContentType;
 use lettre::message::{Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream, TlsParameters};
-use lettre::transport::smtp::extension::ClientId;
+use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
+use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use lettre::transport::smtp::response::Response;
 use secrecy::ExposeSecret;
 
@@ -54,6 +56,68 @@ pub enum SendError {
     /// The TCP connection could not be made.
     Connect(std::io::Error),
     Timeout(&'static str),
+    /// The server cannot take this message as it is (a capability it lacks).
+    Unsupported(&'static str),
+}
+
+/// A message the server took: its answer, and each recipient it refused for good.
+#[derive(Debug)]
+pub struct Sent {
+    pub response: Response,
+    pub refused: Vec<String>,
+}
+
+/// One mail transaction: MAIL, RCPT per recipient, DATA, as lettre's `send` does, except that a
+/// recipient the server refuses for good (5xx, e.g. "user unknown") is noted and skipped while
+/// any other is accepted: one stale address must not cost everybody else the message. A
+/// transient refusal (4xx) fails the whole message before anything is sent, so it is retried
+/// for all. On any error the caller drops the connection, mid-transaction as it may be.
+async fn transaction(
+    conn: &mut AsyncSmtpConnection,
+    envelope: &Envelope,
+    email: &[u8],
+) -> Result<Sent, SendError> {
+    let mut options = Vec::new();
+    let ascii = |a: &lettre::Address| AsRef::<str>::as_ref(a).is_ascii();
+    if !envelope.from().into_iter().chain(envelope.to()).all(ascii) {
+        if !conn.server_info().supports_feature(Extension::SmtpUtfEight) {
+            return Err(SendError::Unsupported(
+                "a recipient or sender address is not ASCII and the server does not offer SMTPUTF8",
+            ));
+        }
+        options.push(MailParameter::SmtpUtfEight);
+    }
+    if !email.is_ascii() {
+        if !conn.server_info().supports_feature(Extension::EightBitMime) {
+            return Err(SendError::Unsupported(
+                "the message is not ASCII and the server does not offer 8BITMIME",
+            ));
+        }
+        options.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+    }
+    conn.command(Mail::new(envelope.from().cloned(), options))
+        .await
+        .map_err(SendError::Smtp)?;
+    let mut refused = Vec::new();
+    let mut last_refusal = None;
+    for to in envelope.to() {
+        match conn.command(Rcpt::new(to.clone(), vec![])).await {
+            Ok(_) => {}
+            Err(e) if e.is_permanent() => {
+                refused.push(format!("{to} refused: {}", error_chain(&e)));
+                last_refusal = Some(e);
+            }
+            Err(e) => return Err(SendError::Smtp(e)),
+        }
+    }
+    if refused.len() == envelope.to().len() {
+        if let Some(e) = last_refusal {
+            return Err(SendError::Smtp(e));
+        }
+    }
+    conn.command(Data).await.map_err(SendError::Smtp)?;
+    let response = conn.message(email).await.map_err(SendError::Smtp)?;
+    Ok(Sent { response, refused })
 }
 
 /// Builds the pooled transport for one channel.
@@ -83,8 +147,9 @@ pub fn transport(s: &SmtpConfig) -> Result<Transport, String> {
 
 impl Transport {
     /// Sends one message on an idle connection (checked with NOOP) or a new one. A connection
-    /// goes back to the pool only after a clean send.
-    pub async fn send(&self, message: lettre::Message) -> Result<Response, SendError> {
+    /// goes back to the pool only after a clean send. On success, also the recipients the
+    /// server refused for good (see [`transaction`]).
+    pub async fn send(&self, message: lettre::Message) -> Result<Sent, SendError> {
         let limit = self.smtp.timeout;
         let mut conn = match self.reuse().await {
             Some(c) => c,
@@ -92,16 +157,19 @@ impl Transport {
                 .await
                 .map_err(|_| SendError::Timeout("connecting"))??,
         };
-        let sent =
-            tokio::time::timeout(limit, conn.send(message.envelope(), &message.formatted())).await;
+        let sent = tokio::time::timeout(
+            limit,
+            transaction(&mut conn, message.envelope(), &message.formatted()),
+        )
+        .await;
         match sent {
-            Ok(Ok(response)) => {
+            Ok(Ok(sent)) => {
                 if !conn.has_broken() {
                     self.put_back(conn);
                 }
-                Ok(response)
+                Ok(sent)
             }
-            Ok(Err(e)) => Err(SendError::Smtp(e)),
+            Ok(Err(e)) => Err(e),
             Err(_) => Err(SendError::Timeout("sending")),
         }
     }
@@ -334,16 +402,22 @@ pub async fn send(
         Err(error) => return Outcome::Permanent { error },
     };
     match transport.send(message).await {
-        Ok(response) => {
+        Ok(Sent { response, refused }) => {
             let mut detail = format!("SMTP {}", response.code());
             if !bad.is_empty() {
                 detail.push_str(&format!("; skipped {}", bad.join("; ")));
             }
+            if !refused.is_empty() {
+                detail.push_str(&format!("; {}", refused.join("; ")));
+            }
             Outcome::Delivered {
-                detail: Some(detail),
+                detail: Some(excerpt(&detail, 1000)),
             }
         }
         Err(SendError::Smtp(e)) => classify(&e),
+        Err(SendError::Unsupported(why)) => Outcome::Permanent {
+            error: format!("SMTP: {why}"),
+        },
         Err(SendError::Connect(e)) => Outcome::Retry {
             after: None,
             error: excerpt(&format!("SMTP: cannot connect: {e}"), 400),

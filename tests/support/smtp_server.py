@@ -5,7 +5,8 @@ With CERT and KEY the server requires STARTTLS and presents that certificate.
 Prints "READY <port>" once listening. Each accepted message is parsed with Python's standard
 `email` package and written to DIR/<n>.json (envelope, decoded headers, MIME parts) next to the
 raw DIR/<n>.eml. The file DIR/mode, read on every message, picks the answer to DATA:
-"ok" (default), "4xx" (451, transient) or "5xx" (550, permanent). Exits when stdin closes.
+"ok" (default), "4xx" (451, transient) or "5xx" (550, permanent). A recipient whose local part
+starts with "unknown" is refused with 550 (user unknown). Exits when stdin closes.
 """
 import email
 import email.header
@@ -32,6 +33,12 @@ class Handler:
                 return f.read().strip()
         except FileNotFoundError:
             return "ok"
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.split("@")[0].startswith("unknown"):
+            return "550 5.1.1 User unknown"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
         mode = self.mode()
