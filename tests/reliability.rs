@@ -60,6 +60,13 @@ fn slack_channel(name: &str, slack: &FakeSlack, extra: &str) -> String {
     )
 }
 
+/// An email channel `mail` sending to the SMTP server on 127.0.0.1:`port`, without TLS.
+fn email_channel(port: u16) -> String {
+    format!(
+        "  mail:\n    type: email\n    smtp: {{ host: \"127.0.0.1\", port: {port}, tls: none }}\n    from: \"Call Bot <calls@example.com>\"\n"
+    )
+}
+
 fn slack_only(tpl: &Path, slack: &FakeSlack, delivery: &str) -> String {
     config(
         tpl,
@@ -191,10 +198,7 @@ async fn smtp_4xx_is_retried_and_5xx_is_dead() {
     let tpl = templates();
     let smtp = Smtp::start();
     smtp.set_mode("4xx");
-    let channels = format!(
-        "  mail:\n    type: email\n    smtp: {{ host: \"127.0.0.1\", port: {}, tls: none }}\n    from: \"Call Bot <calls@example.com>\"\n",
-        smtp.port
-    );
+    let channels = email_channel(smtp.port);
     let d = Daemon::start(&config(
         tpl.path(),
         FAST,
@@ -230,10 +234,7 @@ async fn smtp_4xx_is_retried_and_5xx_is_dead() {
 async fn a_recipient_the_server_refuses_does_not_cost_the_others_the_email() {
     let tpl = templates();
     let smtp = Smtp::start();
-    let channels = format!(
-        "  mail:\n    type: email\n    smtp: {{ host: \"127.0.0.1\", port: {}, tls: none }}\n    from: \"Call Bot <calls@example.com>\"\n",
-        smtp.port
-    );
+    let channels = email_channel(smtp.port);
     let d = Daemon::start(&config(
         tpl.path(),
         FAST,
@@ -285,9 +286,7 @@ async fn an_smtp_server_that_is_down_is_retried() {
         .local_addr()
         .unwrap()
         .port();
-    let channels = format!(
-        "  mail:\n    type: email\n    smtp: {{ host: \"127.0.0.1\", port: {port}, tls: none }}\n    from: \"Call Bot <calls@example.com>\"\n"
-    );
+    let channels = email_channel(port);
     let d = Daemon::start(&config(
         tpl.path(),
         FAST,
