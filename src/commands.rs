@@ -97,6 +97,22 @@ pub fn slack_rejects(body: &Value) -> Vec<String> {
             .unwrap_or_default()
             .chars()
             .count();
+        let empty = |v: Option<&Value>| {
+            v.and_then(Value::as_str)
+                .is_some_and(|t| t.trim().is_empty())
+        };
+        if empty(b.pointer("/text/text")) {
+            out.push(format!(
+                "block {i}: empty text (Slack answers invalid_blocks)"
+            ));
+        }
+        if let Some(fields) = b.get("fields").and_then(Value::as_array) {
+            if fields.iter().any(|f| empty(f.get("text"))) {
+                out.push(format!(
+                    "block {i}: a field with empty text (Slack answers invalid_blocks)"
+                ));
+            }
+        }
         if kind == "section" && t > MAX_SECTION_CHARS {
             out.push(format!(
                 "block {i}: section text of {t} characters (at most {MAX_SECTION_CHARS})"

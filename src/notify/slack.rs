@@ -141,6 +141,38 @@ pub fn fit(body: &mut Value) -> usize {
             _ => out.push(block),
         }
     }
+    // Slack refuses a text object with nothing in it (invalid_blocks): a template field that
+    // rendered empty, or the tail of a split. Such text goes, and a block left with nothing
+    // to show goes with it, rather than the whole message being refused.
+    let before = out.len();
+    out.retain_mut(|b| {
+        let empty = b
+            .pointer("/text/text")
+            .and_then(Value::as_str)
+            .is_some_and(|t| t.trim().is_empty());
+        if let Some(Value::Array(fields)) = b.get_mut("fields") {
+            fields.retain(|f| {
+                f.get("text")
+                    .and_then(Value::as_str)
+                    .is_none_or(|t| !t.trim().is_empty())
+            });
+        }
+        if !empty {
+            return true;
+        }
+        let has_more = b
+            .get("fields")
+            .and_then(Value::as_array)
+            .is_some_and(|f| !f.is_empty())
+            || b.get("accessory").is_some();
+        if has_more {
+            if let Some(map) = b.as_object_mut() {
+                map.remove("text");
+            }
+        }
+        has_more
+    });
+    cuts += before - out.len();
     if out.len() > MAX_BLOCKS {
         let rest = out.split_off(MAX_BLOCKS - 1);
         let lines: usize = rest
@@ -186,7 +218,10 @@ fn split_lines(text: &str, max: usize) -> Vec<String> {
                 break;
             }
             if cur_len > 0 {
-                chunks.push(std::mem::take(&mut cur).trim_end_matches('\n').to_string());
+                let chunk = std::mem::take(&mut cur);
+                if !chunk.trim().is_empty() {
+                    chunks.push(chunk.trim_end_matches('\n').to_string());
+                }
                 cur_len = 0;
                 continue;
             }
@@ -201,7 +236,7 @@ fn split_lines(text: &str, max: usize) -> Vec<String> {
             line = &line[head.len()..];
         }
     }
-    if !cur.is_empty() {
+    if !cur.trim().is_empty() {
         chunks.push(cur.trim_end_matches('\n').to_string());
     }
     chunks
@@ -227,21 +262,74 @@ fn cut_lines(text: &str, max: usize) -> Option<(String, usize)> {
         len += n;
         used += 1;
     }
-    if used == 0 {
+    let marker = if used == 0 {
+        // One line longer than the room: cut inside it, and count characters.
         kept = safe_prefix(text, max - marker_room).to_string();
-        used = 1;
-    }
-    let dropped = lines.len() - used;
+        let rest = text.chars().count() - kept.chars().count();
+        format!("… truncated, {rest} more characters")
+    } else {
+        format!("… truncated, {} more lines", lines.len() - used)
+    };
+    let dropped = lines.len() - used.max(1);
     if !kept.ends_with('\n') {
         kept.push('\n');
     }
-    kept.push_str(&format!("… truncated, {dropped} more lines"));
+    kept.push_str(&marker);
     Some((kept, dropped.max(1)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_text_object_is_left_empty() {
+        // A split whose tail is only newlines, and a hard split that leaves just "\n".
+        for text in [
+            "HUMAN: hi there\n".repeat(187) + "BOT: ok\n\n",
+            "a".repeat(3000) + "\n",
+            "\n".repeat(3001),
+        ] {
+            let mut body = serde_json::json!({"blocks": [
+                {"type": "section", "text": {"type": "mrkdwn", "text": text}}
+            ]});
+            fit(&mut body);
+            for b in body["blocks"].as_array().unwrap() {
+                let t = b["text"]["text"].as_str().unwrap();
+                assert!(!t.trim().is_empty(), "{body}");
+            }
+        }
+        // Text a template rendered empty: the block goes, or just its text when it has fields.
+        let mut body = serde_json::json!({"text": "fallback", "blocks": [
+            {"type": "header", "text": {"type": "plain_text", "text": " "}},
+            {"type": "section", "text": {"type": "mrkdwn", "text": ""}},
+            {"type": "section", "text": {"type": "mrkdwn", "text": "\n"},
+             "fields": [{"type": "mrkdwn", "text": "*Duration*\n44s"}, {"type": "mrkdwn", "text": ""}]},
+            {"type": "divider"},
+        ]});
+        assert_eq!(fit(&mut body), 2);
+        assert_eq!(
+            body["blocks"],
+            serde_json::json!([
+                {"type": "section", "fields": [{"type": "mrkdwn", "text": "*Duration*\n44s"}]},
+                {"type": "divider"},
+            ])
+        );
+    }
+
+    #[test]
+    fn one_overlong_line_is_cut_with_a_count_of_characters() {
+        let mut body = serde_json::json!({"text": "b".repeat(50_000)});
+        assert_eq!(fit(&mut body), 1);
+        let text = body["text"].as_str().unwrap();
+        assert!(text.chars().count() <= MAX_TEXT_CHARS, "{}", text.len());
+        let kept = text.chars().filter(|c| *c == 'b').count();
+        assert!(
+            text.ends_with(&format!("… truncated, {} more characters", 50_000 - kept)),
+            "{}",
+            &text[text.len() - 60..]
+        );
+    }
 
     #[test]
     fn long_sections_are_split_at_lines_and_blocks_capped() {
