@@ -60,10 +60,19 @@ pub enum Op {
     Lt(f64),
     Lte(f64),
     /// Case-insensitive substring (strings) or element (lists).
-    Contains(String, Regex),
-    ContainsAny(Vec<String>, Regex),
+    Contains(String, Needles),
+    ContainsAny(Vec<String>, Needles),
     Matches(Regex),
     Exists(bool),
+}
+
+/// Text `contains` looks for, case-insensitively: anywhere in a string (`within`), or as the
+/// whole of a list element (`whole`), so `tags: { contains: vip }` matches `["vip"]`, not
+/// `["not-vip"]`.
+#[derive(Debug)]
+pub struct Needles {
+    within: Regex,
+    whole: Regex,
 }
 
 const OPERATORS: &[&str] = &[
@@ -107,6 +116,13 @@ fn compile_entry(key: &str, spec: &Value, at: &str, problems: &mut Vec<Problem>)
                 ));
                 return Condition::All(Vec::new());
             };
+            if items.is_empty() {
+                // `any: []` would hold for every call, `all: []` too: a leftover, not a rule.
+                problems.push(Problem::new(
+                    at,
+                    format!("`{key}` needs at least one condition"),
+                ));
+            }
             let parts = items
                 .iter()
                 .enumerate()
@@ -118,10 +134,21 @@ fn compile_entry(key: &str, spec: &Value, at: &str, problems: &mut Vec<Problem>)
                 Condition::All(parts)
             }
         }
-        "not" => Condition::Not(Box::new(compile_when(spec, at, problems))),
+        "not" => {
+            if spec.as_object().is_some_and(|m| m.is_empty()) {
+                problems.push(Problem::new(at, "`not` needs a condition"));
+            }
+            Condition::Not(Box::new(compile_when(spec, at, problems)))
+        }
         path => {
             if path.is_empty() || path.split('.').any(str::is_empty) {
                 problems.push(Problem::new(at, format!("{path:?} is not a field path")));
+            }
+            if spec.as_object().is_some_and(|m| m.is_empty()) {
+                problems.push(Problem::new(
+                    at,
+                    "no condition: give a value, a list or an operator such as `{ gte: 60 }`",
+                ));
             }
             let ops = match spec {
                 Value::Array(items) => vec![Op::In(items.clone())],
@@ -172,12 +199,10 @@ fn compile_op(op: &str, arg: &Value, at: &str, problems: &mut Vec<Problem>) -> O
             .map(|n| regex::escape(n))
             .collect::<Vec<_>>()
             .join("|");
-        match RegexBuilder::new(&alternation)
-            .case_insensitive(true)
-            .build()
-        {
-            Ok(r) => Some(r),
-            Err(e) => {
+        let build = |pattern: &str| RegexBuilder::new(pattern).case_insensitive(true).build();
+        match (build(&alternation), build(&format!("^(?:{alternation})$"))) {
+            (Ok(within), Ok(whole)) => Some(Needles { within, whole }),
+            (Err(e), _) | (_, Err(e)) => {
                 problems.push(Problem::new(at, format!("cannot compile: {e}")));
                 None
             }
@@ -342,13 +367,16 @@ impl Op {
     }
 }
 
-/// Case-insensitive search in a string, or in each element of a list.
-fn search(v: &Value, re: &Regex) -> bool {
-    match v {
+/// Case-insensitive search in a string (or a number's digits), or for a whole element of a list.
+fn search(v: &Value, n: &Needles) -> bool {
+    let scalar = |v: &Value, re: &Regex| match v {
         Value::String(s) => re.is_match(s),
         Value::Number(_) | Value::Bool(_) => re.is_match(&v.to_string()),
-        Value::Array(items) => items.iter().any(|i| search(i, re)),
         _ => false,
+    };
+    match v {
+        Value::Array(items) => items.iter().any(|i| scalar(i, &n.whole)),
+        _ => scalar(v, &n.within),
     }
 }
 
@@ -544,6 +572,7 @@ mod tests {
             json!({"n": {"gt": 4, "gte": 5, "lt": 6, "lte": 5}}),
             json!({"s": {"contains": "WORLD"}}),
             json!({"tags": {"contains": "roofing"}}),
+            json!({"tags": {"contains_any": ["cold", "HOT"]}}),
             json!({"s": {"contains_any": ["nope", "hello"]}}),
             json!({"s": {"matches": "^Hel+o"}}),
             json!({"s": {"exists": true}, "z": {"exists": false}, "missing": {"exists": false}}),
@@ -564,6 +593,9 @@ mod tests {
             json!({"n": {"gt": 5}}),
             json!({"missing": {"gt": 0}}),
             json!({"s": {"contains": "planet"}}),
+            // In a list, an element is looked for, not a substring of one.
+            json!({"tags": {"contains": "roof"}}),
+            json!({"tags": {"contains_any": ["ho", "oofing"]}}),
             json!({"s": {"matches": "^World"}}),
             json!({"z": {"exists": true}}),
             json!({"any": [{"n": 1}, {"n": 2}]}),
@@ -596,6 +628,22 @@ mod tests {
             ]
         );
         assert!(problems[0].message.contains("unknown operator"));
+    }
+
+    #[test]
+    fn conditions_that_would_hold_for_every_call_are_refused() {
+        let mut problems = Vec::new();
+        compile_when(
+            &json!({"any": [], "all": [], "duration": {}, "not": {}}),
+            "when",
+            &mut problems,
+        );
+        let places: Vec<&str> = problems.iter().map(|p| p.at.as_str()).collect();
+        assert_eq!(
+            places,
+            ["when.any", "when.all", "when.duration", "when.not"]
+        );
+        assert!(problems[2].message.contains("no condition"), "{problems:?}");
     }
 
     #[test]
