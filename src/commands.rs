@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 use serde_json::{json, Value};
 
-use crate::config::{ChannelKind, Config, Problem};
+use crate::config::{ChannelKind, Config, Problem, StoreConfig};
 use crate::notify::{self, Meta, Outcome, Senders};
 use crate::payload::{self, Call};
 use crate::render::{self, Message};
@@ -456,11 +456,20 @@ pub fn format_deliveries(rows: &[DeliveryRow]) -> String {
 }
 
 /// Opens the store a config names, for the CLI (works while the daemon runs).
-pub fn open_store(config: &Config) -> anyhow::Result<Store> {
-    Ok(Store::open_with(
-        &config.store.path,
-        config.store.synchronous,
-    )?)
+/// Opens the daemon's existing store for the `deliveries` commands. A store that is not there
+/// is an error, not a new empty one: `store.path` is relative to the daemon's working
+/// directory, and "(no deliveries)" from the wrong directory would be a lie.
+pub fn open_store(store: &StoreConfig) -> anyhow::Result<Store> {
+    if !store.path.exists() {
+        let cwd = std::env::current_dir()
+            .map(|d| format!(" (relative paths are taken from {})", d.display()))
+            .unwrap_or_default();
+        anyhow::bail!(
+            "no store at {}{cwd}: run this where the daemon runs, or check --config and store.path",
+            store.path.display()
+        );
+    }
+    Ok(Store::open_with(&store.path, store.synchronous)?)
 }
 
 /// `callnotify send-test`: renders a sample (or the given payload) for a channel with the first

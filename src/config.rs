@@ -419,6 +419,48 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// [`load`] with an explicit environment, for tests and for reloads that must not depend on
 /// process-global state.
 pub fn load_with_env(path: &Path, env: &BTreeMap<String, String>) -> Result<Config, ConfigError> {
+    let mut tree = layered(path, env)?;
+    let mut problems = Vec::new();
+    expand_env(&mut tree, "", env, &mut problems);
+    let config = from_tree(path, tree, &mut problems);
+    match config {
+        Some(c) if problems.is_empty() => Ok(c),
+        _ => Err(ConfigError {
+            source: path.to_path_buf(),
+            problems,
+        }),
+    }
+}
+
+/// Only the `store` section of the config (with its environment overrides), for the commands
+/// that read the store: looking at dead letters must not need the Slack URLs and SMTP passwords
+/// of the daemon's environment, nor templates that compile.
+pub fn load_store(path: &Path) -> Result<StoreConfig, ConfigError> {
+    let env: BTreeMap<String, String> = std::env::vars().collect();
+    let fail = |problems: Vec<Problem>| ConfigError {
+        source: path.to_path_buf(),
+        problems,
+    };
+    let mut store = layered(path, &env)?
+        .get_mut("store")
+        .map(Value::take)
+        .unwrap_or_else(|| Value::Object(Default::default()));
+    let mut problems = Vec::new();
+    expand_env(&mut store, "store", &env, &mut problems);
+    if !problems.is_empty() {
+        return Err(fail(problems));
+    }
+    let raw: RawStore = serde_json::from_value(store)
+        .map_err(|e| fail(vec![Problem::new("store", e.to_string())]))?;
+    Ok(StoreConfig {
+        path: raw.path,
+        synchronous: raw.synchronous,
+    })
+}
+
+/// The config file with `CALLNOTIFY_...` environment overrides layered on, as a JSON tree
+/// (`${VAR}` not yet expanded).
+fn layered(path: &Path, env: &BTreeMap<String, String>) -> Result<Value, ConfigError> {
     let fail = |problems: Vec<Problem>| ConfigError {
         source: path.to_path_buf(),
         problems,
@@ -461,13 +503,7 @@ pub fn load_with_env(path: &Path, env: &BTreeMap<String, String>) -> Result<Conf
     if tree.is_null() {
         tree = Value::Object(Default::default());
     }
-    let mut problems = Vec::new();
-    expand_env(&mut tree, "", env, &mut problems);
-    let config = from_tree(path, tree, &mut problems);
-    match config {
-        Some(c) if problems.is_empty() => Ok(c),
-        _ => Err(fail(problems)),
-    }
+    Ok(tree)
 }
 
 /// Replaces `${VAR}` and `${VAR:-default}` in every string of the tree; `$$` is a literal `$`.

@@ -224,11 +224,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Deliveries(d) => {
-            let config = match load(&cli.config) {
-                Ok(c) => c,
-                Err(code) => return Ok(code),
+            let store = match config::load_store(&cli.config) {
+                Ok(s) => commands::open_store(&s)?,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return Ok(ExitCode::from(1));
+                }
             };
-            let store = commands::open_store(&config)?;
             let rt = runtime()?;
             match d {
                 Deliveries::List {

@@ -213,6 +213,46 @@ async fn calls_posted_during_reloads_are_all_accepted_and_delivered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_commands_need_only_the_store_and_refuse_one_that_is_not_there() {
+    let slack = FakeSlack::start().await;
+    let yaml = config(&slack, "").replace(&slack.url, "${OPS_TEST_SLACK_URL}");
+    let d = Daemon::start_with_env(&yaml, &[("OPS_TEST_SLACK_URL", &slack.url)]);
+    assert_eq!(d.post(FIXTURE).await.0, 200);
+    slack.wait_accepted(1, WAIT).await;
+    let deliveries = |config: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"))
+            .args(["deliveries", "list", "--json", "--config"])
+            .arg(config)
+            .env_remove("OPS_TEST_SLACK_URL")
+            .current_dir(&d.dir)
+            .output()
+            .unwrap()
+    };
+    // An operator's shell without the daemon's secrets can still look at the store.
+    let out = deliveries(&d.config);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+
+    // A store path that is not there (another working directory, a typo) is an error, and
+    // nothing is created in its place.
+    let elsewhere = d.dir.join("other.yaml");
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(&elsewhere, text.replace("/store.db", "/missing/store.db")).unwrap();
+    let out = deliveries(&elsewhere);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no store at") && err.contains("missing/store.db"),
+        "{err}"
+    );
+    assert!(!d.dir.join("missing").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_test_sends_to_slack_and_smtp_and_reports_the_answer() {
     let slack = FakeSlack::start().await;
     let smtp = Smtp::start();
