@@ -331,6 +331,11 @@ pub fn dry_run(config: &Config, body: &[u8], as_json: bool) -> Result<String, St
                 Ok(Message::Email(parts)) => {
                     let (good, bad) = notify::email::recipients(&parts.to);
                     match &config.channels[&action.channel].kind {
+                        // What the daemon would record, instead of lettre's "missing
+                        // destination address".
+                        ChannelKind::Email { .. } if good.is_empty() => {
+                            json!({"error": format!("no valid recipient in {:?}", parts.to), "skipped_recipients": bad})
+                        }
                         ChannelKind::Email { from, .. } => {
                             match notify::email::build(from, &good, parts) {
                                 Ok(m) => {

@@ -515,8 +515,15 @@ impl Renderer {
                 let mut to = Vec::new();
                 for t in &action.to {
                     let rendered = self.lenient.render_template_with_context(t, ctx)?;
+                    // A JSON list in the call (`leadData.owners: ["a@x", "b@y"]`) renders as
+                    // "[a@x, b@y]": its elements are the recipients.
+                    let trimmed = rendered.trim();
+                    let listed = trimmed
+                        .strip_prefix('[')
+                        .and_then(|r| r.strip_suffix(']'))
+                        .unwrap_or(trimmed);
                     to.extend(
-                        rendered
+                        listed
                             .split(',')
                             .map(str::trim)
                             .filter(|s| !s.is_empty())
@@ -672,6 +679,38 @@ mod tests {
         assert_eq!(
             text,
             "3m 07s|MARIA GONZALEZ|abc|Maria…|n/a|8812|2024-03-05 11:40|BOT: Which one works best for you?\""
+        );
+    }
+
+    #[test]
+    fn a_list_of_addresses_in_the_call_gives_one_recipient_each() {
+        let mut r = Renderer::empty();
+        r.register("e.txt", "hi").unwrap();
+        let call = crate::payload::parse(
+            br#"{"call": {"sid": "CAlist", "leadData": {"owners": ["a@example.com", "b@example.com"], "one": ["c@example.com"]}}}"#,
+        )
+        .unwrap();
+        let a = Action {
+            channel: "m".into(),
+            template: "e".into(),
+            to: vec![
+                "{{call.leadData.owners}}".into(),
+                " {{call.leadData.one}} ".into(),
+                "d@[192.0.2.1]".into(),
+            ],
+            subject: None,
+        };
+        let Message::Email(e) = r.render("email", &a, &context(&call, "r")).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            e.to,
+            [
+                "a@example.com",
+                "b@example.com",
+                "c@example.com",
+                "d@[192.0.2.1]"
+            ]
         );
     }
 
