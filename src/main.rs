@@ -54,7 +54,7 @@ enum Command {
     /// Run the daemon: receive webhooks, deliver notifications. SIGTERM/Ctrl-C stop it cleanly;
     /// SIGHUP reloads the config.
     #[command(
-        after_help = "Example:\n  AIR_WEBHOOK_TOKEN=... callnotify serve --config config/callnotify.yaml"
+        after_help = "Examples:\n  callnotify serve                    the shipped config: no secrets, every call logged\n  AIR_WEBHOOK_TOKEN=... SLACK_SALES_WEBHOOK=https://hooks.slack.com/... \\\n    callnotify serve --config config/examples/slack.yaml"
     )]
     Serve,
     /// Validate the config, compile every template and render each against sample payloads.
@@ -100,12 +100,15 @@ enum Deliveries {
         after_help = "Examples:\n  callnotify deliveries list --status dead\n  callnotify deliveries list --sid CAec7g2x30425ba039a83ffb4286754983"
     )]
     List {
+        /// Only deliveries in this state.
         #[arg(long, value_parser = ["pending", "sending", "dead", "done"])]
         status: Option<String>,
+        /// Only the deliveries of this call.
         #[arg(long)]
         sid: Option<String>,
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
+        /// At most this many, newest first.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+        limit: u32,
         /// Print JSON lines.
         #[arg(long)]
         json: bool,
@@ -239,7 +242,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     limit,
                     json,
                 } => {
-                    let rows = rt.block_on(store.list(status, sid, limit))?;
+                    let rows = rt.block_on(store.list(status, sid, limit as usize))?;
                     if json {
                         for r in rows {
                             println!("{}", serde_json::to_string(&r)?);
@@ -253,12 +256,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         eprintln!("name delivery ids, or --all-dead");
                         return Ok(ExitCode::from(2));
                     }
-                    let n =
+                    let (n, not_dead) =
                         rt.block_on(store.retry_dead(ids, chrono::Utc::now().timestamp_millis()))?;
                     println!(
                         "{n} dead deliver{} requeued",
                         if n == 1 { "y" } else { "ies" }
                     );
+                    if !not_dead.is_empty() {
+                        for id in not_dead {
+                            eprintln!("delivery {id} was not requeued: there is no such delivery, or it is not dead (see `deliveries list`)");
+                        }
+                        return Ok(ExitCode::from(1));
+                    }
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -272,7 +281,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
-            let body = payload.map(std::fs::read).transpose()?;
+            let body = payload
+                .map(|p| {
+                    std::fs::read(&p)
+                        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
+                })
+                .transpose()?;
             runtime()?.block_on(async {
                 match commands::send_test(&config, &channel, body.as_deref(), &to).await {
                     Err(e) => {

@@ -445,21 +445,31 @@ impl Store {
 
     /// Puts dead deliveries back in the queue, due now, with a fresh retry window. `ids` empty
     /// means every dead delivery. Returns how many were requeued.
-    pub async fn retry_dead(&self, ids: Vec<i64>, now: i64) -> Result<usize, StoreError> {
+    /// Of the `ids` given, those that were not requeued (no such delivery, or not dead) come
+    /// back in the second place.
+    pub async fn retry_dead(
+        &self,
+        ids: Vec<i64>,
+        now: i64,
+    ) -> Result<(usize, Vec<i64>), StoreError> {
         self.run(move |conn| {
             let sql =
                 "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?1,
                           window_start = ?1, updated_at = ?1
                        WHERE status != 'done' AND status = 'dead'";
             if ids.is_empty() {
-                return conn.execute(sql, params![now]);
+                return Ok((conn.execute(sql, params![now])?, Vec::new()));
             }
             let mut stmt = conn.prepare(&format!("{sql} AND id = ?2"))?;
             let mut n = 0;
+            let mut not_dead = Vec::new();
             for id in &ids {
-                n += stmt.execute(params![now, id])?;
+                match stmt.execute(params![now, id])? {
+                    0 => not_dead.push(*id),
+                    k => n += k,
+                }
             }
-            Ok(n)
+            Ok((n, not_dead))
         })
         .await
     }
@@ -911,7 +921,16 @@ mod tests {
             Some("HTTP 404 channel_not_found")
         );
         assert_eq!(store.attempts(c.id).await.unwrap().len(), 2);
-        assert_eq!(store.retry_dead(vec![], 200).await.unwrap(), 1);
+        let id = dead[0].id;
+        assert_eq!(
+            store.retry_dead(vec![id, 999], 200).await.unwrap(),
+            (1, vec![999])
+        );
+        assert_eq!(
+            store.retry_dead(vec![id], 200).await.unwrap(),
+            (0, vec![id])
+        );
+        assert_eq!(store.retry_dead(vec![], 200).await.unwrap(), (0, vec![]));
         let c = store.claim("c".into(), 200, 1).await.unwrap().remove(0);
         assert_eq!((c.attempts, c.window_start), (0, 200));
     }
