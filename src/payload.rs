@@ -117,10 +117,19 @@ pub fn from_call_object(raw: Map<String, Value>) -> Result<Call, PayloadError> {
         return Err(PayloadError::BadSid("must not be empty"));
     }
     if sid.len() > MAX_SID_LEN {
-        return Err(PayloadError::BadSid("is longer than 128 characters"));
+        return Err(PayloadError::BadSid("is longer than 128 bytes"));
     }
     if sid.chars().any(char::is_control) {
         return Err(PayloadError::BadSid("must not contain control characters"));
+    }
+    // Bidirectional overrides and isolates would make an sid read differently in a log, a
+    // table or a reply than it is (U+202E shows "CA\u{202e}lave" as "CAeval").
+    if sid.chars().any(|c| {
+        matches!(c, '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    }) {
+        return Err(PayloadError::BadSid(
+            "must not contain bidirectional text controls",
+        ));
     }
     let sid = sid.to_string();
 
@@ -192,7 +201,7 @@ fn parse_duration(v: &Value) -> Result<f64, String> {
     };
     match n {
         Some(n) if (0.0..1e9).contains(&n) => Ok(n),
-        Some(_) => Err("must be a number of seconds, 0 or more".into()),
+        Some(_) => Err("must be a number of seconds, from 0 to under 1,000,000,000".into()),
         None => Err("must be a number of seconds".into()),
     }
 }
@@ -292,7 +301,19 @@ mod tests {
             (br#"{"call":{}}"#, "sid` is missing"),
             (br#"{"call":{"sid":""}}"#, "must not be empty"),
             (br#"{"call":{"sid":5}}"#, "must be a string"),
-            (br#"{"call":{"sid":"a","duration":-5}}"#, "0 or more"),
+            (br#"{"call":{"sid":"a","duration":-5}}"#, "from 0"),
+            (
+                br#"{"call":{"sid":"a","duration":2e9}}"#,
+                "under 1,000,000,000",
+            ),
+            (
+                "{\"call\":{\"sid\":\"CA\u{202e}lave\"}}".as_bytes(),
+                "bidirectional",
+            ),
+            (
+                "{\"call\":{\"sid\":\"CA\u{2066}x\"}}".as_bytes(),
+                "bidirectional",
+            ),
             (
                 br#"{"call":{"sid":"a","duration":"abc"}}"#,
                 "number of seconds",
