@@ -112,6 +112,16 @@ pub fn slack_rejects(body: &Value) -> Vec<String> {
                     "block {i}: a field with empty text (Slack answers invalid_blocks)"
                 ));
             }
+            if fields.is_empty() {
+                out.push(format!(
+                    "block {i}: an empty list of fields (Slack answers invalid_blocks)"
+                ));
+            }
+        }
+        if kind == "section" && b.get("text").is_none() && b.get("fields").is_none() {
+            out.push(format!(
+                "block {i}: a section with neither text nor fields (Slack answers invalid_blocks)"
+            ));
         }
         if kind == "section" && t > MAX_SECTION_CHARS {
             out.push(format!(
@@ -224,11 +234,14 @@ fn check_report(config: &Config) -> (Vec<String>, Vec<Problem>) {
         }
     }
     if let Some(q) = &config.quiet_alert {
-        problems.extend(quiet_alert_problems(config, q));
-        lines.push(format!(
-            "quiet_alert: both messages rendered for channel {:?}",
-            q.channel
-        ));
+        let found = quiet_alert_problems(config, q);
+        if found.is_empty() {
+            lines.push(format!(
+                "quiet_alert: both messages rendered for channel {:?}",
+                q.channel
+            ));
+        }
+        problems.extend(found);
     }
     (lines, problems)
 }

@@ -123,10 +123,14 @@ pub fn fit(body: &mut Value) -> usize {
                 match long {
                     None => out.push(block),
                     Some(text) => {
-                        for (i, chunk) in split_lines(&text, MAX_SECTION_CHARS)
-                            .into_iter()
-                            .enumerate()
-                        {
+                        let chunks = split_lines(&text, MAX_SECTION_CHARS);
+                        if chunks.is_empty() {
+                            // Only blank lines: keep the block (its fields, say) without them.
+                            block["text"]["text"] = Value::String(String::new());
+                            out.push(block);
+                            continue;
+                        }
+                        for (i, chunk) in chunks.into_iter().enumerate() {
                             let mut b = if i == 0 {
                                 block.clone()
                             } else {
@@ -146,31 +150,30 @@ pub fn fit(body: &mut Value) -> usize {
     // to show goes with it, rather than the whole message being refused.
     let before = out.len();
     out.retain_mut(|b| {
-        let empty = b
-            .pointer("/text/text")
-            .and_then(Value::as_str)
-            .is_some_and(|t| t.trim().is_empty());
-        if let Some(Value::Array(fields)) = b.get_mut("fields") {
-            fields.retain(|f| {
-                f.get("text")
-                    .and_then(Value::as_str)
-                    .is_none_or(|t| !t.trim().is_empty())
-            });
-        }
-        if !empty {
+        let Some(map) = b.as_object_mut() else {
             return true;
-        }
-        let has_more = b
-            .get("fields")
-            .and_then(Value::as_array)
-            .is_some_and(|f| !f.is_empty())
-            || b.get("accessory").is_some();
-        if has_more {
-            if let Some(map) = b.as_object_mut() {
-                map.remove("text");
+        };
+        let blank = |v: &Value| v.as_str().is_some_and(|t| t.trim().is_empty());
+        if let Some(Value::Array(fields)) = map.get_mut("fields") {
+            fields.retain(|f| !f.get("text").is_some_and(blank));
+            if fields.is_empty() {
+                map.remove("fields");
             }
         }
-        has_more
+        if map
+            .get("text")
+            .and_then(|t| t.get("text"))
+            .is_some_and(blank)
+        {
+            map.remove("text");
+        }
+        // A header needs its text; a section needs text or fields (an accessory alone is not
+        // enough).
+        match map.get("type").and_then(Value::as_str) {
+            Some("header") => map.contains_key("text"),
+            Some("section") => map.contains_key("text") || map.contains_key("fields"),
+            _ => true,
+        }
     });
     cuts += before - out.len();
     if out.len() > MAX_BLOCKS {
@@ -305,16 +308,25 @@ mod tests {
             {"type": "section", "text": {"type": "mrkdwn", "text": ""}},
             {"type": "section", "text": {"type": "mrkdwn", "text": "\n"},
              "fields": [{"type": "mrkdwn", "text": "*Duration*\n44s"}, {"type": "mrkdwn", "text": ""}]},
+            {"type": "section", "text": {"type": "mrkdwn", "text": " "},
+             "accessory": {"type": "button", "text": {"type": "plain_text", "text": "Open"}}},
+            {"type": "section", "text": {"type": "mrkdwn", "text": "kept"},
+             "fields": [{"type": "mrkdwn", "text": " "}]},
+            {"type": "section", "text": {"type": "mrkdwn", "text": "\n".repeat(3001)},
+             "fields": [{"type": "mrkdwn", "text": "*Campaign*\n8812"}]},
             {"type": "divider"},
         ]});
-        assert_eq!(fit(&mut body), 2);
+        assert_eq!(fit(&mut body), 3);
         assert_eq!(
             body["blocks"],
             serde_json::json!([
                 {"type": "section", "fields": [{"type": "mrkdwn", "text": "*Duration*\n44s"}]},
+                {"type": "section", "text": {"type": "mrkdwn", "text": "kept"}},
+                {"type": "section", "fields": [{"type": "mrkdwn", "text": "*Campaign*\n8812"}]},
                 {"type": "divider"},
             ])
         );
+        assert!(crate::commands::slack_rejects(&body).is_empty(), "{body}");
     }
 
     #[test]
