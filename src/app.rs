@@ -71,36 +71,10 @@ impl Shared {
             }
         };
         let old = self.live.load_full();
-        let (was, now) = (&old.config, &config);
-        let restart_only = [
-            ("server.listen", was.server.listen != now.server.listen),
-            ("store.path", was.store.path != now.store.path),
-            (
-                "store.synchronous",
-                was.store.synchronous != now.store.synchronous,
-            ),
-            (
-                "server.max_connections",
-                was.server.max_connections != now.server.max_connections,
-            ),
-            (
-                "server.header_read_timeout",
-                was.server.header_read_timeout != now.server.header_read_timeout,
-            ),
-            (
-                "admin.listen",
-                was.admin.as_ref().map(|a| a.listen) != now.admin.as_ref().map(|a| a.listen),
-            ),
-        ];
-        for (setting, _) in restart_only.iter().filter(|(_, changed)| *changed) {
-            tracing::warn!(
-                setting,
-                "{setting} changed: it takes effect only after a restart; the rest of the new config applies now"
-            );
-        }
         for w in &config.warnings {
             tracing::warn!("{w}");
         }
+        let restart_only = restart_only_changes(&old.config, &config);
         let live = match Live::new(config) {
             Ok(l) => l,
             Err(e) => {
@@ -116,6 +90,12 @@ impl Shared {
         self.live.store(Arc::new(live));
         crate::metrics::reload("success");
         tracing::info!(trigger, channels, "config reloaded");
+        for setting in restart_only {
+            tracing::warn!(
+                setting,
+                "{setting} changed: it takes effect only after a restart; the rest of the new config applies now"
+            );
+        }
         self.dead_letter_orphans().await;
         self.worker.wake();
         Ok(())
@@ -126,7 +106,8 @@ impl Shared {
     /// seconds, which also catches rows left by a config changed while the daemon was stopped,
     /// committed by a call matched just before a reload, or replayed before the channel is back.
     pub async fn dead_letter_orphans(&self) {
-        let channels = self.live.load().config.channels.keys().cloned().collect();
+        let live = self.live.clone();
+        let channels = move || live.load().config.channels.keys().cloned().collect();
         match self.store.kill_orphans(channels, self.clock.now_ms()).await {
             Ok(0) => {}
             Ok(n) => tracing::warn!(
@@ -314,6 +295,33 @@ impl App {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// The settings read only at start that differ between two configs.
+fn restart_only_changes(was: &Config, now: &Config) -> Vec<&'static str> {
+    [
+        ("server.listen", was.server.listen != now.server.listen),
+        ("store.path", was.store.path != now.store.path),
+        (
+            "store.synchronous",
+            was.store.synchronous != now.store.synchronous,
+        ),
+        (
+            "server.max_connections",
+            was.server.max_connections != now.server.max_connections,
+        ),
+        (
+            "server.header_read_timeout",
+            was.server.header_read_timeout != now.server.header_read_timeout,
+        ),
+        (
+            "admin.listen",
+            was.admin.as_ref().map(|a| a.listen) != now.admin.as_ref().map(|a| a.listen),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(setting, changed)| changed.then_some(setting))
+    .collect()
 }
 
 /// Housekeeping: metrics gauges, pruning, SIGHUP, config file watching, the quiet-period alert.

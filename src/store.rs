@@ -372,9 +372,15 @@ impl Store {
     }
 
     /// Marks every pending delivery of a channel that no longer exists as dead, so it is
-    /// visible and can be replayed once the channel is back.
-    pub async fn kill_orphans(&self, channels: Vec<String>, now: i64) -> Result<usize, StoreError> {
+    /// visible and can be replayed once the channel is back. `channels` is asked on the writer
+    /// thread, in order with the inserts: a call matched against a config that added a channel
+    /// is committed after that config is live, so the list read here already has the channel.
+    pub async fn kill_orphans<C>(&self, channels: C, now: i64) -> Result<usize, StoreError>
+    where
+        C: Fn() -> Vec<String> + Send + 'static,
+    {
         self.run(move |conn| {
+            let channels = channels();
             let mut pending: Vec<String> = Vec::new();
             let mut next = conn.prepare_cached(NEXT_PENDING_CHANNEL)?;
             let mut after = String::new();
@@ -868,8 +874,12 @@ mod tests {
         // A claimed (sending) delivery of a removed channel is left to its lane.
         assert_eq!(store.claim("gone2".into(), 1, 5).await.unwrap().len(), 1);
         let keep = vec!["a".to_string(), "b".to_string()];
-        assert_eq!(store.kill_orphans(keep.clone(), 2).await.unwrap(), 1);
-        assert_eq!(store.kill_orphans(keep, 3).await.unwrap(), 0);
+        let k = keep.clone();
+        assert_eq!(store.kill_orphans(move || k.clone(), 2).await.unwrap(), 1);
+        assert_eq!(
+            store.kill_orphans(move || keep.clone(), 3).await.unwrap(),
+            0
+        );
         let dead = store.list(Some("dead".into()), None, 10).await.unwrap();
         assert_eq!(dead.len(), 1, "{dead:?}");
         assert_eq!(dead[0].channel, "gone");
