@@ -234,7 +234,7 @@ fn compile_op(op: &str, arg: &Value, at: &str, problems: &mut Vec<Problem>) -> O
             if needles.len() != items.len() || needles.is_empty() {
                 problems.push(Problem::new(
                     at,
-                    "`contains_any` needs a non-empty list of strings",
+                    "`contains_any` needs a non-empty list of non-empty strings",
                 ));
                 return None;
             }

@@ -427,6 +427,7 @@ quiet_alert: {quiet_alert}
         text.contains("quiet_alert.to") && text.contains("ops@@example.com"),
         "{text}"
     );
+    assert!(!text.contains("both messages rendered"), "{text}");
 
     // A mistyped override of the alert's template is caught now, not on the quiet day.
     std::fs::write(tpl.join("builtin/quiet.hbs"), "No calls for {{quietFro}}").unwrap();
