@@ -60,19 +60,10 @@ pub enum Op {
     Lt(f64),
     Lte(f64),
     /// Case-insensitive substring (strings) or element (lists).
-    Contains(String, Needles),
-    ContainsAny(Vec<String>, Needles),
+    Contains(String, Regex),
+    ContainsAny(Vec<String>, Regex),
     Matches(Regex),
     Exists(bool),
-}
-
-/// Text `contains` looks for, case-insensitively: anywhere in a string (`within`), or as the
-/// whole of a list element (`whole`), so `tags: { contains: vip }` matches `["vip"]`, not
-/// `["not-vip"]`.
-#[derive(Debug)]
-pub struct Needles {
-    within: Regex,
-    whole: Regex,
 }
 
 const OPERATORS: &[&str] = &[
@@ -126,7 +117,13 @@ fn compile_entry(key: &str, spec: &Value, at: &str, problems: &mut Vec<Problem>)
             let parts = items
                 .iter()
                 .enumerate()
-                .map(|(i, item)| compile_when(item, &format!("{at}[{i}]"), problems))
+                .map(|(i, item)| {
+                    let at = format!("{at}[{i}]");
+                    if item.as_object().is_some_and(|m| m.is_empty()) {
+                        problems.push(Problem::new(&at, "an empty condition holds for every call"));
+                    }
+                    compile_when(item, &at, problems)
+                })
                 .collect();
             if key == "any" {
                 Condition::Any(parts)
@@ -136,7 +133,10 @@ fn compile_entry(key: &str, spec: &Value, at: &str, problems: &mut Vec<Problem>)
         }
         "not" => {
             if spec.as_object().is_some_and(|m| m.is_empty()) {
-                problems.push(Problem::new(at, "`not` needs a condition"));
+                problems.push(Problem::new(
+                    at,
+                    "`not` needs a condition (as it is, it holds for no call)",
+                ));
             }
             Condition::Not(Box::new(compile_when(spec, at, problems)))
         }
@@ -199,10 +199,12 @@ fn compile_op(op: &str, arg: &Value, at: &str, problems: &mut Vec<Problem>) -> O
             .map(|n| regex::escape(n))
             .collect::<Vec<_>>()
             .join("|");
-        let build = |pattern: &str| RegexBuilder::new(pattern).case_insensitive(true).build();
-        match (build(&alternation), build(&format!("^(?:{alternation})$"))) {
-            (Ok(within), Ok(whole)) => Some(Needles { within, whole }),
-            (Err(e), _) | (_, Err(e)) => {
+        match RegexBuilder::new(&alternation)
+            .case_insensitive(true)
+            .build()
+        {
+            Ok(r) => Some(r),
+            Err(e) => {
                 problems.push(Problem::new(at, format!("cannot compile: {e}")));
                 None
             }
@@ -225,13 +227,23 @@ fn compile_op(op: &str, arg: &Value, at: &str, problems: &mut Vec<Problem>) -> O
                 ));
                 return None;
             };
+            if needle.is_empty() {
+                problems.push(Problem::new(
+                    at,
+                    "`contains` needs text: \"\" is in every string",
+                ));
+                return None;
+            }
             let re = literal_regex(std::slice::from_ref(&needle), problems)?;
             Op::Contains(needle, re)
         }
         "contains_any" => {
             let items = list(problems)?;
             let needles: Vec<String> = items.iter().filter_map(text).collect();
-            if needles.len() != items.len() || needles.is_empty() {
+            if needles.len() != items.len()
+                || needles.is_empty()
+                || needles.iter().any(String::is_empty)
+            {
                 problems.push(Problem::new(
                     at,
                     "`contains_any` needs a non-empty list of non-empty strings",
@@ -328,7 +340,10 @@ impl Op {
             Op::Gte(n) => present.and_then(as_number).is_some_and(|v| v >= *n),
             Op::Lt(n) => present.and_then(as_number).is_some_and(|v| v < *n),
             Op::Lte(n) => present.and_then(as_number).is_some_and(|v| v <= *n),
-            Op::Contains(_, re) | Op::ContainsAny(_, re) => present.is_some_and(|v| search(v, re)),
+            Op::Contains(needle, re) => {
+                present.is_some_and(|v| search(v, std::slice::from_ref(needle), re))
+            }
+            Op::ContainsAny(needles, re) => present.is_some_and(|v| search(v, needles, re)),
             Op::Matches(re) => present.is_some_and(|v| match v {
                 Value::String(s) => re.is_match(s),
                 Value::Number(_) | Value::Bool(_) => re.is_match(&v.to_string()),
@@ -367,17 +382,29 @@ impl Op {
     }
 }
 
-/// Case-insensitive search in a string (or a number's digits), or for a whole element of a list.
-fn search(v: &Value, n: &Needles) -> bool {
-    let scalar = |v: &Value, re: &Regex| match v {
+/// Case-insensitive search for `re` (the needles) in a string or a number's digits; in a list,
+/// an element equal to one of the needles, ignoring case, so `tags: { contains: vip }` matches
+/// `["VIP"]`, not `["not-vip"]`. No allocation for strings.
+fn search(v: &Value, needles: &[String], re: &Regex) -> bool {
+    match v {
         Value::String(s) => re.is_match(s),
         Value::Number(_) | Value::Bool(_) => re.is_match(&v.to_string()),
+        Value::Array(items) => items.iter().any(|item| match item {
+            Value::String(s) => needles.iter().any(|n| same_ignoring_case(s, n)),
+            Value::Number(_) | Value::Bool(_) => {
+                let s = item.to_string();
+                needles.iter().any(|n| same_ignoring_case(&s, n))
+            }
+            _ => false,
+        }),
         _ => false,
-    };
-    match v {
-        Value::Array(items) => items.iter().any(|i| scalar(i, &n.whole)),
-        _ => scalar(v, &n.within),
     }
+}
+
+fn same_ignoring_case(a: &str, b: &str) -> bool {
+    a.chars()
+        .flat_map(char::to_lowercase)
+        .eq(b.chars().flat_map(char::to_lowercase))
 }
 
 impl Condition {
@@ -634,14 +661,22 @@ mod tests {
     fn conditions_that_would_hold_for_every_call_are_refused() {
         let mut problems = Vec::new();
         compile_when(
-            &json!({"any": [], "all": [], "duration": {}, "not": {}}),
+            &json!({"any": [], "all": [{}], "duration": {}, "not": {},
+                    "s": {"contains": ""}, "t": {"contains_any": ["x", ""]}}),
             "when",
             &mut problems,
         );
         let places: Vec<&str> = problems.iter().map(|p| p.at.as_str()).collect();
         assert_eq!(
             places,
-            ["when.any", "when.all", "when.duration", "when.not"]
+            [
+                "when.any",
+                "when.all[0]",
+                "when.duration",
+                "when.not",
+                "when.s.contains",
+                "when.t.contains_any"
+            ]
         );
         assert!(problems[2].message.contains("no condition"), "{problems:?}");
     }
