@@ -309,10 +309,26 @@ pub fn lookup<'a>(root: &'a Map<String, Value>, path: &str) -> Option<&'a Value>
 fn loosely_equal(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::String(x), Value::String(y)) => x == y,
-        _ => match (as_number(a), as_number(b)) {
+        // Whole numbers exactly: ids past 2^53 (a CRM's, say) are not rounded into each other.
+        _ => match (as_integer(a), as_integer(b)) {
             (Some(x), Some(y)) => x == y,
-            _ => a == b,
+            _ => match (as_number(a), as_number(b)) {
+                (Some(x), Some(y)) => x == y,
+                _ => a == b,
+            },
         },
+    }
+}
+
+/// A whole number, as a JSON integer or a string of digits.
+fn as_integer(v: &Value) -> Option<i128> {
+    match v {
+        Value::Number(n) => n
+            .as_i64()
+            .map(i128::from)
+            .or_else(|| n.as_u64().map(i128::from)),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
     }
 }
 
@@ -582,6 +598,17 @@ mod tests {
         assert!(c
             .check(&call(json!({"campaignId": 8812, "duration": "abc"})))
             .is_err());
+        // Integers compare exactly, past what an f64 holds.
+        let big = compile(json!({"leadData.crmId": 9007199254740993u64}));
+        for (id, want) in [
+            (json!(9007199254740993u64), true),
+            (json!("9007199254740993"), true),
+            (json!(9007199254740992u64), false),
+            (json!("9007199254740992"), false),
+        ] {
+            let obj = call(json!({"leadData": {"crmId": id}}));
+            assert_eq!(big.holds(&obj), want, "{id}");
+        }
     }
 
     #[test]
