@@ -154,10 +154,13 @@ pub fn fit(body: &mut Value) -> usize {
             return true;
         };
         let blank = |v: &Value| v.as_str().is_some_and(|t| t.trim().is_empty());
+        let mut emptied = false;
         if let Some(Value::Array(fields)) = map.get_mut("fields") {
+            let n = fields.len();
             fields.retain(|f| !f.get("text").is_some_and(blank));
-            if fields.is_empty() {
+            if fields.is_empty() && n > 0 {
                 map.remove("fields");
+                emptied = true;
             }
         }
         if map
@@ -166,12 +169,15 @@ pub fn fit(body: &mut Value) -> usize {
             .is_some_and(blank)
         {
             map.remove("text");
+            emptied = true;
         }
         // A header needs its text; a section needs text or fields (an accessory alone is not
-        // enough).
+        // enough). Only what went blank here is dropped: a block the template wrote wrong
+        // from the start stays, for `check` to name and Slack to refuse visibly.
+        let has = |k: &str| map.contains_key(k);
         match map.get("type").and_then(Value::as_str) {
-            Some("header") => map.contains_key("text"),
-            Some("section") => map.contains_key("text") || map.contains_key("fields"),
+            Some("header") => has("text") || !emptied,
+            Some("section") => has("text") || has("fields") || !emptied,
             _ => true,
         }
     });
@@ -327,6 +333,25 @@ mod tests {
             ])
         );
         assert!(crate::commands::slack_rejects(&body).is_empty(), "{body}");
+
+        // A section the template wrote wrong (a typo for "text") is not fit's to hide: it stays,
+        // and check names it.
+        let mut body = serde_json::json!({"text": "fallback", "blocks": [
+            {"type": "section", "txt": {"type": "mrkdwn", "text": "hello"}},
+            {"type": "section", "fields": []},
+        ]});
+        assert_eq!(fit(&mut body), 0);
+        assert_eq!(body["blocks"].as_array().unwrap().len(), 2);
+        let rejects = crate::commands::slack_rejects(&body);
+        assert!(
+            rejects
+                .iter()
+                .any(|r| r.starts_with("block 0: a section with neither text nor fields"))
+                && rejects
+                    .iter()
+                    .any(|r| r.starts_with("block 1: an empty list of fields")),
+            "{rejects:?}"
+        );
     }
 
     #[test]
