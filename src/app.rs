@@ -39,6 +39,8 @@ impl Live {
 /// What the HTTP edge, the worker and the background tasks share.
 pub struct Shared {
     pub live: Arc<ArcSwap<Live>>,
+    /// The config the process started with: what settings read only at start still follow.
+    started_with: Arc<Live>,
     pub store: Store,
     pub worker: Arc<Worker>,
     pub clock: SharedClock,
@@ -70,11 +72,13 @@ impl Shared {
                 return Err(e);
             }
         };
-        let old = self.live.load_full();
+        // Held until this reload's orphan sweep is done, so the outgoing config (its HTTP and
+        // SMTP clients) is not last dropped on the store's thread, where the sweep reads it.
+        let _outgoing = self.live.load_full();
         for w in &config.warnings {
             tracing::warn!("{w}");
         }
-        let restart_only = restart_only_changes(&old.config, &config);
+        let restart_only = restart_only_changes(&self.started_with.config, &config);
         let live = match Live::new(config) {
             Ok(l) => l,
             Err(e) => {
@@ -93,7 +97,7 @@ impl Shared {
         for setting in restart_only {
             tracing::warn!(
                 setting,
-                "{setting} changed: it takes effect only after a restart; the rest of the new config applies now"
+                "{setting} differs from what the daemon started with: it takes effect only after a restart; the rest of the new config applies now"
             );
         }
         self.dead_letter_orphans().await;
@@ -194,6 +198,7 @@ impl App {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         let shared = Arc::new(Shared {
+            started_with: live.load_full(),
             live,
             store,
             worker,
