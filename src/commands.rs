@@ -473,10 +473,10 @@ pub fn format_deliveries(rows: &[DeliveryRow]) -> String {
     out
 }
 
-/// Opens the store a config names, for the CLI (works while the daemon runs).
 /// Opens the daemon's existing store for the `deliveries` commands. A store that is not there
 /// is an error, not a new empty one: `store.path` is relative to the daemon's working
-/// directory, and "(no deliveries)" from the wrong directory would be a lie.
+/// directory, and "(no deliveries)" from the wrong directory would be a lie. Works while the
+/// daemon runs.
 pub fn open_store(store: &StoreConfig) -> anyhow::Result<Store> {
     if !store.path.exists() {
         let cwd = std::env::current_dir()

@@ -1,5 +1,7 @@
-//! Email over SMTP: lettre speaks the protocol (EHLO, STARTTLS, AUTH, the message) on
-//! connections this module opens and pools, with `TCP_NODELAY` set.
+//! Email over SMTP: lettre speaks the protocol (EHLO, STARTTLS, AUTH, each command) on
+//! connections this module opens and pools, with `TCP_NODELAY` set; the mail transaction
+//! (MAIL, RCPT, DATA) is run here, so one refused recipient does not cost the others the
+//! message (see `transaction`).
 //!
 //! Why not lettre's `AsyncSmtpTransport`: it sends the message body and the closing
 //! `\r\n.\r\n` as two writes, then waits for the reply, on a socket without `TCP_NODELAY`.
@@ -148,7 +150,7 @@ pub fn transport(s: &SmtpConfig) -> Result<Transport, String> {
 impl Transport {
     /// Sends one message on an idle connection (checked with NOOP) or a new one. A connection
     /// goes back to the pool only after a clean send. On success, also the recipients the
-    /// server refused for good (see [`transaction`]).
+    /// server refused for good (see `transaction`).
     pub async fn send(&self, message: lettre::Message) -> Result<Sent, SendError> {
         let limit = self.smtp.timeout;
         let mut conn = match self.reuse().await {
