@@ -325,9 +325,8 @@ impl Worker {
         let attempt = d.attempts + 1;
         let span = tracing::info_span!("delivery", id = d.id, sid = %d.sid, rule = %d.rule, channel = %d.channel, attempt);
         async move {
-            let live = self.live.load_full();
             let started = std::time::Instant::now();
-            let outcome = match unless_it_panics(self.attempt(&live, &d, shutdown)).await {
+            let outcome = match unless_it_panics(self.attempt(&d, shutdown)).await {
                 Ok(Some(o)) => o,
                 Ok(None) => {
                     let _ = self.store.release(d.id).await;
@@ -340,6 +339,8 @@ impl Worker {
                     error: format!("internal error, a bug in callnotify (please report it): {panic}"),
                 },
             };
+            // The config as it is now (a reload may have come during the attempt).
+            let live = self.live.load_full();
             if let (Outcome::Retry { after: Some(after), .. }, Some(channel)) =
                 (&outcome, live.config.channels.get(&d.channel))
             {
@@ -419,17 +420,40 @@ impl Worker {
         }
     }
 
-    /// Render, pace and send. None when shutdown came first.
-    async fn attempt(
-        &self,
-        live: &Live,
-        d: &Claimed,
-        shutdown: &CancellationToken,
-    ) -> Option<Outcome> {
+    /// Wait for the destination, render and send. None when shutdown came first.
+    ///
+    /// The waits (a `Retry-After` pause, a pacing slot) can be long, so the channel is looked up
+    /// again after each: a 429 that arrived meanwhile holds this send too, and a reload that
+    /// removed or changed the channel applies to the message already claimed.
+    async fn attempt(&self, d: &Claimed, shutdown: &CancellationToken) -> Option<Outcome> {
+        let gone = || Outcome::Permanent {
+            error: format!("channel {} is no longer in the config", d.channel),
+        };
+        let mut slot_taken = false;
+        let live = loop {
+            let live = self.live.load_full();
+            let Some(channel) = live.config.channels.get(&d.channel) else {
+                return Some(gone());
+            };
+            let key = channel.kind.pacing_key(&d.channel);
+            let mut wait = self.paused_for(&key);
+            if wait.is_zero() && !slot_taken {
+                slot_taken = true;
+                wait = self.pace(&key, channel.max_per_second, channel.burst);
+            }
+            if wait.is_zero() {
+                break live;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => return None,
+            }
+        };
+        if shutdown.is_cancelled() {
+            return None;
+        }
         let Some(channel) = live.config.channels.get(&d.channel) else {
-            return Some(Outcome::Permanent {
-                error: format!("channel {} is no longer in the config", d.channel),
-            });
+            return Some(gone());
         };
         let call = match serde_json::from_str(&d.call_body)
             .map_err(|e| e.to_string())
@@ -463,24 +487,6 @@ impl Worker {
                 crate::metrics::slack_truncated();
                 tracing::info!(cuts, "message cut to fit Slack's limits");
             }
-        }
-        let key = channel.kind.pacing_key(&d.channel);
-        let paused = self.paused_for(&key);
-        if !paused.is_zero() {
-            tokio::select! {
-                _ = tokio::time::sleep(paused) => {}
-                _ = shutdown.cancelled() => return None,
-            }
-        }
-        let wait = self.pace(&key, channel.max_per_second, channel.burst);
-        if !wait.is_zero() {
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.cancelled() => return None,
-            }
-        }
-        if shutdown.is_cancelled() {
-            return None;
         }
         let meta = Meta {
             channel: &d.channel,

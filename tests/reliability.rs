@@ -140,6 +140,109 @@ async fn slack_429_is_retried_no_sooner_than_retry_after() {
     assert!(rows.iter().all(|r| r["status"] == "done"), "{rows:?}");
 }
 
+/// The 429 arrives while the next message already waits for its pacing slot: that message
+/// waits out the Retry-After too.
+#[tokio::test]
+async fn a_send_waiting_for_its_pacing_slot_honours_a_retry_after_that_came_meanwhile() {
+    let tpl = templates();
+    let slack = FakeSlack::start().await;
+    slack.script([Reply::status(429, "rate_limited").retry_after(4)]);
+    let channels = format!(
+        "  sales: {{ type: slack, webhook_url: \"{}\", max_per_second: 1, burst: 1, concurrency: 2 }}\n",
+        slack.url
+    );
+    // One call owes the channel two messages: claimed together, sent by two senders.
+    let notify =
+        "[{ channel: sales, template: slack/sid }, { channel: sales, template: slack/sid }]";
+    let d = Daemon::start(&config(tpl.path(), FAST, &channels, notify));
+    accept(&d, "CApaced").await;
+    slack.wait_accepted(2, WAIT).await;
+    let r = slack.received();
+    assert_eq!(r[0].answered, 429);
+    for later in &r[1..] {
+        let gap = later.at - r[0].at;
+        assert!(
+            gap >= Duration::from_secs(4),
+            "sent {gap:?} after a 429 with Retry-After: 4"
+        );
+    }
+}
+
+/// Two channels on one webhook URL are one destination: a 429 to one holds the other.
+#[tokio::test]
+async fn channels_sharing_a_webhook_share_its_retry_after() {
+    let tpl = templates();
+    let slack = FakeSlack::start().await;
+    slack.script([Reply::status(429, "rate_limited").retry_after(4)]);
+    let channels = ["sales", "sales_vip"]
+        .map(|name| {
+            format!(
+                "  {name}: {{ type: slack, webhook_url: \"{}\", max_per_second: 1, burst: 1 }}\n",
+                slack.url
+            )
+        })
+        .concat();
+    let notify =
+        "[{ channel: sales, template: slack/sid }, { channel: sales_vip, template: slack/sid }]";
+    let d = Daemon::start(&config(tpl.path(), FAST, &channels, notify));
+    accept(&d, "CAshared").await;
+    slack.wait_accepted(2, WAIT).await;
+    let r = slack.received();
+    assert_eq!(r[0].answered, 429);
+    let gap = r[1].at - r[0].at;
+    assert!(
+        gap >= Duration::from_secs(4),
+        "sent {gap:?} after a 429 with Retry-After: 4"
+    );
+}
+
+/// A message the lane holds behind a Retry-After is not sent once a reload removed its channel
+/// (say, because it posts to the wrong workspace): it goes dead, visible and replayable.
+#[tokio::test]
+async fn a_message_held_behind_a_pause_is_not_sent_after_a_reload_removed_its_channel() {
+    let tpl = templates();
+    let slack = FakeSlack::start().await;
+    slack.script([Reply::status(429, "rate_limited").retry_after(4)]);
+    let channels = slack_channel("sales", &slack, "") + "  console: { type: log }\n";
+    let notify =
+        "[{ channel: sales, template: slack/sid }, { channel: sales, template: slack/sid }]";
+    let d = Daemon::start(&config(tpl.path(), FAST, &channels, notify));
+    accept(&d, "CAremoved").await;
+    eventually("the 429", WAIT, || {
+        (!slack.received().is_empty()).then_some(())
+    })
+    .await;
+    let yaml = std::fs::read_to_string(&d.config).unwrap();
+    let yaml: String = yaml
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("sales:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(
+        &d.config,
+        yaml.replace(notify, "[{ channel: console, template: log/sid }]"),
+    )
+    .unwrap();
+    d.signal("HUP");
+    let rows = eventually("both deliveries dead", WAIT, || {
+        let dead = d.deliveries(Some("dead"));
+        (dead.len() == 2).then_some(dead)
+    })
+    .await;
+    for row in &rows {
+        let error = row["last_error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("channel sales is no longer in the config"),
+            "{row}"
+        );
+    }
+    assert_eq!(
+        slack.received().len(),
+        1,
+        "sent to a channel a reload removed"
+    );
+}
+
 #[tokio::test]
 async fn slack_404_and_410_go_dead_with_slacks_answer() {
     let tpl = templates();
