@@ -366,6 +366,9 @@ fn default_max_connections() -> usize {
 fn default_store_path() -> PathBuf {
     PathBuf::from("data/callnotify.db")
 }
+/// The longest retry wait, retry window or retention (ten years).
+pub const MAX_DELIVERY_WAIT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 fn default_retry_schedule() -> Vec<Duration> {
     [10, 30, 120, 600, 1800, 3600, 10800]
         .into_iter()
@@ -798,6 +801,23 @@ fn from_tree(path: &Path, tree: Value, problems: &mut Vec<Problem>) -> Option<Co
                 ),
             ));
         }
+        // Past ten years a wait means "never": refused, rather than overflowing the schedule.
+        let too_long = |at: &str, d: Duration, problems: &mut Vec<Problem>| {
+            if d > MAX_DELIVERY_WAIT {
+                problems.push(Problem::new(
+                    at,
+                    format!(
+                        "{} is too long: at most 10 years",
+                        humantime::format_duration(d)
+                    ),
+                ));
+            }
+        };
+        if let Some(w) = d.retry_schedule.iter().max() {
+            too_long("delivery.retry_schedule", *w, problems);
+        }
+        too_long("delivery.give_up_after", d.give_up_after, problems);
+        too_long("delivery.keep_delivered", d.keep_delivered, problems);
         // Zero would time out every request, some of them after Slack took the message.
         if d.request_timeout.is_zero() {
             problems.push(Problem::new(
@@ -1343,6 +1363,35 @@ rules: []
             "{err}"
         );
         assert!(err.to_string().contains("200ms is too short"), "{err}");
+    }
+
+    #[test]
+    fn waits_past_ten_years_are_refused_rather_than_overflowing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            r#"
+templates_dir: "{t}"
+server: { tokens: ["0123456789abcdef"] }
+delivery: { retry_schedule: ["1s", "1000000000y"], give_up_after: "1000000000y", keep_delivered: "11y" }
+rules: []
+"#,
+        );
+        let err = load_with_env(&p, &env(&[])).unwrap_err();
+        let places: Vec<&str> = err.problems.iter().map(|p| p.at.as_str()).collect();
+        assert_eq!(
+            places,
+            [
+                "delivery.retry_schedule",
+                "delivery.give_up_after",
+                "delivery.keep_delivered"
+            ],
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("too long: at most 10 years"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -49,8 +49,10 @@ pub fn next_attempt_at(
         .unwrap_or(Duration::from_secs(60));
     let jittered = base.as_secs_f64() * (0.8 + 0.4 * jitter.clamp(0.0, 1.0));
     let wait = jittered.max(retry_after.map_or(0.0, |d| d.as_secs_f64()));
-    let next = now_ms + (wait * 1000.0) as i64;
-    let deadline = window_start_ms + give_up_after.as_millis() as i64;
+    // Saturating: config caps the waits at ten years, but nothing here may overflow.
+    let next = now_ms.saturating_add((wait * 1000.0) as i64);
+    let window = i64::try_from(give_up_after.as_millis()).unwrap_or(i64::MAX);
+    let deadline = window_start_ms.saturating_add(window);
     (next <= deadline).then_some(next)
 }
 
@@ -567,6 +569,17 @@ mod tests {
             None
         );
         assert!(next_attempt_at(&[S(10)], 7, now, 0, S(86_400), None, 0.5).is_some());
+    }
+
+    #[test]
+    fn huge_waits_and_windows_saturate_instead_of_overflowing() {
+        let now = 1_700_000_000_000;
+        let forever = Duration::MAX;
+        // A window too long for i64 milliseconds is still open, not wrapped into the past.
+        assert!(next_attempt_at(&[S(10)], 1, now, now, forever, None, 0.5).is_some());
+        // A wait that long lands at the end of time rather than panicking or wrapping.
+        let at = next_attempt_at(&[forever], 1, now, now, forever, None, 0.5).unwrap();
+        assert_eq!(at, i64::MAX);
     }
 
     #[tokio::test(start_paused = true)]
