@@ -113,11 +113,16 @@ impl Shared {
         let live = self.live.clone();
         let channels = move || live.load().config.channels.keys().cloned().collect();
         match self.store.kill_orphans(channels, self.clock.now_ms()).await {
-            Ok(0) => {}
-            Ok(n) => tracing::warn!(
-                deliveries = n,
-                "deliveries for channels no longer in the config are now dead; replay them after restoring the channel"
-            ),
+            Ok(killed) => {
+                for (channel, n) in killed.into_iter().filter(|(_, n)| *n > 0) {
+                    crate::metrics::dead_without_attempt(&channel, n);
+                    tracing::warn!(
+                        %channel,
+                        deliveries = n,
+                        "deliveries for a channel no longer in the config are now dead; replay them after restoring the channel"
+                    );
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "cannot check for deliveries of removed channels"),
         }
     }
@@ -197,6 +202,7 @@ impl App {
             .flatten()
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
+        crate::metrics::at_start(last);
         let shared = Arc::new(Shared {
             started_with: live.load_full(),
             live,

@@ -40,9 +40,34 @@ pub fn rule_matched(rule: &str) {
     metrics::counter!("callnotify_rules_matched_total", "rule" => rule.to_string()).increment(1);
 }
 
-pub fn last_call_now() {
-    metrics::gauge!("callnotify_last_call_received_timestamp_seconds")
-        .set(chrono::Utc::now().timestamp() as f64);
+/// The last accepted call was at `unix_ms`.
+pub fn last_call_at(unix_ms: i64) {
+    metrics::gauge!("callnotify_last_call_received_timestamp_seconds").set(unix_ms as f64 / 1000.0);
+}
+
+/// Series that alerts are written against exist from the start, not only after their first
+/// event: `calls_received_total` at 0, and the last call's time as the store remembers it
+/// (an alert on `time() - last_call_received_timestamp_seconds` works right after a restart).
+pub fn at_start(last_call_ms: i64) {
+    for result in [
+        "accepted",
+        "duplicate",
+        "rejected",
+        "unauthorized",
+        "unavailable",
+    ] {
+        metrics::counter!("callnotify_calls_received_total", "result" => result).increment(0);
+    }
+    metrics::counter!("callnotify_template_errors_total").increment(0);
+    metrics::counter!("callnotify_slack_truncations_total").increment(0);
+    if last_call_ms > 0 {
+        last_call_at(last_call_ms);
+    }
+}
+
+/// Deliveries that went dead without an attempt (their channel left the config).
+pub fn dead_without_attempt(channel: &str, n: usize) {
+    metrics::counter!("callnotify_deliveries_total", "channel" => channel.to_string(), "outcome" => "dead").increment(n as u64);
 }
 
 pub fn attempt(channel: &str, outcome: &'static str) {

@@ -310,7 +310,7 @@ where
     {
         Ok(Inserted::Accepted { deliveries, .. }) => {
             metrics::call_received("accepted");
-            metrics::last_call_now();
+            metrics::last_call_at(now);
             shared.note_call(now);
             for r in &rule_names {
                 metrics::rule_matched(r);

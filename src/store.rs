@@ -375,7 +375,12 @@ impl Store {
     /// visible and can be replayed once the channel is back. `channels` is asked on the writer
     /// thread, in order with the inserts: a call matched against a config that added a channel
     /// is committed after that config is live, so the list read here already has the channel.
-    pub async fn kill_orphans<C>(&self, channels: C, now: i64) -> Result<usize, StoreError>
+    /// Returns how many went dead, by channel.
+    pub async fn kill_orphans<C>(
+        &self,
+        channels: C,
+        now: i64,
+    ) -> Result<Vec<(String, usize)>, StoreError>
     where
         C: Fn() -> Vec<String> + Send + 'static,
     {
@@ -391,16 +396,17 @@ impl Store {
                 pending.push(ch);
             }
             drop(next);
-            let mut n = 0;
+            let mut killed = Vec::new();
             for ch in pending.into_iter().filter(|c| !channels.contains(c)) {
-                n += conn.execute(
+                let n = conn.execute(
                     "UPDATE deliveries SET status = 'dead', updated_at = ?2,
                         last_error = 'channel ' || ?1 || ' is no longer in the config'
                      WHERE status = 'pending' AND channel = ?1",
                     params![ch, now],
                 )?;
+                killed.push((ch, n));
             }
-            Ok(n)
+            Ok(killed)
         })
         .await
     }
@@ -875,10 +881,13 @@ mod tests {
         assert_eq!(store.claim("gone2".into(), 1, 5).await.unwrap().len(), 1);
         let keep = vec!["a".to_string(), "b".to_string()];
         let k = keep.clone();
-        assert_eq!(store.kill_orphans(move || k.clone(), 2).await.unwrap(), 1);
+        assert_eq!(
+            store.kill_orphans(move || k.clone(), 2).await.unwrap(),
+            [("gone".to_string(), 1)]
+        );
         assert_eq!(
             store.kill_orphans(move || keep.clone(), 3).await.unwrap(),
-            0
+            []
         );
         let dead = store.list(Some("dead".into()), None, 10).await.unwrap();
         assert_eq!(dead.len(), 1, "{dead:?}");

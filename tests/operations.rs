@@ -127,6 +127,38 @@ async fn metrics_counters_move_with_calls_and_deliveries() {
     assert!(metric(&text, "callnotify_last_call_received_timestamp_seconds") > 1.7e9);
 }
 
+/// The series an operator alerts on are there from the start, and the last call's time
+/// survives a restart (the README's "no calls lately" alert must not go blind after a deploy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerting_series_exist_from_the_start_and_the_last_call_survives_a_restart() {
+    let slack = FakeSlack::start().await;
+    let mut d = Daemon::start(&config(&slack, ""));
+    let (_, text) = get(&d.url("/metrics")).await;
+    for line in [
+        r#"callnotify_calls_received_total{result="accepted"} 0"#,
+        r#"callnotify_calls_received_total{result="unauthorized"} 0"#,
+        "callnotify_template_errors_total 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
+    }
+    assert!(
+        !text.contains("callnotify_last_call_received_timestamp_seconds"),
+        "{text}"
+    );
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAlast")).await.0, 200);
+    let (_, text) = get(&d.url("/metrics")).await;
+    let before = metric(&text, "callnotify_last_call_received_timestamp_seconds");
+    assert!(before > 1.7e9, "{text}");
+    assert_eq!(tokio::task::block_in_place(|| d.terminate()), Some(0));
+    tokio::task::block_in_place(|| d.spawn());
+    let (_, text) = get(&d.url("/metrics")).await;
+    let after = metric(&text, "callnotify_last_call_received_timestamp_seconds");
+    assert!(
+        (after - before).abs() < 1.0,
+        "{before} before, {after} after\n{text}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_swaps_a_good_config_and_keeps_the_old_one_when_bad() {
     let slack = FakeSlack::start().await;

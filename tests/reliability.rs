@@ -489,6 +489,19 @@ async fn deliveries_for_a_channel_no_longer_configured_go_dead_and_stay_visible(
         row["last_error"], "channel sales is no longer in the config",
         "{row}"
     );
+    // Counted as dead, like any delivery that ends dead.
+    let metrics = http()
+        .get(d.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"callnotify_deliveries_total{channel="sales",outcome="dead"} 1"#),
+        "{metrics}"
+    );
 
     // Replayed before the channel is back: dead again, not stranded in the queue.
     let out = d.cli(&["deliveries", "retry", "--all-dead"]);
