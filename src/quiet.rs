@@ -66,15 +66,33 @@ pub fn in_business_hours(cfg: &QuietAlertConfig, now_ms: i64) -> bool {
     }
 }
 
+/// Where the store keeps when the quiet alert went out (0: calls resumed since), so a restart
+/// while it is in force neither repeats it nor loses the "calls resumed" message.
+const ALERTED_AT: &str = "quiet_alerted_at";
+
 /// The alert's state in a running daemon.
 #[derive(Debug, Default)]
 pub struct QuietAlert {
     alerted_at: Option<i64>,
     started_at: Option<i64>,
+    /// Whether `alerted_at` was read back from the store.
+    loaded: bool,
 }
 
 impl QuietAlert {
     pub async fn check(&mut self, shared: &Shared, cfg: &QuietAlertConfig, now_ms: i64) {
+        if !self.loaded {
+            match shared.store.get_meta(ALERTED_AT.into()).await {
+                Ok(at) => {
+                    self.loaded = true;
+                    self.alerted_at = at.and_then(|v| v.parse().ok()).filter(|t| *t > 0);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the quiet alert's state; trying again");
+                    return;
+                }
+            }
+        }
         let started = *self.started_at.get_or_insert(now_ms);
         let last = shared.last_call_ms();
         let since = last.max(started);
@@ -108,14 +126,16 @@ impl QuietAlert {
             action,
         }];
         let sid = body["sid"].as_str().unwrap_or_default().to_string();
+        let alerted_at = quiet.then_some(now_ms);
+        let state = (ALERTED_AT.to_string(), alerted_at.unwrap_or(0).to_string());
         match shared
             .store
-            .insert_call(sid, event, body.to_string(), now_ms, owed)
+            .insert_call_noting(sid, event, body.to_string(), now_ms, owed, state)
             .await
         {
             Ok(_) => {
                 tracing::warn!(event, quiet_for = %quiet_for, channel = %cfg.channel, "quiet-period alert queued");
-                self.alerted_at = quiet.then_some(now_ms);
+                self.alerted_at = alerted_at;
                 shared.worker.wake();
             }
             Err(e) => tracing::error!(error = %e, "cannot queue the quiet-period alert"),

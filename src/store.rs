@@ -334,6 +334,25 @@ impl Store {
             .await
     }
 
+    /// As [`Store::insert_call`], and sets `note` (a meta key and value) in the same transaction:
+    /// state that must change with the call it queued, such as the quiet alert's.
+    pub async fn insert_call_noting(
+        &self,
+        sid: String,
+        event: &'static str,
+        body: String,
+        received_at: i64,
+        deliveries: Vec<NewDelivery>,
+        note: (String, String),
+    ) -> Result<Inserted, StoreError> {
+        self.run(move |conn| {
+            let inserted = insert_call(conn, &sid, event, &body, received_at, &deliveries)?;
+            put_meta(conn, &note.0, &note.1)?;
+            Ok(inserted)
+        })
+        .await
+    }
+
     /// Puts deliveries left `sending` by a previous process back in the queue.
     pub async fn reset_inflight(&self, now: i64) -> Result<usize, StoreError> {
         self.run(move |conn| conn.execute(RESET_INFLIGHT, params![now]))
@@ -513,12 +532,7 @@ impl Store {
     }
 
     pub async fn set_meta(&self, key: String, value: String) -> Result<(), StoreError> {
-        self.run(move |conn| {
-            conn.prepare_cached("INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value")?
-                .execute(params![key, value])
-                .map(|_| ())
-        })
-        .await
+        self.run(move |conn| put_meta(conn, &key, &value)).await
     }
 
     pub async fn get_meta(&self, key: String) -> Result<Option<String>, StoreError> {
@@ -585,6 +599,12 @@ fn commit(conn: &Connection, jobs: &mut [Job]) -> Result<(), Option<String>> {
         let _ = control(conn, "ROLLBACK");
         Some(e.to_string())
     })
+}
+
+fn put_meta(conn: &Connection, key: &str, value: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached("INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value")?
+        .execute(params![key, value])
+        .map(|_| ())
 }
 
 fn insert_call(

@@ -455,6 +455,15 @@ async fn the_quiet_alert_fires_once_and_again_when_calls_resume() {
         "{got:?}"
     );
 
+    // A restart (the alert's state in memory is lost) neither repeats the alert...
+    let mut alert = callnotify::quiet::QuietAlert::default();
+    clock.advance(3 * 3_600_000);
+    alert.check(&shared, q, clock.now_ms()).await;
+    assert!(
+        shared.worker.deliver_next().await.is_none(),
+        "alerted again after a restart"
+    );
+    // ...nor forgets to say that calls resumed.
     clock.advance(60_000);
     shared.note_call(clock.now_ms());
     clock.advance(1000);
