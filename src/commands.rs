@@ -323,7 +323,9 @@ pub fn check(config: &Config) -> (String, bool) {
 }
 
 /// `callnotify render`: which rules match the payload, and exactly what would be sent.
-pub fn dry_run(config: &Config, body: &[u8], as_json: bool) -> Result<String, String> {
+/// The report, and whether every notification would go out: false when one fails to render,
+/// has no valid recipient, or would be refused by Slack.
+pub fn dry_run(config: &Config, body: &[u8], as_json: bool) -> Result<(String, bool), String> {
     let call = payload::parse(body).map_err(|e| format!("the payload is not a call: {e}"))?;
     let verdicts = rules::explain(&config.rules, &call);
     let mut notifications = Vec::new();
@@ -369,9 +371,15 @@ pub fn dry_run(config: &Config, body: &[u8], as_json: bool) -> Result<String, St
             notifications.push(json!({"rule": rule.name, "channel": action.channel, "type": kind, "message": what}));
         }
     }
+    let all_good = notifications.iter().all(|n| {
+        let m = &n["message"];
+        m.get("error").is_none() && m["rejects"].as_array().is_none_or(|r| r.is_empty())
+    });
     if as_json {
         let out = json!({"sid": call.sid, "event": call.event.as_str(), "rules": verdicts, "notifications": notifications});
-        return serde_json::to_string_pretty(&out).map_err(|e| e.to_string());
+        return serde_json::to_string_pretty(&out)
+            .map(|text| (text, all_good))
+            .map_err(|e| e.to_string());
     }
     let mut out = String::new();
     let _ = writeln!(out, "call {} ({})", call.sid, call.event.as_str());
@@ -432,7 +440,7 @@ pub fn dry_run(config: &Config, body: &[u8], as_json: bool) -> Result<String, St
             let _ = writeln!(out, "{text}");
         }
     }
-    Ok(out)
+    Ok((out, all_good))
 }
 
 /// Formats deliveries as a table.

@@ -62,7 +62,8 @@ enum Command {
     #[command(after_help = "Example:\n  callnotify check --config config/examples/slack.yaml")]
     Check,
     /// Dry run: show which rules a payload matches (and why not) and exactly what would be sent.
-    /// Nothing is sent.
+    /// Nothing is sent. Exit 0 when every notification would go out (matching nothing is fine),
+    /// 1 when one would fail (a template error, no valid recipient, a message Slack refuses).
     #[command(
         after_help = "Examples:\n  callnotify render tests/fixtures/post_call_data_campaign.json\n  curl -s https://... | callnotify render -"
     )]
@@ -216,9 +217,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", payload.display()))?;
             }
             match commands::dry_run(&config, &body, json) {
-                Ok(out) => {
+                Ok((out, all_good)) => {
                     print!("{out}");
-                    Ok(ExitCode::SUCCESS)
+                    Ok(if all_good {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    })
                 }
                 Err(e) => {
                     eprintln!("{e}");

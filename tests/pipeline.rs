@@ -380,6 +380,24 @@ rules:
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("lead_nmae"), "{stdout}");
+    // The dry run of a call that meets the typo fails the same way, for scripts and CI.
+    let call = dir.path().join("call.json");
+    std::fs::write(&call, FIXTURE).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("render")
+        .arg(&call)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("rule \"b\": MATCHED")
+            && stdout.contains("ERROR")
+            && stdout.contains("lead_nmae"),
+        "{stdout}"
+    );
 }
 
 #[test]
