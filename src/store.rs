@@ -679,9 +679,18 @@ fn claim(
                 r.get::<_, i64>(3)?,
             ))
         })?;
-        let action: Action = serde_json::from_str(&action).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, Box::new(e))
-        })?;
+        // A row this version cannot read (written by another version, or edited by hand) goes
+        // dead with the reason instead of failing every claim of the channel from now on.
+        let action: Action = match serde_json::from_str(&action) {
+            Ok(a) => a,
+            Err(e) => {
+                conn.prepare_cached(
+                    "UPDATE deliveries SET status = 'dead', updated_at = ?2, last_error = ?3 WHERE id = ?1",
+                )?
+                .execute(params![id, now, format!("stored delivery cannot be read: {e}")])?;
+                continue;
+            }
+        };
         out.push(Claimed {
             id,
             call_id,
@@ -877,6 +886,31 @@ mod tests {
         let store = Store::open(&path).unwrap();
         assert_eq!(store.reset_inflight(20).await.unwrap(), 3);
         assert_eq!(store.claim("c".into(), 20, 5).await.unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_delivery_that_cannot_be_read_goes_dead_and_does_not_block_its_channel() {
+        let (_dir, store) = temp_store();
+        store
+            .insert_call("CA1".into(), "POST_CALL_DATA", "{}".into(), 1, owed(3))
+            .await
+            .unwrap();
+        store
+            .run(|c| {
+                c.execute(
+                    "UPDATE deliveries SET action = '{\"chanel\":1}' WHERE id = 2",
+                    [],
+                )
+            })
+            .await
+            .unwrap();
+        let claimed = store.claim("c".into(), 2, 10).await.unwrap();
+        assert_eq!(claimed.iter().map(|c| c.id).collect::<Vec<_>>(), [1, 3]);
+        let dead = store.list(Some("dead".into()), None, 10).await.unwrap();
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        assert_eq!(dead[0].id, 2);
+        let why = dead[0].last_error.as_deref().unwrap_or_default();
+        assert!(why.starts_with("stored delivery cannot be read: "), "{why}");
     }
 
     #[tokio::test]
