@@ -150,7 +150,7 @@ pub struct Channel {
     /// Messages per second to this destination; 0 = unpaced.
     pub max_per_second: f64,
     pub burst: u32,
-    /// Deliveries in flight at once for this channel (1 keeps messages in order).
+    /// Deliveries in flight at once for this channel (1: one at a time, oldest first).
     pub concurrency: usize,
 }
 

@@ -300,7 +300,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                     Ok((action, _message, outcome)) => {
                         println!(
-                            "sent {} (template {}) to channel {channel}",
+                            "tried {} (template {}) on channel {channel}",
                             if action.template.starts_with("builtin/") {
                                 "a test message"
                             } else {

@@ -1,7 +1,7 @@
 //! Delivery: claim due deliveries, render, pace, send, record.
 //!
 //! One lane per channel claims that channel's due rows (oldest first) and sends them with the
-//! channel's concurrency (1 keeps a Slack channel in order), so a slow or failing destination
+//! channel's concurrency (1: one at a time, oldest first), so a slow or failing destination
 //! never delays the others. The backlog lives in the store, not in memory: a lane holds at most
 //! a few claimed rows at a time. Each attempt ends in one [`Recorded`] state: done, retry at a
 //! computed time (backoff with jitter, never sooner than the destination's `Retry-After`), or
