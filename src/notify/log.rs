@@ -15,12 +15,14 @@ pub struct Files(Mutex<HashMap<PathBuf, File>>);
 
 impl Files {
     pub fn write(&self, file: Option<&Path>, text: &str, meta: &Meta<'_>) -> Outcome {
+        // All of the text on one line: line breaks and other control characters escaped, so a
+        // value cannot forge a log line or rewrite the terminal.
         tracing::info!(
             channel = meta.channel,
             rule = meta.rule,
             sid = meta.sid,
             "notification: {}",
-            text.lines().next().unwrap_or("")
+            text.escape_debug()
         );
         let Some(path) = file else {
             return Outcome::Delivered { detail: None };
@@ -63,5 +65,53 @@ impl Files {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// What a text-format subscriber wrote.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_whole_text_is_one_log_line_and_cannot_forge_another() {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let meta = Meta {
+            channel: "console",
+            rule: "r",
+            sid: "CA1",
+            event: "POST_CALL_DATA",
+            delivery_id: 1,
+        };
+        let text =
+            "Call with Eve\r\n2026-01-01T00:00:00Z  INFO forged: all is well\n\u{1b}[2Jlast words";
+        tracing::subscriber::with_default(subscriber, || {
+            Files::default().write(None, text, &meta);
+        });
+        let logged = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(logged.lines().count(), 1, "{logged}");
+        assert!(
+            logged.contains(r"Call with Eve\r\n2026-01-01T00:00:00Z  INFO forged: all is well\n\u{1b}[2Jlast words"),
+            "{logged}"
+        );
     }
 }
