@@ -48,6 +48,8 @@ pub struct Shared {
     reload_lock: tokio::sync::Mutex<()>,
     last_call_ms: AtomicI64,
     shutting_down: AtomicBool,
+    /// The last good readiness probe.
+    pub ready: crate::server::ReadyCache,
 }
 
 impl Shared {
@@ -213,6 +215,7 @@ impl App {
             reload_lock: tokio::sync::Mutex::new(()),
             last_call_ms: AtomicI64::new(last),
             shutting_down: AtomicBool::new(false),
+            ready: Default::default(),
         });
         Ok(App {
             shared,

@@ -140,13 +140,40 @@ async fn ready(shared: &Shared) -> Response {
             "the daemon is shutting down",
         );
     }
-    match shared.store.probe(shared.clock.now_ms()).await {
+    let now = shared.clock.now_ms();
+    match shared.ready.check(|| shared.store.probe(now)).await {
         Ok(()) => ok_json(json!({"status": "ready"})),
         Err(e) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "store_unavailable",
             format!("the store does not accept writes: {e}"),
         ),
+    }
+}
+
+/// How long a good store probe answers `/readyz`.
+const READY_REUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// `/readyz` writes to the store to prove it takes writes. It may be reachable from outside (no
+/// `admin.listen`), so a good probe is reused for a second: however often it is asked, the
+/// store sees at most one probe a second. A failed probe is not reused; the next ask tries again.
+#[derive(Debug, Default)]
+pub struct ReadyCache(tokio::sync::Mutex<Option<std::time::Instant>>);
+
+impl ReadyCache {
+    pub async fn check<F, Fut, E>(&self, probe: F) -> Result<(), E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<(), E>>,
+    {
+        // Held across the probe: callers arriving meanwhile wait for it and reuse its result.
+        let mut good_at = self.0.lock().await;
+        if good_at.is_some_and(|t| t.elapsed() < READY_REUSE) {
+            return Ok(());
+        }
+        let result = probe().await;
+        *good_at = result.is_ok().then(std::time::Instant::now);
+        result
     }
 }
 
@@ -517,4 +544,42 @@ where
     // Wait for open connections to finish their requests.
     let _ = permits.acquire_many(limits.max_connections as u32).await;
     tracing::debug!(addr = ?local, "listener stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readiness_probes_the_store_once_for_many_asks_and_again_after_a_failure() {
+        let cache = Arc::new(ReadyCache::default());
+        let probes = Arc::new(AtomicUsize::new(0));
+        let ask = |fails: bool| {
+            let (cache, probes) = (cache.clone(), probes.clone());
+            async move {
+                cache
+                    .check(|| async {
+                        probes.fetch_add(1, Ordering::SeqCst);
+                        if fails {
+                            Err("locked")
+                        } else {
+                            Ok(())
+                        }
+                    })
+                    .await
+            }
+        };
+        // A failure is not reused: each ask probes again.
+        assert_eq!(ask(true).await, Err("locked"));
+        assert_eq!(ask(true).await, Err("locked"));
+        assert_eq!(probes.load(Ordering::SeqCst), 2);
+        // A hundred asks at once after that: one probe answers them all.
+        let asks: Vec<_> = (0..100).map(|_| tokio::spawn(ask(false))).collect();
+        for a in asks {
+            assert_eq!(a.await.unwrap(), Ok(()));
+        }
+        assert_eq!(probes.load(Ordering::SeqCst), 3);
+    }
 }
