@@ -349,6 +349,7 @@ async fn background(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_prune = 0i64;
     let mut quiet = crate::quiet::QuietAlert::default();
+    let mut steps = crate::clock::StepWatch::new(std::time::Instant::now(), shared.clock.now_ms());
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -359,6 +360,13 @@ async fn background(
             _ = tick.tick() => {
                 let now = shared.clock.now_ms();
                 let live = shared.live.load_full();
+                if let Some(step) = steps.observe(std::time::Instant::now(), now) {
+                    match shared.store.shift_schedule(step).await {
+                        Ok(n) => tracing::warn!(step_ms = step, deliveries = n, "the system clock was stepped; pending retries keep their waits"),
+                        Err(e) => tracing::error!(step_ms = step, error = %e, "the system clock was stepped and pending retries could not follow"),
+                    }
+                    shared.worker.wake();
+                }
                 shared.dead_letter_orphans().await;
                 if let Ok(stats) = shared.store.stats().await {
                     crate::metrics::queue(&stats, now);

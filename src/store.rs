@@ -353,6 +353,20 @@ impl Store {
         .await
     }
 
+    /// Moves every pending delivery's schedule (next attempt and retry window) by `ms`: after
+    /// the wall clock was stepped by `ms`, a retry due in a minute is still due in a minute.
+    pub async fn shift_schedule(&self, ms: i64) -> Result<usize, StoreError> {
+        self.run(move |conn| {
+            conn.prepare_cached(
+                "UPDATE deliveries SET next_attempt_at = next_attempt_at + ?1,
+                     window_start = window_start + ?1
+                 WHERE status = 'pending'",
+            )?
+            .execute(params![ms])
+        })
+        .await
+    }
+
     /// Puts deliveries left `sending` by a previous process back in the queue.
     pub async fn reset_inflight(&self, now: i64) -> Result<usize, StoreError> {
         self.run(move |conn| conn.execute(RESET_INFLIGHT, params![now]))
@@ -911,6 +925,50 @@ mod tests {
         assert_eq!(dead[0].id, 2);
         let why = dead[0].last_error.as_deref().unwrap_or_default();
         assert!(why.starts_with("stored delivery cannot be read: "), "{why}");
+    }
+
+    #[tokio::test]
+    async fn a_clock_step_moves_pending_schedules_with_it() {
+        let (_dir, store) = temp_store();
+        store
+            .insert_call(
+                "CA1".into(),
+                "POST_CALL_DATA",
+                "{}".into(),
+                10_000_000,
+                owed(2),
+            )
+            .await
+            .unwrap();
+        let claimed = store.claim("c".into(), 10_000_000, 1).await.unwrap();
+        store
+            .record(vec![Attempt {
+                id: claimed[0].id,
+                attempt: 1,
+                at: 10_000_000,
+                outcome: Recorded::Retry {
+                    next_attempt_at: 10_060_000,
+                },
+                latency_ms: 1,
+                detail: None,
+            }])
+            .await
+            .unwrap();
+        // The clock is stepped back an hour: the retry a minute away stays a minute away.
+        assert_eq!(store.shift_schedule(-3_600_000).await.unwrap(), 2);
+        let mut rows = store.list(Some("pending".into()), None, 10).await.unwrap();
+        rows.sort_by_key(|r| r.id);
+        let next: Vec<i64> = rows.iter().map(|r| r.next_attempt_at).collect();
+        assert_eq!(next, [10_060_000 - 3_600_000, 10_000_000 - 3_600_000]);
+        let windows: Vec<i64> = store
+            .run(|c| {
+                c.prepare("SELECT window_start FROM deliveries ORDER BY id")?
+                    .query_map([], |r| r.get(0))?
+                    .collect()
+            })
+            .await
+            .unwrap();
+        assert_eq!(windows, [10_000_000 - 3_600_000; 2]);
     }
 
     #[tokio::test]
