@@ -57,7 +57,7 @@ pub fn samples() -> Vec<(&'static str, Call)> {
 
 /// What Slack would reject in a body (after [`notify::slack::fit`]).
 pub fn slack_rejects(body: &Value) -> Vec<String> {
-    use notify::slack::{MAX_BLOCKS, MAX_HEADER_CHARS, MAX_SECTION_CHARS};
+    use notify::slack::{MAX_BLOCKS, MAX_FIELD_CHARS, MAX_HEADER_CHARS, MAX_SECTION_CHARS};
     let mut out = Vec::new();
     let text = body.get("text").and_then(Value::as_str).unwrap_or_default();
     let blocks = body.get("blocks").and_then(Value::as_array);
@@ -136,6 +136,17 @@ pub fn slack_rejects(body: &Value) -> Vec<String> {
         if let Some(fields) = b.get("fields").and_then(Value::as_array) {
             if fields.len() > 10 {
                 out.push(format!("block {i}: {} fields (at most 10)", fields.len()));
+            }
+            for (j, f) in fields.iter().enumerate() {
+                let n = f
+                    .get("text")
+                    .and_then(Value::as_str)
+                    .map_or(0, |t| t.chars().count());
+                if n > MAX_FIELD_CHARS {
+                    out.push(format!(
+                        "block {i}: field {j} of {n} characters (at most {MAX_FIELD_CHARS})"
+                    ));
+                }
             }
         }
     }

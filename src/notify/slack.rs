@@ -79,13 +79,15 @@ fn classify_error(e: &reqwest::Error) -> Outcome {
 
 /// Slack's limits, and ours for the top-level text (Slack truncates at 40,000 characters).
 pub const MAX_SECTION_CHARS: usize = 3000;
+pub const MAX_FIELD_CHARS: usize = 2000;
 pub const MAX_HEADER_CHARS: usize = 150;
 pub const MAX_BLOCKS: usize = 50;
 pub const MAX_TEXT_CHARS: usize = 35_000;
 
 /// Makes a body fit Slack's limits instead of being rejected: long sections are split at line
-/// boundaries into several, headers are shortened, and what still does not fit is cut with a
-/// visible "… truncated, N more lines" marker. Returns how many cuts were made.
+/// boundaries into several, headers and section fields are shortened (ending in "…"), and what
+/// still does not fit is cut with a visible "… truncated, N more lines" marker. Returns how many
+/// cuts were made.
 pub fn fit(body: &mut Value) -> usize {
     let mut cuts = 0;
     if let Some(Value::String(text)) = body.get_mut("text") {
@@ -115,6 +117,13 @@ pub fn fit(body: &mut Value) -> usize {
                 out.push(block);
             }
             "section" => {
+                if let Some(Value::Array(fields)) = block.get_mut("fields") {
+                    for f in fields {
+                        if let Some(Value::String(t)) = f.get_mut("text") {
+                            cuts += usize::from(shorten_field(t, MAX_FIELD_CHARS));
+                        }
+                    }
+                }
                 let long = block
                     .pointer("/text/text")
                     .and_then(Value::as_str)
@@ -200,6 +209,16 @@ pub fn fit(body: &mut Value) -> usize {
     }
     *blocks = out;
     cuts
+}
+
+/// Cuts a field's text longer than `max` characters to a prefix ending in "…", `max` in all.
+/// Text that is only blank is left for the blank-text pass to remove. Returns whether it cut.
+fn shorten_field(t: &mut String, max: usize) -> bool {
+    if t.chars().count() <= max || t.trim().is_empty() {
+        return false;
+    }
+    *t = format!("{}…", safe_prefix(t, max - 1));
+    true
 }
 
 /// The longest prefix of at most `max` characters that does not end inside an `&...;` entity.
@@ -352,6 +371,54 @@ mod tests {
                     .any(|r| r.starts_with("block 1: an empty list of fields")),
             "{rejects:?}"
         );
+    }
+
+    #[test]
+    fn overlong_fields_are_shortened_and_counted() {
+        // The shipped summary template with a 5,000-character campaign id: Slack refused the
+        // 5,011-character field with invalid_blocks.
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("templates");
+        let renderer = crate::render::Renderer::load(&dir).unwrap();
+        let payload = serde_json::json!({"call": {
+            "sid": "CAfield", "duration": 61, "campaignId": "8".repeat(5000),
+        }});
+        let call = crate::payload::parse(payload.to_string().as_bytes()).unwrap();
+        let action = crate::rules::Action {
+            channel: "c".into(),
+            template: "slack/summary".into(),
+            to: vec![],
+            subject: None,
+        };
+        let ctx = crate::render::context(&call, "r");
+        let crate::render::Message::Slack { mut body } =
+            renderer.render("slack", &action, &ctx).unwrap()
+        else {
+            panic!("not a Slack message")
+        };
+        let rejects = crate::commands::slack_rejects(&body);
+        assert_eq!(
+            rejects,
+            ["block 1: field 1 of 5011 characters (at most 2000)"],
+            "{body}"
+        );
+        assert_eq!(fit(&mut body), 1);
+        let field = body["blocks"][1]["fields"][1]["text"].as_str().unwrap();
+        assert_eq!(field.chars().count(), MAX_FIELD_CHARS);
+        assert!(field.starts_with("*Campaign*\n8888"), "{field}");
+        assert!(field.ends_with("8…"), "{field}");
+        assert!(crate::commands::slack_rejects(&body).is_empty(), "{body}");
+
+        // The cut does not end inside an entity; short and blank fields are left alone.
+        let mut body = serde_json::json!({"blocks": [{"type": "section", "fields": [
+            {"type": "mrkdwn", "text": "*Note*\n".to_string() + &"&amp;".repeat(1000)},
+            {"type": "mrkdwn", "text": "*Duration*\n44s"},
+        ]}]});
+        assert_eq!(fit(&mut body), 1);
+        let field = body["blocks"][0]["fields"][0]["text"].as_str().unwrap();
+        assert!(field.chars().count() <= MAX_FIELD_CHARS);
+        assert!(field.ends_with("&amp;…"), "{}", &field[field.len() - 20..]);
+        assert_eq!(body["blocks"][0]["fields"][1]["text"], "*Duration*\n44s");
+        assert!(crate::commands::slack_rejects(&body).is_empty(), "{body}");
     }
 
     #[test]
