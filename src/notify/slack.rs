@@ -124,31 +124,27 @@ pub fn fit(body: &mut Value) -> usize {
                         }
                     }
                 }
-                let long = block
-                    .pointer("/text/text")
-                    .and_then(Value::as_str)
-                    .filter(|t| t.chars().count() > MAX_SECTION_CHARS)
-                    .map(str::to_string);
-                match long {
-                    None => out.push(block),
-                    Some(text) => {
-                        let chunks = split_lines(&text, MAX_SECTION_CHARS);
-                        if chunks.is_empty() {
-                            // Only blank lines: keep the block (its fields, say) without them.
-                            block["text"]["text"] = Value::String(String::new());
-                            out.push(block);
-                            continue;
-                        }
-                        for (i, chunk) in chunks.into_iter().enumerate() {
-                            let mut b = if i == 0 {
-                                block.clone()
-                            } else {
-                                serde_json::json!({"type": "section", "text": block["text"].clone()})
-                            };
-                            b["text"]["text"] = Value::String(chunk);
-                            out.push(b);
-                        }
+                // The long text is taken out of the block, so what is copied for each
+                // continuation is only the text object's small keys (`type`, `verbatim`).
+                let text = match block.pointer_mut("/text/text") {
+                    Some(Value::String(t)) if t.chars().count() > MAX_SECTION_CHARS => {
+                        std::mem::take(t)
                     }
+                    _ => {
+                        out.push(block);
+                        continue;
+                    }
+                };
+                let mut chunks = split_lines(&text, MAX_SECTION_CHARS).into_iter();
+                // Only blank lines: the block (its fields, say) is kept without them.
+                let first = chunks.next().unwrap_or_default();
+                let text_object = block["text"].clone();
+                block["text"]["text"] = Value::String(first);
+                out.push(block);
+                for chunk in chunks {
+                    let mut b = serde_json::json!({"type": "section", "text": text_object.clone()});
+                    b["text"]["text"] = Value::String(chunk);
+                    out.push(b);
                 }
             }
             _ => out.push(block),
@@ -469,6 +465,46 @@ mod tests {
         let text = body["text"].as_str().unwrap();
         assert!(text.chars().count() <= MAX_TEXT_CHARS);
         assert!(text.contains("… truncated, "));
+    }
+
+    #[test]
+    fn a_split_section_keeps_every_line_in_order_and_its_text_object() {
+        let text: String = (0..1000)
+            .map(|i| format!("line {i:04} of the call\n"))
+            .collect();
+        let mut body = serde_json::json!({"blocks": [
+            {"type": "section", "block_id": "t",
+             "text": {"type": "mrkdwn", "verbatim": true, "text": text},
+             "fields": [{"type": "mrkdwn", "text": "*Duration*\n44s"}]},
+            {"type": "divider"},
+        ]});
+        assert_eq!(fit(&mut body), 0);
+        let blocks = body["blocks"].as_array().unwrap();
+        let n = blocks.len() - 1;
+        assert!(n >= 7, "{n} sections");
+        // The first keeps the block's own keys; continuations carry only the text object's.
+        assert_eq!(blocks[0]["block_id"], "t");
+        assert_eq!(blocks[0]["fields"][0]["text"], "*Duration*\n44s");
+        assert_eq!(blocks[n], serde_json::json!({"type": "divider"}));
+        let mut chunks = Vec::new();
+        for b in &blocks[..n] {
+            let t = b["text"]["text"].as_str().unwrap();
+            assert!(t.chars().count() <= MAX_SECTION_CHARS);
+            let mut object = b["text"].clone();
+            object["text"] = Value::Null;
+            assert_eq!(
+                object,
+                serde_json::json!({"type": "mrkdwn", "verbatim": true, "text": null})
+            );
+            chunks.push(t);
+        }
+        for b in &blocks[1..n] {
+            let mut keys: Vec<&String> = b.as_object().unwrap().keys().collect();
+            keys.sort_unstable();
+            assert_eq!(keys, ["text", "type"]);
+        }
+        // Every line, once, in order: the chunks joined at their cut line breaks are the text.
+        assert_eq!(chunks.join("\n") + "\n", text);
     }
 
     #[test]
