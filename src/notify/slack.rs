@@ -234,8 +234,9 @@ fn split_lines(text: &str, max: usize) -> Vec<String> {
     let mut cur_len = 0;
     for line in text.split_inclusive('\n') {
         let mut line = line;
+        // Counted once per line: recounting the rest after each hard split was quadratic.
+        let mut n = line.chars().count();
         loop {
-            let n = line.chars().count();
             if cur_len + n <= max {
                 cur.push_str(line);
                 cur_len += n;
@@ -257,6 +258,7 @@ fn split_lines(text: &str, max: usize) -> Vec<String> {
                 head
             };
             chunks.push(head.to_string());
+            n -= head.chars().count();
             line = &line[head.len()..];
         }
     }
@@ -505,6 +507,22 @@ mod tests {
         }
         // Every line, once, in order: the chunks joined at their cut line breaks are the text.
         assert_eq!(chunks.join("\n") + "\n", text);
+    }
+
+    #[test]
+    fn one_long_line_is_split_into_whole_entities_in_order() {
+        let line = "x&amp;yz".repeat(1000);
+        let chunks = split_lines(&format!("head\n{line}\ntail"), 3000);
+        // Every character once, in order (the line breaks chunks end at are dropped).
+        assert!(chunks.concat().replace('\n', "") == format!("head{line}tail"));
+        for c in &chunks {
+            assert!(c.chars().count() <= 3000);
+            if let Some(last) = c.rfind('&') {
+                assert!(c[last..].starts_with("&amp;"), "{}", &c[last..]);
+            }
+        }
+        assert_eq!(chunks[0], "head");
+        assert!(chunks.last().is_some_and(|c| c.ends_with("yz\ntail")));
     }
 
     #[test]
