@@ -5,7 +5,8 @@
 //! `email/booked.html`), so any template can be used as a partial. What differs per registry is
 //! how a `{{value}}` is escaped:
 //!
-//! - Slack mrkdwn: `&`, `<`, `>` become entities, so `<!channel>` arrives as text;
+//! - Slack mrkdwn: `&`, `<`, `>` become entities, so `<!channel>` arrives as text, and `|`
+//!   becomes `%7C` in a URL and `∣` (U+2223) elsewhere, so a value cannot relabel a link;
 //! - Slack Block Kit (`*.json.hbs`): the same, then escaped for a JSON string;
 //! - email HTML (`*.html.hbs`): HTML escaping;
 //! - plain (email text, subjects, recipients, the log channel): nothing.
@@ -119,11 +120,17 @@ const BUILTINS: &[(&str, &str)] = &[
     ),
 ];
 
-/// Escapes a value for Slack mrkdwn. In a value that is a URL, `|` is percent-encoded too, so a
-/// template's `<{{recording_url}}|Listen>` link cannot be re-pointed by the value.
+/// Escapes a value for Slack mrkdwn: `&`, `<`, `>` become entities, and no `|` is left, since
+/// inside a template's `<url|label>` a value's `|` would end the URL and start a label of the
+/// value's choosing (`<https://crm.example/leads/{{id}}|Open>` with id `42|Verify payroll`).
+/// Slack has no escape for `|`, so: in a value that is a URL (`http://` or `https://`, any
+/// case, no whitespace) it is percent-encoded, `%7C`, which keeps the link working; in any
+/// other value it becomes U+2223 `∣`, which reads the same and means nothing to Slack.
 pub fn escape_slack(s: &str) -> String {
-    let is_url =
-        (s.starts_with("https://") || s.starts_with("http://")) && !s.contains(char::is_whitespace);
+    let is_url = ["https://", "http://"].iter().any(|scheme| {
+        s.get(..scheme.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(scheme))
+    }) && !s.contains(char::is_whitespace);
     let mut out = String::with_capacity(s.len() + 8);
     for c in s.chars() {
         match c {
@@ -131,6 +138,7 @@ pub fn escape_slack(s: &str) -> String {
             '<' => out.push_str("&lt;"),
             '>' => out.push_str("&gt;"),
             '|' if is_url => out.push_str("%7C"),
+            '|' => out.push('\u{2223}'),
             c => out.push(c),
         }
     }
@@ -601,8 +609,50 @@ mod tests {
             escape_slack("https://x.example/a|evil"),
             "https://x.example/a%7Cevil"
         );
-        assert_eq!(escape_slack("Smith | Jones"), "Smith | Jones");
+        assert_eq!(
+            escape_slack("HTTPS://x.example/a|evil"),
+            "HTTPS://x.example/a%7Cevil"
+        );
+        assert_eq!(escape_slack("Smith | Jones"), "Smith \u{2223} Jones");
+        assert_eq!(escape_slack("42|Verify here"), "42\u{2223}Verify here");
+        assert_eq!(escape_slack("https://x|a b"), "https://x\u{2223}a b");
+        assert_eq!(escape_slack("|"), "\u{2223}");
         assert_eq!(escape_slack_json("a\"b\\c\n<"), "a\\\"b\\\\c\\n&lt;");
+        assert_eq!(escape_slack_json("42|x\n"), "42\u{2223}x\\n");
+        assert_eq!(escape_slack_json("Http://x/a|b"), "Http://x/a%7Cb");
+    }
+
+    #[test]
+    fn a_value_in_a_link_url_cannot_set_the_label() {
+        let mut r = Renderer::empty();
+        let link = "<https://crm.example.com/leads/{{call.leadData.id}}|Open {{lead_name}} in CRM>";
+        r.register("t", link).unwrap();
+        r.register(
+            "b.json",
+            &format!(
+                r#"{{"blocks":[{{"type":"section","text":{{"type":"mrkdwn","text":"{link}"}}}}]}}"#
+            ),
+        )
+        .unwrap();
+        let payload = serde_json::json!({"call": {
+            "sid": "CAlink", "cachedLeadName": "Bob",
+            "leadData": {"id": "42|Your payroll is on hold - verify here"},
+        }});
+        let call = crate::payload::parse(payload.to_string().as_bytes()).unwrap();
+        for (template, pointer) in [("t", "/text"), ("b", "/blocks/0/text/text")] {
+            let Message::Slack { body } = r
+                .render("slack", &action(template), &context(&call, "r"))
+                .unwrap()
+            else {
+                panic!()
+            };
+            let text = body.pointer(pointer).and_then(Value::as_str).unwrap();
+            assert_eq!(text.matches('|').count(), 1, "{text}");
+            assert_eq!(
+                text,
+                "<https://crm.example.com/leads/42\u{2223}Your payroll is on hold - verify here|Open Bob in CRM>"
+            );
+        }
     }
 
     #[test]

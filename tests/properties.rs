@@ -37,6 +37,7 @@ fn hostile() -> impl Strategy<Value = String> {
         Just("}}".to_string()),
         Just("=?utf-8?b?QmNjOg==?=".to_string()),
         Just("https://".to_string()),
+        Just("HTTPS://".to_string()),
         Just("*_~`".to_string()),
         any::<String>(),
         "[ -~]{0,12}",
@@ -211,9 +212,11 @@ proptest! {
     }
 
     #[test]
-    fn escaped_values_never_contain_angle_brackets(s in hostile()) {
+    fn escaped_values_never_contain_angle_brackets_or_bars(s in hostile()) {
         let e = render::escape_slack(&s);
         prop_assert!(!e.contains('<') && !e.contains('>'));
+        // A `|` from a value inside a template's `<url|label>` would end the URL.
+        prop_assert!(!e.contains('|'), "{}", e);
         let j = render::escape_slack_json(&s);
         let decoded: String = serde_json::from_str(&format!("\"{j}\"")).expect("a JSON string");
         prop_assert_eq!(decoded, e);
