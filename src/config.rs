@@ -1083,17 +1083,19 @@ fn check_action(
                 ));
             }
             for (i, to) in action.to.iter().enumerate() {
-                if let Err(e) = crate::render::check_inline(to) {
-                    problems.push(Problem::new(format!("{at}.to[{i}]"), e));
-                } else if !to.contains("{{") {
-                    for part in to.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                        if let Err(e) = part.parse::<Mailbox>() {
-                            problems.push(Problem::new(
-                                format!("{at}.to[{i}]"),
-                                format!("{part:?} is not an address ({e})"),
-                            ));
+                match crate::render::check_recipient(to) {
+                    Err(e) => problems.push(Problem::new(format!("{at}.to[{i}]"), e)),
+                    Ok(crate::render::RecipientEntry::Literal) => {
+                        for part in to.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                            if let Err(e) = part.parse::<Mailbox>() {
+                                problems.push(Problem::new(
+                                    format!("{at}.to[{i}]"),
+                                    format!("{part:?} is not an address ({e})"),
+                                ));
+                            }
                         }
                     }
+                    Ok(_) => {}
                 }
             }
             match &action.subject {

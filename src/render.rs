@@ -522,14 +522,26 @@ impl Renderer {
                     .join(" ");
                 let mut to = Vec::new();
                 for t in &action.to {
+                    let entry = recipient_entry(t).map_err(RenderError)?;
                     let rendered = self.lenient.render_template_with_context(t, ctx)?;
-                    // A JSON list in the call (`leadData.owners: ["a@x", "b@y"]`) renders as
-                    // "[a@x, b@y]": its elements are the recipients.
                     let trimmed = rendered.trim();
-                    let listed = trimmed
-                        .strip_prefix('[')
-                        .and_then(|r| r.strip_suffix(']'))
-                        .unwrap_or(trimmed);
+                    let listed = match entry {
+                        // Kept whole even if a value put a comma in it: `recipients()` refuses
+                        // it, so a value inside an address cannot add recipients.
+                        RecipientEntry::One => {
+                            if !trimmed.is_empty() {
+                                to.push(trimmed.to_string());
+                            }
+                            continue;
+                        }
+                        RecipientEntry::Literal => trimmed,
+                        // A JSON list in the call (`leadData.owners: ["a@x", "b@y"]`) renders
+                        // as "[a@x, b@y]": its elements are the recipients.
+                        RecipientEntry::List => trimmed
+                            .strip_prefix('[')
+                            .and_then(|r| r.strip_suffix(']'))
+                            .unwrap_or(trimmed),
+                    };
                     to.extend(
                         listed
                             .split(',')
@@ -556,6 +568,60 @@ impl Renderer {
             }),
         }
     }
+}
+
+/// What one `to` entry may render to. Only the operator's own text, or a value that is the
+/// whole entry, may list several addresses; a value inside an address
+/// (`sales+{{call.campaignId}}@ourteam.example`) must not add recipients with a comma.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecipientEntry {
+    /// No placeholders: a comma-separated list the config spells out.
+    Literal,
+    /// One placeholder and nothing else (`{{call.leadData.owners}}`): its value is the list,
+    /// comma-separated or a JSON list.
+    List,
+    /// Text and placeholders, or several placeholders: exactly one address.
+    One,
+}
+
+/// Compiles a `to` entry and says which kind it is.
+pub fn recipient_entry(t: &str) -> Result<RecipientEntry, String> {
+    Ok(recipient_parts(t)?.0)
+}
+
+/// [`recipient_entry`] for config validation: an entry that mixes text and placeholders and
+/// whose own text holds a comma could never render to one address, so it is refused at load.
+pub fn check_recipient(t: &str) -> Result<RecipientEntry, String> {
+    match recipient_parts(t)? {
+        (RecipientEntry::One, true) => Err("mixes text and placeholders and holds a comma, \
+             but such an entry must render to one address: give each address its own entry"
+            .into()),
+        (entry, _) => Ok(entry),
+    }
+}
+
+/// The entry's kind, and whether its own text (not a value) holds a comma.
+fn recipient_parts(t: &str) -> Result<(RecipientEntry, bool), String> {
+    use handlebars::template::TemplateElement::{Comment, Expression, HtmlExpression, RawString};
+    let compiled = Template::compile(t).map_err(|e| format!("template does not compile: {e}"))?;
+    let parts: Vec<_> = compiled
+        .elements
+        .iter()
+        .filter(|e| match e {
+            RawString(s) => !s.trim().is_empty(),
+            Comment(_) => false,
+            _ => true,
+        })
+        .collect();
+    let entry = match parts.as_slice() {
+        [Expression(_) | HtmlExpression(_)] => RecipientEntry::List,
+        p if p.iter().all(|e| matches!(e, RawString(_))) => RecipientEntry::Literal,
+        _ => RecipientEntry::One,
+    };
+    let comma = parts
+        .iter()
+        .any(|e| matches!(e, RawString(s) if s.contains(',')));
+    Ok((entry, comma))
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
@@ -765,6 +831,69 @@ mod tests {
     }
 
     #[test]
+    fn a_value_inside_an_address_cannot_add_recipients() {
+        let mut r = Renderer::empty();
+        r.register("e.txt", "hi").unwrap();
+        let call = crate::payload::parse(
+            br#"{"call": {"sid": "CAinject", "campaignId": "x@evil.example, y", "leadData": {"owners": "a@example.com, b@example.com"}}}"#,
+        )
+        .unwrap();
+        let a = Action {
+            channel: "m".into(),
+            template: "e".into(),
+            to: vec![
+                "sales+{{call.campaignId}}@ourteam.example".into(),
+                "{{call.leadData.owners}}".into(),
+                "a@example.com, c@example.com".into(),
+            ],
+            subject: None,
+        };
+        let Message::Email(e) = r.render("email", &a, &context(&call, "r")).unwrap() else {
+            panic!()
+        };
+        let (good, bad) = crate::notify::email::recipients(&e.to);
+        let good: Vec<String> = good.iter().map(|m| m.email.to_string()).collect();
+        assert_eq!(
+            good,
+            [
+                "a@example.com",
+                "b@example.com",
+                "a@example.com",
+                "c@example.com"
+            ]
+        );
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        assert!(
+            bad[0].contains("sales+x@evil.example, y@ourteam.example")
+                && bad[0].contains("holds a comma"),
+            "{bad:?}"
+        );
+    }
+
+    #[test]
+    fn only_a_lone_placeholder_or_plain_text_may_list_recipients() {
+        use RecipientEntry::*;
+        let kind = |t: &str| check_recipient(t);
+        assert_eq!(kind("a@x.example, b@x.example"), Ok(Literal));
+        assert_eq!(kind(" {{call.leadData.owners}} "), Ok(List));
+        assert_eq!(kind("{{{call.leadData.owners}}}"), Ok(List));
+        assert_eq!(
+            kind(r#"{{default call.leadData.owner "team@x.example"}}"#),
+            Ok(List)
+        );
+        assert_eq!(kind("sales+{{call.campaignId}}@x.example"), Ok(One));
+        assert_eq!(kind("{{call.a}}{{call.b}}"), Ok(One));
+        assert_eq!(kind("{{#if call.a}}a@x.example{{/if}}"), Ok(One));
+        let err = kind("a@x.example, {{call.leadData.owner}}").unwrap_err();
+        assert!(err.contains("its own entry"), "{err}");
+        assert_eq!(
+            recipient_entry("a@x.example, {{call.leadData.owner}}"),
+            Ok(One)
+        );
+        assert!(kind("{{call.a").is_err());
+    }
+
+    #[test]
     fn email_subject_is_one_line_and_recipients_are_templated() {
         let mut r = Renderer::empty();
         r.register("e.txt", "Hi {{lead_name}} <b>").unwrap();
@@ -774,7 +903,7 @@ mod tests {
         let a = Action {
             channel: "m".into(),
             template: "e".into(),
-            to: vec!["a@example.com, {{call.leadData.owner}}".into()],
+            to: vec!["a@example.com".into(), "{{call.leadData.owner}}".into()],
             subject: Some("Booked: {{lead_name}}".into()),
         };
         let Message::Email(e) = r.render("email", &a, &context(&call, "r")).unwrap() else {

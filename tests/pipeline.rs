@@ -260,6 +260,64 @@ async fn a_lead_named_like_a_ping_arrives_as_text() {
     );
 }
 
+/// Every call by email to `to` (a YAML list), with the lead's name as the subject.
+fn mail_config(smtp: &Smtp, to: &str) -> String {
+    format!(
+        r#"
+server:
+  listen: "127.0.0.1:0"
+  tokens: ["{TOKEN}"]
+store:
+  path: "{{dir}}/store.db"
+templates_dir: "{{templates}}"
+delivery:
+  retry_schedule: ["1s"]
+channels:
+  mail:
+    type: email
+    smtp: {{ host: "127.0.0.1", port: {port}, tls: none }}
+    from: "Call Bot <calls@example.com>"
+rules:
+  - name: every-call
+    notify:
+      - channel: mail
+        to: {to}
+        subject: "{{{{lead_name}}}}"
+        template: email/booked
+"#,
+        port = smtp.port
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_comma_in_a_value_inside_an_address_adds_no_recipient() {
+    let smtp = Smtp::start();
+    let d = Daemon::start(&mail_config(
+        &smtp,
+        r#"["sales+{{call.campaignId}}@ourteam.example", "{{call.leadData.owner}}"]"#,
+    ));
+    let mut v: Value = serde_json::from_str(CAMPAIGN).unwrap();
+    v["call"]["campaignId"] = "x@evil.example, y".into();
+    assert_eq!(d.post(&v.to_string()).await.0, 200);
+    let mails = smtp.wait_messages(1, WAIT).await;
+    assert_eq!(
+        mails[0]["rcpt_tos"],
+        serde_json::json!(["jordan@ourteam.example"])
+    );
+    let rows = d.wait_settled(WAIT).await;
+    assert_eq!(rows[0]["status"], "done", "{rows:?}");
+    // The refused recipient is named in the delivery's log line, as a bad address is.
+    let log = d.logs();
+    let line = log
+        .lines()
+        .find(|l| l.contains("\"delivered\"") && l.contains("skipped"))
+        .unwrap_or_else(|| panic!("no delivered line with a skipped recipient:\n{log}"));
+    assert!(
+        line.contains("sales+x@evil.example, y@ourteam.example"),
+        "{line}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_delivery_is_retried_and_one_owed_at_a_stop_is_sent_after_restart() {
     let slack = FakeSlack::start().await;
@@ -347,12 +405,15 @@ templates_dir: "{}"
 server: {{ tokens: ["${{UNSET_TOKEN_VAR}}"], listn: "x" }}
 channels:
   s: {{ type: slack, webhook_url: "https://hooks.slack.com/x" }}
+  m: {{ type: email, smtp: {{ host: "127.0.0.1" }}, from: "calls@example.com" }}
 rules:
   - name: a
     when: {{ duration: {{ gtee: 5 }} }}
     notify: [{{ channel: nope, template: slack/typo }}]
   - name: b
     notify: [{{ channel: s, template: slack/typo }}]
+  - name: c
+    notify: [{{ channel: m, template: slack/typo, subject: x, to: ["a@example.com, {{{{call.leadData.owner}}}}"] }}]
 "#,
             dir.path().join("t").display()
         ),
@@ -366,6 +427,7 @@ rules:
         "server.listn",
         "rules[0] (a).when.duration.gtee",
         "rules[0] (a).notify[0].channel",
+        "rules[2] (c).notify[0].to[0]: mixes text and placeholders and holds a comma",
     ] {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }
@@ -374,7 +436,8 @@ rules:
         .unwrap()
         .replace("[\"${UNSET_TOKEN_VAR}\"], listn: \"x\"", "[]")
         .replace("gtee", "gte")
-        .replace("channel: nope", "channel: s");
+        .replace("channel: nope", "channel: s")
+        .replace("\"a@example.com, {{", "\"{{");
     std::fs::write(&cfg, fixed).unwrap();
     let out = check_config(&cfg);
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -320,6 +320,15 @@ pub fn recipients(to: &[String]) -> (Vec<Mailbox>, Vec<String>) {
             ));
             continue;
         }
+        // Only the renderer splits lists (see `render::RecipientEntry`); a comma still here
+        // came from a value inside an address, which must not add a recipient.
+        if r.contains(',') {
+            bad.push(format!(
+                "{:?} is not one address (it holds a comma)",
+                excerpt(r, 80)
+            ));
+            continue;
+        }
         match r.parse::<Mailbox>() {
             Ok(m) => good.push(m),
             Err(e) => bad.push(format!("{:?} is not an address ({e})", excerpt(r, 80))),
