@@ -319,6 +319,20 @@ async fn a_comma_in_a_value_inside_an_address_adds_no_recipient() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lead_name_of_5000_characters_still_gets_the_email_out() {
+    let smtp = Smtp::start();
+    let d = Daemon::start(&mail_config(&smtp, r#"["ops@ourteam.example"]"#));
+    let mut v: Value = serde_json::from_str(CAMPAIGN).unwrap();
+    v["call"]["cachedLeadName"] = "M".repeat(5000).into();
+    assert_eq!(d.post(&v.to_string()).await.0, 200);
+    let mails = smtp.wait_messages(1, WAIT).await;
+    let subject = mails[0]["subject"].as_str().unwrap();
+    assert_eq!(subject, format!("{}…", "M".repeat(199)));
+    let rows = d.wait_settled(WAIT).await;
+    assert_eq!(rows[0]["status"], "done", "{rows:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_delivery_is_retried_and_one_owed_at_a_stop_is_sent_after_restart() {
     let slack = FakeSlack::start().await;
     let smtp = Smtp::start();

@@ -355,8 +355,20 @@ fn one_line_name(m: &Mailbox) -> Mailbox {
     Mailbox::new(m.name.as_deref().map(one_line), m.email.clone())
 }
 
+/// Longest subject sent, in characters. lettre writes an ASCII subject as one unfolded line, and
+/// SMTP servers refuse a line over 998 bytes ("500 Line too long") for good: a long lead name
+/// must not make the message undeliverable.
+pub const MAX_SUBJECT_CHARS: usize = 200;
+
+/// The subject as it is sent: one line (see [`one_line`]), at most [`MAX_SUBJECT_CHARS`]
+/// characters, the last of them "…" when it was cut.
+pub fn subject_line(s: &str) -> String {
+    excerpt(&one_line(s), MAX_SUBJECT_CHARS - 1)
+}
+
 /// Builds the MIME message: text, HTML, or both as multipart/alternative. Header values are
-/// encoded by lettre (RFC 2047 for non-ASCII); the subject is already one line.
+/// encoded by lettre (RFC 2047 for non-ASCII); the subject is made one line and cut to length
+/// here.
 pub fn build(
     from: &Mailbox,
     to: &[Mailbox],
@@ -370,7 +382,7 @@ pub fn build(
     // (`=?utf-8?b?...?=`) would be decoded by the reader into other text. A zero-width space
     // after the `=` makes the subject non-ASCII: lettre then encodes all of it, and the reader
     // sees the characters that were typed.
-    let subject = one_line(&parts.subject).replace("=?", "=\u{200b}?");
+    let subject = subject_line(&parts.subject).replace("=?", "=\u{200b}?");
     let b = b.subject(subject);
     let built = match (&parts.text, &parts.html) {
         (Some(text), Some(html)) => b.multipart(MultiPart::alternative_plain_html(
@@ -553,6 +565,31 @@ mod tests {
                 "980 more recipients (at most {MAX_RECIPIENTS} per message)"
             )]
         );
+    }
+
+    #[test]
+    fn a_long_subject_is_cut_so_every_header_line_fits_smtp() {
+        let from: Mailbox = "calls@example.com".parse().unwrap();
+        let to: Vec<Mailbox> = vec!["a@example.com".parse().unwrap()];
+        for long in ["a".repeat(5000), "é".repeat(5000), "🎉 x".repeat(1250)] {
+            let parts = EmailParts {
+                to: vec![],
+                subject: format!("Call from {long}"),
+                text: Some("body".into()),
+                html: None,
+            };
+            let raw = build(&from, &to, &parts).unwrap().formatted();
+            let head = &raw[..raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap()];
+            for line in head.split(|&b| b == b'\n') {
+                assert!(line.len() <= 998, "a {}-byte header line", line.len());
+            }
+            let parsed = mail_parser::MessageParser::default().parse(&raw).unwrap();
+            let subject = parsed.subject().unwrap();
+            assert_eq!(subject.chars().count(), MAX_SUBJECT_CHARS, "{subject}");
+            assert!(subject.starts_with("Call from "), "{subject}");
+            assert!(subject.ends_with('…'), "{subject}");
+        }
+        assert_eq!(subject_line("short\r\nsubject"), "short  subject");
     }
 
     #[test]
