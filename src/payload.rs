@@ -174,9 +174,11 @@ pub fn from_call_object(raw: Map<String, Value>) -> Result<Call, PayloadError> {
             });
         }
     }
+    // A null field counts as absent: a data body that carries `"outcome": null` must not take
+    // the outcome's place, or the real outcome for the sid would be answered as a duplicate.
     let event = if ["outcome", "notes", "primaryOutcomeAchieved"]
         .iter()
-        .any(|k| raw.contains_key(*k))
+        .any(|k| !matches!(raw.get(*k), None | Some(Value::Null)))
     {
         EventKind::PostCallOutcome
     } else {
@@ -277,6 +279,16 @@ mod tests {
         let c = parse(CAMPAIGN.as_bytes()).unwrap();
         assert_eq!(c.event, EventKind::PostCallData);
         assert_eq!(c.raw["leadData"]["owner"], "jordan@ourteam.example");
+    }
+
+    #[test]
+    fn outcome_fields_that_are_null_do_not_make_an_outcome() {
+        let c = parse(br#"{"call":{"sid":"CAnullout","duration":30,"outcome":null,"notes":null}}"#)
+            .unwrap();
+        assert_eq!(c.event, EventKind::PostCallData);
+        let c = parse(br#"{"call":{"sid":"CA1","outcome":null,"primaryOutcomeAchieved":false}}"#)
+            .unwrap();
+        assert_eq!(c.event, EventKind::PostCallOutcome);
     }
 
     #[test]

@@ -168,6 +168,25 @@ async fn an_outcome_body_is_its_own_event_and_matches_event_rules() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn null_outcome_fields_do_not_take_the_real_outcomes_place() {
+    let slack = FakeSlack::start().await;
+    let smtp = Smtp::start();
+    let d = Daemon::start(&full_config(&slack, &smtp));
+    let (_, early) = d
+        .post(r#"{"call":{"sid":"CAnullout","duration":30,"outcome":null,"notes":null}}"#)
+        .await;
+    assert_eq!(early["status"], "accepted", "{early}");
+    assert_eq!(early["event"], "POST_CALL_DATA", "{early}");
+    let (_, outcome) = d.post(&with_sid(OUTCOME, "CAnullout")).await;
+    assert_eq!(outcome["status"], "accepted", "{outcome}");
+    assert_eq!(outcome["event"], "POST_CALL_OUTCOME", "{outcome}");
+    assert_eq!(
+        outcome["rules"],
+        serde_json::json!(["everything", "outcomes"])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_or_missing_tokens_get_401_and_change_nothing() {
     let slack = FakeSlack::start().await;
     let smtp = Smtp::start();
