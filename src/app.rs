@@ -259,7 +259,7 @@ impl App {
         tracing::info!(
             listen = %listener.local_addr()?,
             webhook = %cfg.server.webhook_path,
-            admin = %admin.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.to_string()).unwrap_or_default(),
+            admin = %admin.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.to_string()).unwrap_or_else(|| "(on the main listener)".into()),
             rules = cfg.rules.len(),
             channels = cfg.channels.len(),
             store = %cfg.store.path.display(),

@@ -206,17 +206,13 @@ fn check_report(config: &Config) -> (Vec<String>, Vec<Problem>) {
                 "rules[{i}] ({}).notify[{j}] ({} via {})",
                 rule.name, action.template, action.channel
             );
+            let mut found: Vec<(&str, String)> = Vec::new();
             for (sample, call) in &samples {
                 match render_action(config, &rule.name, action, call) {
-                    Err(e) => {
-                        problems.push(Problem::new(&at, format!("with sample {sample}: {e}")))
-                    }
+                    Err(e) => found.push((sample, e.to_string())),
                     Ok(Message::Slack { body }) => {
                         for r in slack_rejects(&body) {
-                            problems.push(Problem::new(
-                                &at,
-                                format!("with sample {sample}: Slack would reject this: {r}"),
-                            ));
+                            found.push((sample, format!("Slack would reject this: {r}")));
                         }
                     }
                     Ok(Message::Email(parts)) => {
@@ -225,23 +221,17 @@ fn check_report(config: &Config) -> (Vec<String>, Vec<Problem>) {
                             (&config.channels[&action.channel].kind, good.is_empty())
                         {
                             if let Err(e) = notify::email::build(from, &good, &parts) {
-                                problems
-                                    .push(Problem::new(&at, format!("with sample {sample}: {e}")));
+                                found.push((sample, e.to_string()));
                             }
                         }
                         if good.is_empty() && matched.contains(sample) {
-                            problems.push(Problem::new(
-                                &at,
-                                format!(
-                                    "with sample {sample}: no valid recipient in {:?}",
-                                    parts.to
-                                ),
-                            ));
+                            found.push((sample, format!("no valid recipient in {:?}", parts.to)));
                         }
                     }
                     Ok(Message::Log { .. }) => {}
                 }
             }
+            problems.extend(same_problem_once(&at, found));
         }
     }
     if let Some(q) = &config.quiet_alert {
@@ -255,6 +245,28 @@ fn check_report(config: &Config) -> (Vec<String>, Vec<Problem>) {
         problems.extend(found);
     }
     (lines, problems)
+}
+
+/// One problem per distinct message, naming every sample that met it: a template typo is one
+/// problem "with samples a, b, c", not seven.
+fn same_problem_once(at: &str, found: Vec<(&str, String)>) -> Vec<Problem> {
+    let mut grouped: Vec<(String, Vec<&str>)> = Vec::new();
+    for (sample, message) in found {
+        match grouped.iter_mut().find(|(m, _)| *m == message) {
+            Some((_, samples)) => samples.push(sample),
+            None => grouped.push((message, vec![sample])),
+        }
+    }
+    grouped
+        .into_iter()
+        .map(|(message, samples)| {
+            let s = if samples.len() == 1 { "" } else { "s" };
+            Problem::new(
+                at,
+                format!("with sample{s} {}: {message}", samples.join(", ")),
+            )
+        })
+        .collect()
 }
 
 /// Renders the quiet-period alert and its all-clear as they would be sent, and checks the

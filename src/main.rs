@@ -75,7 +75,10 @@ enum Command {
         json: bool,
     },
     /// Inspect and replay deliveries (works while the daemon runs).
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  callnotify deliveries list --status dead\n  callnotify deliveries retry 17 18\n  callnotify deliveries retry --all-dead"
+    )]
     Deliveries(Deliveries),
     /// Render a sample call for one channel and really send it; prints what the destination said.
     #[command(

@@ -592,6 +592,8 @@ fn help_teaches_with_examples() {
         &["render", "--help"][..],
         &["send-test", "--help"],
         &["deliveries", "retry", "--help"],
+        &["deliveries", "--help"],
+        &["serve", "--help"],
         &["check", "--help"],
     ] {
         assert!(run(sub).contains("Example"), "{sub:?}");

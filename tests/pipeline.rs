@@ -475,7 +475,14 @@ rules:
     let out = check_config(&cfg);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
-    assert!(stdout.contains("lead_nmae"), "{stdout}");
+    // The typo is one problem per rule using the template, naming every sample that met it.
+    let typo: Vec<&str> = stdout.lines().filter(|l| l.contains("lead_nmae")).collect();
+    assert_eq!(typo.len(), 3, "{stdout}");
+    assert!(
+        typo.iter()
+            .all(|l| l.contains("with samples post_call_data, ")),
+        "{stdout}"
+    );
     // The dry run of a call that meets the typo fails the same way, for scripts and CI.
     let call = dir.path().join("call.json");
     std::fs::write(&call, FIXTURE).unwrap();
