@@ -430,9 +430,41 @@ pub fn load_with_env(path: &Path, env: &BTreeMap<String, String>) -> Result<Conf
         Some(c) if problems.is_empty() => Ok(c),
         _ => Err(ConfigError {
             source: path.to_path_buf(),
-            problems,
+            problems: name_overrides(problems, env),
         }),
     }
+}
+
+/// Says which environment variable set a setting that has a problem: `server.listn` is not in
+/// the file when it came from `CALLNOTIFY_SERVER__LISTN`.
+fn name_overrides(mut problems: Vec<Problem>, env: &BTreeMap<String, String>) -> Vec<Problem> {
+    let overrides: Vec<(&String, String)> = env
+        .keys()
+        .filter(|k| !NOT_OVERRIDES.contains(&k.as_str()))
+        .filter_map(|k| {
+            let path = k
+                .strip_prefix("CALLNOTIFY_")?
+                .to_lowercase()
+                .replace("__", ".");
+            Some((k, path))
+        })
+        .collect();
+    for p in &mut problems {
+        let set_by: Vec<&str> = overrides
+            .iter()
+            .filter(|(_, path)| {
+                *path == p.at
+                    || path
+                        .strip_prefix(p.at.as_str())
+                        .is_some_and(|r| r.starts_with('.'))
+            })
+            .map(|(k, _)| k.as_str())
+            .collect();
+        if !set_by.is_empty() {
+            p.message = format!("{} (set by {})", p.message, set_by.join(", "));
+        }
+    }
+    problems
 }
 
 /// Only the `store` section of the config (with its environment overrides), for the commands
@@ -1290,6 +1322,26 @@ rules:
             !debug.contains("hooks.slack.com") && !debug.contains("yaml [chars]"),
             "{debug}"
         );
+    }
+
+    #[test]
+    fn a_mistyped_override_names_its_environment_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), GOOD);
+        let e = env(&[
+            ("TOKEN", "0123456789abcdef"),
+            ("URL", "https://hooks.slack.com/services/T/B/X"),
+            ("CALLNOTIFY_SERVR__LISTEN", "127.0.0.1:9999"),
+            ("CALLNOTIFY_SERVER__LISTN", "127.0.0.1:9999"),
+        ]);
+        let err = load_with_env(&p, &e).unwrap_err().to_string();
+        for want in [
+            "unknown section (expected one of: ",
+            "(set by CALLNOTIFY_SERVR__LISTEN)",
+            "(set by CALLNOTIFY_SERVER__LISTN)",
+        ] {
+            assert!(err.contains(want), "no {want:?} in {err}");
+        }
     }
 
     #[test]
