@@ -304,6 +304,22 @@ mod compat {
 /// field rendered into `to` cannot turn one notification into a mailing to a list it carries.
 pub const MAX_RECIPIENTS: usize = 20;
 
+/// The longest display name a recipient keeps, in characters. lettre writes an ASCII name
+/// without spaces as one header line, and a line over 998 bytes makes the server refuse the
+/// whole message: a lead name used as a display name must not be able to do that.
+pub const MAX_NAME_CHARS: usize = 100;
+
+/// `m` with its display name cut to [`MAX_NAME_CHARS`] (ending in "…").
+fn short_name(mut m: Mailbox) -> Mailbox {
+    if let Some(name) = &m.name {
+        if name.chars().count() > MAX_NAME_CHARS {
+            let kept: String = name.chars().take(MAX_NAME_CHARS - 1).collect();
+            m.name = Some(format!("{kept}…"));
+        }
+    }
+    m
+}
+
 pub fn recipients(to: &[String]) -> (Vec<Mailbox>, Vec<String>) {
     let mut good = Vec::new();
     let mut bad = Vec::new();
@@ -330,7 +346,7 @@ pub fn recipients(to: &[String]) -> (Vec<Mailbox>, Vec<String>) {
             continue;
         }
         match r.parse::<Mailbox>() {
-            Ok(m) => good.push(m),
+            Ok(m) => good.push(short_name(m)),
             Err(e) => bad.push(format!("{:?} is not an address ({e})", excerpt(r, 80))),
         }
     }
@@ -590,6 +606,30 @@ mod tests {
             assert!(subject.ends_with('…'), "{subject}");
         }
         assert_eq!(subject_line("short\r\nsubject"), "short  subject");
+    }
+
+    #[test]
+    fn a_long_display_name_is_cut_so_every_header_line_fits_smtp() {
+        let from: Mailbox = "calls@example.com".parse().unwrap();
+        let parts = EmailParts {
+            to: vec![],
+            subject: "s".into(),
+            text: Some("b".into()),
+            html: None,
+        };
+        for name in ["a".repeat(5000), "é".repeat(3000)] {
+            let (to, bad) = recipients(&[format!("\"{name}\" <a@example.com>")]);
+            assert!(bad.is_empty(), "{bad:?}");
+            let kept = to[0].name.as_deref().unwrap();
+            assert_eq!(kept.chars().count(), MAX_NAME_CHARS);
+            assert!(kept.ends_with('…'));
+            assert_eq!(to[0].email.to_string(), "a@example.com");
+            let raw = build(&from, &to, &parts).unwrap().formatted();
+            let head = &raw[..raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap()];
+            for line in head.split(|&b| b == b'\n') {
+                assert!(line.len() <= 998, "a {}-byte header line", line.len());
+            }
+        }
     }
 
     #[test]
