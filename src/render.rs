@@ -126,19 +126,32 @@ const BUILTINS: &[(&str, &str)] = &[
 /// Slack has no escape for `|`, so: in a value that is a URL (`http://` or `https://`, any
 /// case, no whitespace) it is percent-encoded, `%7C`, which keeps the link working; in any
 /// other value it becomes U+2223 `∣`, which reads the same and means nothing to Slack.
+/// `@here`, `@channel` and `@everyone` get a word joiner (U+2060) after the `@`: Block Kit text
+/// that is not `verbatim` parses such mentions even without `<!...>`, and a value must not ping.
 pub fn escape_slack(s: &str) -> String {
     let is_url = ["https://", "http://"].iter().any(|scheme| {
         s.get(..scheme.len())
             .is_some_and(|head| head.eq_ignore_ascii_case(scheme))
     }) && !s.contains(char::is_whitespace);
     let mut out = String::with_capacity(s.len() + 8);
-    for c in s.chars() {
+    for (i, c) in s.char_indices() {
         match c {
             '&' => out.push_str("&amp;"),
             '<' => out.push_str("&lt;"),
             '>' => out.push_str("&gt;"),
             '|' if is_url => out.push_str("%7C"),
             '|' => out.push('\u{2223}'),
+            '@' => {
+                out.push('@');
+                let rest = &s[i + 1..];
+                let mention = ["here", "channel", "everyone"].iter().any(|m| {
+                    rest.get(..m.len())
+                        .is_some_and(|head| head.eq_ignore_ascii_case(m))
+                });
+                if mention {
+                    out.push('\u{2060}');
+                }
+            }
             c => out.push(c),
         }
     }
@@ -686,6 +699,16 @@ mod tests {
         assert_eq!(escape_slack_json("a\"b\\c\n<"), "a\\\"b\\\\c\\n&lt;");
         assert_eq!(escape_slack_json("42|x\n"), "42\u{2223}x\\n");
         assert_eq!(escape_slack_json("Http://x/a|b"), "Http://x/a%7Cb");
+        // Bare mentions, which Block Kit parses in text that is not verbatim, are broken up;
+        // an email address or a handle is left alone.
+        assert_eq!(
+            escape_slack("hi @here, @Channel and @EVERYONE"),
+            "hi @\u{2060}here, @\u{2060}Channel and @\u{2060}EVERYONE"
+        );
+        assert_eq!(
+            escape_slack("jo@example.com @jordan"),
+            "jo@example.com @jordan"
+        );
     }
 
     #[test]

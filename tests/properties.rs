@@ -17,6 +17,10 @@ fn hostile() -> impl Strategy<Value = String> {
         Just("<!channel>".to_string()),
         Just("<!here>".to_string()),
         Just("<@U123>".to_string()),
+        Just("@here".to_string()),
+        Just("@Channel".to_string()),
+        Just("@".to_string()),
+        Just("everyone".to_string()),
         Just("<https://evil.example|click here>".to_string()),
         Just("&lt;!channel&gt;".to_string()),
         Just("<".to_string()),
@@ -217,6 +221,11 @@ proptest! {
         prop_assert!(!e.contains('<') && !e.contains('>'));
         // A `|` from a value inside a template's `<url|label>` would end the URL.
         prop_assert!(!e.contains('|'), "{}", e);
+        // Nor a bare mention that Block Kit would parse.
+        let lower = e.to_lowercase();
+        for mention in ["@here", "@channel", "@everyone"] {
+            prop_assert!(!lower.contains(mention), "{}", e);
+        }
         let j = render::escape_slack_json(&s);
         let decoded: String = serde_json::from_str(&format!("\"{j}\"")).expect("a JSON string");
         prop_assert_eq!(decoded, e);
