@@ -567,6 +567,12 @@ pub async fn send_test(
         )
     });
     if !to.is_empty() {
+        if !matches!(ch.kind, ChannelKind::Email { .. }) {
+            return Err(format!(
+                "--to is for email channels; {channel} is a {} channel",
+                ch.kind.type_name()
+            ));
+        }
         action.to = to.to_vec();
     }
     if matches!(ch.kind, ChannelKind::Email { .. }) && action.to.is_empty() {

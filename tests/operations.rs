@@ -306,6 +306,15 @@ async fn send_test_sends_to_slack_and_smtp_and_reports_the_answer() {
         serde_json::json!(["me@example.com"])
     );
 
+    // --to on a channel that has no recipients is a mistake, not silently ignored.
+    let (code, out) = run(&["send-test", "--channel", "sales", "--to", "me@example.com"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("--to is for email channels; sales is a slack channel"),
+        "{out}"
+    );
+    assert_eq!(slack.received().len(), 1, "nothing more was sent");
+
     slack.set_default(Reply::status(404, "no_service"));
     let (code, out) = run(&["send-test", "--channel", "sales"]);
     assert_eq!(code, Some(1));
@@ -352,7 +361,11 @@ rules: []
         let out = cmd.output().unwrap();
         (
             out.status.code(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
         )
     }
 }
@@ -384,7 +397,15 @@ async fn destinations_whose_certificate_is_not_trusted_are_refused() {
     let (code, out) = run(&["send-test", "--channel", "mail", "--to", "me@example.com"]);
     assert_eq!(code, Some(1), "{out}");
     // lettre's errors repeat their sources; the report says it once.
-    assert_eq!(out.matches("invalid peer certificate").count(), 1, "{out}");
+    let report = out
+        .lines()
+        .find(|l| l.starts_with("failed"))
+        .unwrap_or_default();
+    assert_eq!(
+        report.matches("invalid peer certificate").count(),
+        1,
+        "{out}"
+    );
     assert!(smtp.messages().is_empty());
 }
 
