@@ -600,7 +600,7 @@ pub fn expand_str(s: &str, env: &BTreeMap<String, String>) -> Result<String, Str
                 (_, Some(d)) => out.push_str(d),
                 (None, None) => {
                     return Err(format!(
-                        "environment variable {name} is not set (write ${{{name}:-default}} to give a default)"
+                        "environment variable {name} is not set: set it in the daemon's environment (or, where a fallback is safe, write ${{{name}:-fallback}})"
                     ))
                 }
                 (Some(v), None) => out.push_str(v),
