@@ -1274,6 +1274,15 @@ mod tests {
         assert!(expand_str("${a b}", &e).is_err());
     }
 
+    /// Loads `yaml` with `vars` as the environment; it must be refused. Where each problem is,
+    /// and the error.
+    fn refused(yaml: &str, vars: &[(&str, &str)]) -> (Vec<String>, ConfigError) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), yaml);
+        let err = load_with_env(&p, &env(vars)).unwrap_err();
+        (err.problems.iter().map(|p| p.at.clone()).collect(), err)
+    }
+
     fn write(dir: &Path, yaml: &str) -> PathBuf {
         std::fs::create_dir_all(dir.join("t/slack")).unwrap();
         std::fs::write(dir.join("t/slack/x.hbs"), "{{lead_name}}").unwrap();
@@ -1346,9 +1355,7 @@ rules:
 
     #[test]
     fn every_problem_is_reported_at_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = write(
-            dir.path(),
+        let (places, err) = refused(
             r#"
 templates_dir: "{t}"
 bogus_section: 1
@@ -1362,9 +1369,8 @@ rules:
     notify: [{ channel: ok, template: slack/nope, to: ["a@b.c"] }, { channel: s, template: slack/x }]
   - { name: q, notify: [{ channel: s, template: slack/x }], extra: 1 }
 "#,
+            &[],
         );
-        let err = load_with_env(&p, &env(&[])).unwrap_err();
-        let places: Vec<&str> = err.problems.iter().map(|p| p.at.as_str()).collect();
         for want in [
             "bogus_section",
             "server.tokens[0]",
@@ -1393,9 +1399,7 @@ rules:
 
     #[test]
     fn timeouts_of_zero_and_retries_in_a_tight_loop_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = write(
-            dir.path(),
+        let (places, err) = refused(
             r#"
 templates_dir: "{t}"
 server: { tokens: ["0123456789abcdef"] }
@@ -1404,9 +1408,8 @@ channels:
   e: { type: email, smtp: { host: "h", timeout: "0s" }, from: "x@example.com" }
 rules: []
 "#,
+            &[],
         );
-        let err = load_with_env(&p, &env(&[])).unwrap_err();
-        let places: Vec<&str> = err.problems.iter().map(|p| p.at.as_str()).collect();
         assert_eq!(
             places,
             [
@@ -1421,18 +1424,15 @@ rules: []
 
     #[test]
     fn waits_past_ten_years_are_refused_rather_than_overflowing() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = write(
-            dir.path(),
+        let (places, err) = refused(
             r#"
 templates_dir: "{t}"
 server: { tokens: ["0123456789abcdef"] }
 delivery: { retry_schedule: ["1s", "1000000000y"], give_up_after: "1000000000y", keep_delivered: "11y" }
 rules: []
 "#,
+            &[],
         );
-        let err = load_with_env(&p, &env(&[])).unwrap_err();
-        let places: Vec<&str> = err.problems.iter().map(|p| p.at.as_str()).collect();
         assert_eq!(
             places,
             [
@@ -1450,10 +1450,7 @@ rules: []
 
     #[test]
     fn an_unset_secret_is_reported_once_not_again_as_a_bad_url() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = write(dir.path(), GOOD);
-        let err = load_with_env(&p, &env(&[("TOKEN", "0123456789abcdef")])).unwrap_err();
-        let places: Vec<&str> = err.problems.iter().map(|p| p.at.as_str()).collect();
+        let (places, err) = refused(GOOD, &[("TOKEN", "0123456789abcdef")]);
         assert_eq!(places, ["channels.s.webhook_url"], "{err}");
         assert!(err.problems[0].message.contains("URL is not set"), "{err}");
     }
