@@ -822,6 +822,14 @@ mod tests {
         (dir, store)
     }
 
+    /// Stores a call `sid` received at `at` that owes `n` deliveries to channel `c`.
+    async fn stored(store: &Store, sid: &str, at: i64, n: usize) {
+        store
+            .insert_call(sid.into(), "POST_CALL_DATA", "{}".into(), at, owed(n))
+            .await
+            .unwrap();
+    }
+
     fn owed(n: usize) -> Vec<NewDelivery> {
         (0..n)
             .map(|i| NewDelivery {
@@ -905,10 +913,7 @@ mod tests {
     #[tokio::test]
     async fn a_delivery_that_cannot_be_read_goes_dead_and_does_not_block_its_channel() {
         let (_dir, store) = temp_store();
-        store
-            .insert_call("CA1".into(), "POST_CALL_DATA", "{}".into(), 1, owed(3))
-            .await
-            .unwrap();
+        stored(&store, "CA1", 1, 3).await;
         store
             .run(|c| {
                 c.execute(
@@ -1015,10 +1020,7 @@ mod tests {
     #[tokio::test]
     async fn retry_later_dead_and_replay() {
         let (_dir, store) = temp_store();
-        store
-            .insert_call("CA1".into(), "POST_CALL_DATA", "{}".into(), 0, owed(1))
-            .await
-            .unwrap();
+        stored(&store, "CA1", 0, 1).await;
         let c = store.claim("c".into(), 0, 1).await.unwrap().remove(0);
         store
             .record(vec![attempt(
@@ -1069,10 +1071,7 @@ mod tests {
     #[tokio::test]
     async fn outcomes_written_together_each_update_their_own_delivery() {
         let (_dir, store) = temp_store();
-        store
-            .insert_call("CA1".into(), "POST_CALL_DATA", "{}".into(), 0, owed(3))
-            .await
-            .unwrap();
+        stored(&store, "CA1", 0, 3).await;
         let ids: Vec<i64> = store
             .claim("c".into(), 0, 3)
             .await
@@ -1166,10 +1165,7 @@ mod tests {
     #[tokio::test]
     async fn pruning_keeps_calls_with_unfinished_deliveries() {
         let (_dir, store) = temp_store();
-        store
-            .insert_call("old-done".into(), "POST_CALL_DATA", "{}".into(), 0, owed(1))
-            .await
-            .unwrap();
+        stored(&store, "old-done", 0, 1).await;
         store
             .insert_call(
                 "old-pending".into(),
@@ -1184,10 +1180,7 @@ mod tests {
             )
             .await
             .unwrap();
-        store
-            .insert_call("new".into(), "POST_CALL_DATA", "{}".into(), 1000, owed(1))
-            .await
-            .unwrap();
+        stored(&store, "new", 1000, 1).await;
         let done = store.claim("c".into(), 1000, 10).await.unwrap();
         let done = done
             .iter()
