@@ -366,8 +366,9 @@ fn default_max_connections() -> usize {
 fn default_store_path() -> PathBuf {
     PathBuf::from("data/callnotify.db")
 }
-/// The longest retry wait, retry window or retention (ten years).
-pub const MAX_DELIVERY_WAIT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// The longest retry wait, retry window or retention: ten years as humantime reads `10y`
+/// (years of 365.25 days), so the `10y` the docs suggest for "never give up" is accepted.
+pub const MAX_DELIVERY_WAIT: Duration = Duration::from_secs(10 * 31_557_600);
 
 fn default_retry_schedule() -> Vec<Duration> {
     [10, 30, 120, 600, 1800, 3600, 10800]
@@ -1420,6 +1421,22 @@ rules: []
             "{err}"
         );
         assert!(err.to_string().contains("200ms is too short"), "{err}");
+    }
+
+    #[test]
+    fn ten_years_is_accepted_as_never_giving_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            r#"
+templates_dir: "{t}"
+server: { tokens: ["0123456789abcdef"] }
+delivery: { retry_schedule: ["1s", "10y"], give_up_after: "10y", keep_delivered: "10y" }
+rules: []
+"#,
+        );
+        let c = load_with_env(&p, &env(&[])).unwrap();
+        assert_eq!(c.delivery.give_up_after, MAX_DELIVERY_WAIT);
     }
 
     #[test]
