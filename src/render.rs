@@ -143,12 +143,7 @@ pub fn escape_slack(s: &str) -> String {
             '|' => out.push('\u{2223}'),
             '@' => {
                 out.push('@');
-                let rest = &s[i + 1..];
-                let mention = ["here", "channel", "everyone"].iter().any(|m| {
-                    rest.get(..m.len())
-                        .is_some_and(|head| head.eq_ignore_ascii_case(m))
-                });
-                if mention {
+                if is_mention(&s[..i], &s[i + 1..]) {
                     out.push('\u{2060}');
                 }
             }
@@ -156,6 +151,35 @@ pub fn escape_slack(s: &str) -> String {
         }
     }
     out
+}
+
+/// Whether the `@` between `before` and `after` starts a `@here`, `@channel` or `@everyone`
+/// that stands as a word: not an address or a domain (`jo@here.example`,
+/// `reception@channel4.com`) nor a longer handle (`@channels`).
+fn is_mention(before: &str, after: &str) -> bool {
+    let word = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-');
+    if before
+        .chars()
+        .next_back()
+        .is_some_and(|c| word(c) || matches!(c, '.' | '+' | '@'))
+    {
+        return false;
+    }
+    ["here", "channel", "everyone"].iter().any(|m| {
+        let Some(rest) = after
+            .get(..m.len())
+            .filter(|head| head.eq_ignore_ascii_case(m))
+            .map(|_| &after[m.len()..])
+        else {
+            return false;
+        };
+        let mut next = rest.chars();
+        match next.next() {
+            Some(c) if word(c) => false,
+            Some('.') => !next.next().is_some_and(|c| c.is_ascii_alphanumeric()),
+            _ => true,
+        }
+    })
 }
 
 /// Escapes a value for the inside of a JSON string in a Block Kit template, after Slack escaping.
@@ -705,10 +729,17 @@ mod tests {
             escape_slack("hi @here, @Channel and @EVERYONE"),
             "hi @\u{2060}here, @\u{2060}Channel and @\u{2060}EVERYONE"
         );
-        assert_eq!(
-            escape_slack("jo@example.com @jordan"),
-            "jo@example.com @jordan"
-        );
+        for untouched in [
+            "jo@example.com @jordan",
+            "reception@channel4.com",
+            "jo@here.example",
+            "@channels @hereafter",
+            "https://www.youtube.com/@ChannelNewsAsia",
+        ] {
+            assert_eq!(escape_slack(untouched), untouched);
+        }
+        // A sentence's punctuation after the mention does not save it.
+        assert_eq!(escape_slack("ping @here."), "ping @\u{2060}here.");
     }
 
     #[test]
