@@ -22,7 +22,7 @@ impl Files {
             rule = meta.rule,
             sid = meta.sid,
             "notification: {}",
-            text.escape_debug()
+            one_line(text)
         );
         let Some(path) = file else {
             return Outcome::Delivered { detail: None };
@@ -68,6 +68,20 @@ impl Files {
     }
 }
 
+/// `text` with its control characters (line breaks, escape sequences) written as escapes and
+/// everything else as it is, quotes and backslashes included.
+fn one_line(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,15 +116,14 @@ mod tests {
             event: "POST_CALL_DATA",
             delivery_id: 1,
         };
-        let text =
-            "Call with Eve\r\n2026-01-01T00:00:00Z  INFO forged: all is well\n\u{1b}[2Jlast words";
+        let text = "Call with O'Brien \"Eve\" \\o/\r\n2026-01-01T00:00:00Z  INFO forged: all is well\n\u{1b}[2Jlast words";
         tracing::subscriber::with_default(subscriber, || {
             Files::default().write(None, text, &meta);
         });
         let logged = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
         assert_eq!(logged.lines().count(), 1, "{logged}");
         assert!(
-            logged.contains(r"Call with Eve\r\n2026-01-01T00:00:00Z  INFO forged: all is well\n\u{1b}[2Jlast words"),
+            logged.contains(r#"Call with O'Brien "Eve" \o/\r\n2026-01-01T00:00:00Z  INFO forged: all is well\n\u{1b}[2Jlast words"#),
             "{logged}"
         );
     }
