@@ -146,9 +146,10 @@ async fn slack_429_is_retried_no_sooner_than_retry_after() {
 async fn a_send_waiting_for_its_pacing_slot_honours_a_retry_after_that_came_meanwhile() {
     let tpl = templates();
     let slack = FakeSlack::start().await;
-    slack.script([Reply::status(429, "rate_limited").retry_after(4)]);
+    slack.script([Reply::status(429, "rate_limited").retry_after(8)]);
+    // The second message's slot is 5 s away: the 429 is in long before it, even on a slow machine.
     let channels = format!(
-        "  sales: {{ type: slack, webhook_url: \"{}\", max_per_second: 1, burst: 1, concurrency: 2 }}\n",
+        "  sales: {{ type: slack, webhook_url: \"{}\", max_per_second: 0.2, burst: 1, concurrency: 2 }}\n",
         slack.url
     );
     // One call owes the channel two messages: claimed together, sent by two senders.
@@ -162,8 +163,8 @@ async fn a_send_waiting_for_its_pacing_slot_honours_a_retry_after_that_came_mean
     for later in &r[1..] {
         let gap = later.at - r[0].at;
         assert!(
-            gap >= Duration::from_secs(4),
-            "sent {gap:?} after a 429 with Retry-After: 4"
+            gap >= Duration::from_secs(8),
+            "sent {gap:?} after a 429 with Retry-After: 8"
         );
     }
 }
@@ -173,11 +174,11 @@ async fn a_send_waiting_for_its_pacing_slot_honours_a_retry_after_that_came_mean
 async fn channels_sharing_a_webhook_share_its_retry_after() {
     let tpl = templates();
     let slack = FakeSlack::start().await;
-    slack.script([Reply::status(429, "rate_limited").retry_after(4)]);
+    slack.script([Reply::status(429, "rate_limited").retry_after(8)]);
     let channels = ["sales", "sales_vip"]
         .map(|name| {
             format!(
-                "  {name}: {{ type: slack, webhook_url: \"{}\", max_per_second: 1, burst: 1 }}\n",
+                "  {name}: {{ type: slack, webhook_url: \"{}\", max_per_second: 0.2, burst: 1 }}\n",
                 slack.url
             )
         })
@@ -191,8 +192,8 @@ async fn channels_sharing_a_webhook_share_its_retry_after() {
     assert_eq!(r[0].answered, 429);
     let gap = r[1].at - r[0].at;
     assert!(
-        gap >= Duration::from_secs(4),
-        "sent {gap:?} after a 429 with Retry-After: 4"
+        gap >= Duration::from_secs(8),
+        "sent {gap:?} after a 429 with Retry-After: 8"
     );
 }
 
