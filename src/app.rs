@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::clock::{SharedClock, SystemClock};
+use crate::clock::{SharedClock, SteadyClock};
 use crate::config::{self, Config, ConfigError};
 use crate::notify::Senders;
 use crate::server::{self, Surface};
@@ -129,6 +129,39 @@ impl Shared {
         }
     }
 
+    /// Catches the daemon's clock up with the wall clock. A gap over 5 s is a step of the system
+    /// clock: pending retry schedules move by it in the store job that moves the clock, so a
+    /// retry due in a minute stays due in a minute and nothing is written on two timelines. A
+    /// smaller gap (drift) is taken as it is.
+    pub async fn follow_wall_clock(&self) {
+        let Some(steady) = self.clock.steady() else {
+            return;
+        };
+        let gap = steady.gap_to_wall();
+        let target = steady.base().saturating_add(gap);
+        if gap.abs() <= crate::clock::STEP_MS {
+            steady.set_base(target);
+            return;
+        }
+        let clock = self.clock.clone();
+        let moved = move || {
+            if let Some(s) = clock.steady() {
+                s.set_base(target);
+            }
+        };
+        match self.store.shift_schedule(gap, moved).await {
+            Ok(n) => tracing::warn!(
+                step_ms = gap,
+                deliveries = n,
+                "the system clock was stepped; pending retries moved with it and keep their waits"
+            ),
+            Err(e) => {
+                tracing::error!(step_ms = gap, error = %e, "the system clock was stepped and pending retries could not follow; trying again")
+            }
+        }
+        self.worker.wake();
+    }
+
     pub fn note_call(&self, now_ms: i64) {
         self.last_call_ms.store(now_ms, Ordering::Relaxed);
     }
@@ -167,7 +200,7 @@ pub struct App {
 impl App {
     /// Loads the config, opens the store and binds the listeners (port 0 works).
     pub async fn build(config_path: &Path) -> anyhow::Result<App> {
-        Self::build_with_clock(config_path, Arc::new(SystemClock)).await
+        Self::build_with_clock(config_path, SteadyClock::new()).await
     }
 
     pub async fn build_with_clock(config_path: &Path, clock: SharedClock) -> anyhow::Result<App> {
@@ -349,7 +382,6 @@ async fn background(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_prune = 0i64;
     let mut quiet = crate::quiet::QuietAlert::default();
-    let mut steps = crate::clock::StepWatch::new(std::time::Instant::now(), shared.clock.now_ms());
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -360,13 +392,7 @@ async fn background(
             _ = tick.tick() => {
                 let now = shared.clock.now_ms();
                 let live = shared.live.load_full();
-                if let Some(step) = steps.observe(std::time::Instant::now(), now) {
-                    match shared.store.shift_schedule(step).await {
-                        Ok(n) => tracing::warn!(step_ms = step, deliveries = n, "the system clock was stepped; pending retries keep their waits"),
-                        Err(e) => tracing::error!(step_ms = step, error = %e, "the system clock was stepped and pending retries could not follow"),
-                    }
-                    shared.worker.wake();
-                }
+                shared.follow_wall_clock().await;
                 shared.dead_letter_orphans().await;
                 if let Ok(stats) = shared.store.stats().await {
                     crate::metrics::queue(&stats, now);

@@ -1,4 +1,4 @@
-//! Wall-clock time as the store records it (unix milliseconds), injectable for tests.
+//! Time as the store records it (unix milliseconds): the daemon's steady clock, and a manual one for tests.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -6,14 +6,10 @@ use std::time::Instant;
 
 pub trait Clock: Send + Sync + 'static {
     fn now_ms(&self) -> i64;
-}
 
-#[derive(Debug, Default)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now_ms(&self) -> i64 {
-        chrono::Utc::now().timestamp_millis()
+    /// The clock as a [`SteadyClock`], which must be kept up with the wall clock.
+    fn steady(&self) -> Option<&SteadyClock> {
+        None
     }
 }
 
@@ -43,59 +39,86 @@ impl Clock for ManualClock {
 
 pub type SharedClock = Arc<dyn Clock>;
 
-/// Steps of the wall clock smaller than this are drift, not steps.
-const STEP_MS: i64 = 5_000;
+/// A gap to the wall clock larger than this is a step of the system clock, not drift.
+pub const STEP_MS: i64 = 5_000;
 
-/// Notices the wall clock being stepped (NTP correcting a large error, a VM resumed with a stale
-/// clock) by comparing it with the monotonic clock. Retry times are wall-clock instants, so a
-/// clock stepped back an hour would otherwise hold every scheduled retry an hour longer.
-#[derive(Debug)]
-pub struct StepWatch {
-    mono: Instant,
-    wall_ms: i64,
+/// The daemon's clock: the wall clock as it was at start, carried forward by the monotonic
+/// clock, so it does not jump when the system clock is stepped (NTP correcting a large error, a
+/// VM resumed with a stale clock). Retry times in the store are instants on this clock. Every few
+/// seconds the daemon compares it with the wall clock and catches up (`Shared::follow_wall_clock`):
+/// a step moves pending retry schedules in the same store job that moves this clock, so every
+/// time the store holds stays on one timeline.
+pub struct SteadyClock {
+    wall: Box<dyn Fn() -> i64 + Send + Sync>,
+    start: Instant,
+    /// Wall time at `start`, plus every gap caught up with since.
+    base_ms: AtomicI64,
 }
 
-impl StepWatch {
-    pub fn new(mono: Instant, wall_ms: i64) -> StepWatch {
-        StepWatch { mono, wall_ms }
+impl SteadyClock {
+    pub fn new() -> Arc<SteadyClock> {
+        Self::with_wall(Box::new(|| chrono::Utc::now().timestamp_millis()))
     }
 
-    /// The step (negative: back) since the last look, when the wall clock moved more than 5 s
-    /// away from what the monotonic clock says has passed.
-    pub fn observe(&mut self, mono: Instant, wall_ms: i64) -> Option<i64> {
-        let passed = i64::try_from(mono.saturating_duration_since(self.mono).as_millis())
-            .unwrap_or(i64::MAX);
-        let step = wall_ms - self.wall_ms.saturating_add(passed);
-        self.mono = mono;
-        self.wall_ms = wall_ms;
-        (step.abs() > STEP_MS).then_some(step)
+    /// A steady clock over another wall clock (tests step it).
+    pub fn with_wall(wall: Box<dyn Fn() -> i64 + Send + Sync>) -> Arc<SteadyClock> {
+        let base = wall();
+        Arc::new(SteadyClock {
+            wall,
+            start: Instant::now(),
+            base_ms: AtomicI64::new(base),
+        })
+    }
+
+    /// How far the wall clock is ahead of this one (negative: behind), in ms.
+    pub fn gap_to_wall(&self) -> i64 {
+        (self.wall)() - self.now_ms()
+    }
+
+    pub fn base(&self) -> i64 {
+        self.base_ms.load(Ordering::SeqCst)
+    }
+
+    /// Sets the base (idempotent, so a store job that runs twice does no harm).
+    pub fn set_base(&self, base_ms: i64) {
+        self.base_ms.store(base_ms, Ordering::SeqCst);
+    }
+}
+
+impl Clock for SteadyClock {
+    fn now_ms(&self) -> i64 {
+        let elapsed = i64::try_from(self.start.elapsed().as_millis()).unwrap_or(i64::MAX);
+        self.base().saturating_add(elapsed)
+    }
+
+    fn steady(&self) -> Option<&SteadyClock> {
+        Some(self)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
-    fn steps_are_told_apart_from_time_passing_and_drift() {
-        let t0 = Instant::now();
-        let mut w = StepWatch::new(t0, 1_000_000);
-        // Five seconds pass on both clocks, then a little drift.
-        assert_eq!(w.observe(t0 + Duration::from_secs(5), 1_005_000), None);
-        assert_eq!(w.observe(t0 + Duration::from_secs(10), 1_010_900), None);
-        // Stepped back an hour, then forward ten minutes.
-        assert_eq!(
-            w.observe(t0 + Duration::from_secs(15), 1_015_900 - 3_600_000),
-            Some(-3_600_000)
+    fn a_steady_clock_ignores_wall_clock_steps_until_it_catches_up() {
+        let step = Arc::new(AtomicI64::new(0));
+        let wall = {
+            let step = step.clone();
+            move || chrono::Utc::now().timestamp_millis() + step.load(Ordering::SeqCst)
+        };
+        let clock = SteadyClock::with_wall(Box::new(wall));
+        assert!(clock.gap_to_wall().abs() < 50);
+        step.store(-3_600_000, Ordering::SeqCst);
+        let before = clock.now_ms();
+        assert!(
+            chrono::Utc::now().timestamp_millis() - before < 50,
+            "it did not jump"
         );
-        assert_eq!(
-            w.observe(t0 + Duration::from_secs(20), 1_020_900 - 3_000_000),
-            Some(600_000)
-        );
-        assert_eq!(
-            w.observe(t0 + Duration::from_secs(25), 1_025_900 - 3_000_000),
-            None
-        );
+        let gap = clock.gap_to_wall();
+        assert!((gap + 3_600_000).abs() < 50, "{gap}");
+        clock.set_base(clock.base() + gap);
+        assert!(clock.gap_to_wall().abs() < 50);
+        assert!(clock.now_ms() <= before - 3_600_000 + 50);
     }
 }

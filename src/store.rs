@@ -353,16 +353,24 @@ impl Store {
         .await
     }
 
-    /// Moves every pending delivery's schedule (next attempt and retry window) by `ms`: after
-    /// the wall clock was stepped by `ms`, a retry due in a minute is still due in a minute.
-    pub async fn shift_schedule(&self, ms: i64) -> Result<usize, StoreError> {
+    /// Moves every pending delivery's schedule (next attempt and retry window) by `ms`, then
+    /// runs `moved` in the same job: the daemon's clock moves by `ms` with them (see
+    /// [`crate::clock::SteadyClock`]), so a retry due in a minute is still due in a minute.
+    /// `moved` may run twice, as any job may.
+    pub async fn shift_schedule<M>(&self, ms: i64, moved: M) -> Result<usize, StoreError>
+    where
+        M: Fn() + Send + 'static,
+    {
         self.run(move |conn| {
-            conn.prepare_cached(
-                "UPDATE deliveries SET next_attempt_at = next_attempt_at + ?1,
-                     window_start = window_start + ?1
-                 WHERE status = 'pending'",
-            )?
-            .execute(params![ms])
+            let n = conn
+                .prepare_cached(
+                    "UPDATE deliveries SET next_attempt_at = next_attempt_at + ?1,
+                         window_start = window_start + ?1
+                     WHERE status = 'pending'",
+                )?
+                .execute(params![ms])?;
+            moved();
+            Ok(n)
         })
         .await
     }
@@ -960,7 +968,13 @@ mod tests {
             .await
             .unwrap();
         // The clock is stepped back an hour: the retry a minute away stays a minute away.
-        assert_eq!(store.shift_schedule(-3_600_000).await.unwrap(), 2);
+        let moved = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let m = moved.clone();
+        let shifted = store.shift_schedule(-3_600_000, move || {
+            m.store(true, std::sync::atomic::Ordering::SeqCst)
+        });
+        assert_eq!(shifted.await.unwrap(), 2);
+        assert!(moved.load(std::sync::atomic::Ordering::SeqCst));
         let mut rows = store.list(Some("pending".into()), None, 10).await.unwrap();
         rows.sort_by_key(|r| r.id);
         let next: Vec<i64> = rows.iter().map(|r| r.next_attempt_at).collect();

@@ -4,6 +4,7 @@
 mod support;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -496,6 +497,85 @@ async fn the_quiet_alert_fires_once_and_again_when_calls_resume() {
         .as_str()
         .unwrap()
         .contains("Calls are arriving again"));
+}
+
+/// The system clock is stepped back an hour. A retry due in a minute stays due in a minute, and
+/// a call stored between the step and the moment the daemon notices it is due at once, not an
+/// hour ago or an hour from now: everything the store holds is on one timeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stepped_system_clock_leaves_retry_waits_as_they_were() {
+    use callnotify::clock::{Clock, SteadyClock};
+    use std::sync::atomic::{AtomicI64, Ordering};
+    let slack = FakeSlack::start().await;
+    slack.script([Reply::status(500, "internal_error")]);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = in_process_config(
+        dir.path(),
+        &templates_dir(),
+        &format!(
+            "delivery: {{ retry_schedule: [\"60s\"] }}\nchannels:\n  sales: {{ type: slack, webhook_url: \"{}\", max_per_second: 0 }}\nrules:\n  - name: every_call\n    notify: [{{ channel: sales, template: slack/booked }}]\n",
+            slack.url
+        ),
+    );
+    let step = Arc::new(AtomicI64::new(0));
+    let wall = {
+        let step = step.clone();
+        move || chrono::Utc::now().timestamp_millis() + step.load(Ordering::SeqCst)
+    };
+    let clock = SteadyClock::with_wall(Box::new(wall));
+    let app = callnotify::app::App::build_with_clock(&cfg, clock.clone())
+        .await
+        .unwrap();
+    let shared = app.shared();
+    let store_call = |sid: &'static str| {
+        let shared = shared.clone();
+        let clock = clock.clone();
+        async move {
+            let action = shared.live.load().config.rules[0].actions[0].clone();
+            let owed = vec![callnotify::store::NewDelivery {
+                rule: "every_call".into(),
+                action_idx: 0,
+                action,
+            }];
+            let body = serde_json::json!({"sid": sid, "cachedLeadName": "Maria"});
+            shared
+                .store
+                .insert_call(
+                    sid.into(),
+                    "POST_CALL_DATA",
+                    body.to_string(),
+                    clock.now_ms(),
+                    owed,
+                )
+                .await
+                .unwrap();
+        }
+    };
+    store_call("CAretry").await;
+    assert!(
+        shared.worker.deliver_next().await.is_some(),
+        "the first attempt"
+    );
+    assert_eq!(slack.received()[0].answered, 500);
+
+    step.store(-3_600_000, Ordering::SeqCst);
+    store_call("CAbetween").await; // before the daemon has looked at the clock again
+    shared.follow_wall_clock().await;
+
+    let now = clock.now_ms();
+    assert!(
+        (now - (chrono::Utc::now().timestamp_millis() - 3_600_000)).abs() < 1000,
+        "the daemon's clock caught up with the stepped wall clock"
+    );
+    let rows = shared.store.list(None, None, 10).await.unwrap();
+    let next = |sid: &str| rows.iter().find(|r| r.sid == sid).unwrap().next_attempt_at - now;
+    let retry_in = next("CAretry");
+    assert!(
+        (45_000..=75_000).contains(&retry_in),
+        "retry in {retry_in} ms"
+    );
+    let between = next("CAbetween");
+    assert!((-5_000..=0).contains(&between), "due {between} ms from now");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
