@@ -313,7 +313,8 @@ fn registry(escape: fn(&str) -> String) -> Handlebars<'static> {
     h
 }
 
-/// Checks that an inline template (a subject, a recipient) compiles.
+/// Checks that an inline template (a subject) compiles; recipients go through
+/// [`check_recipient`].
 pub fn check_inline(s: &str) -> Result<(), String> {
     Template::compile(s)
         .map(|_| ())

@@ -158,7 +158,7 @@ const READY_REUSE: std::time::Duration = std::time::Duration::from_secs(1);
 /// `admin.listen`), so a good probe is reused for a second: however often it is asked, the
 /// store sees at most one probe a second. A failed probe is not reused; the next ask tries again.
 #[derive(Debug, Default)]
-pub struct ReadyCache(tokio::sync::Mutex<Option<std::time::Instant>>);
+pub struct ReadyCache(tokio::sync::Mutex<Option<tokio::time::Instant>>);
 
 impl ReadyCache {
     pub async fn check<F, Fut, E>(&self, probe: F) -> Result<(), E>
@@ -172,7 +172,7 @@ impl ReadyCache {
             return Ok(());
         }
         let result = probe().await;
-        *good_at = result.is_ok().then(std::time::Instant::now);
+        *good_at = result.is_ok().then(tokio::time::Instant::now);
         result
     }
 }
@@ -552,7 +552,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[tokio::test(start_paused = true)]
     async fn readiness_probes_the_store_once_for_many_asks_and_again_after_a_failure() {
         let cache = Arc::new(ReadyCache::default());
         let probes = Arc::new(AtomicUsize::new(0));
@@ -581,5 +581,9 @@ mod tests {
             assert_eq!(a.await.unwrap(), Ok(()));
         }
         assert_eq!(probes.load(Ordering::SeqCst), 3);
+        // A second later the good answer is stale: the next ask probes again.
+        tokio::time::advance(READY_REUSE).await;
+        assert_eq!(ask(false).await, Ok(()));
+        assert_eq!(probes.load(Ordering::SeqCst), 4);
     }
 }
