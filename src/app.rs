@@ -414,8 +414,9 @@ async fn background(
                         let _ = shared.reload("file change").await;
                     }
                 }
-                if let Some(q) = &live.config.quiet_alert {
-                    quiet.check(&shared, q, now).await;
+                match &live.config.quiet_alert {
+                    Some(q) => quiet.check(&shared, q, now).await,
+                    None => quiet.forget(&shared).await,
                 }
             }
         }

@@ -80,6 +80,23 @@ pub struct QuietAlert {
 }
 
 impl QuietAlert {
+    /// With the alert turned off, forgets that one is out (once), so turning it on again later
+    /// does not open with a "calls are arriving again" nobody was waiting for.
+    pub async fn forget(&mut self, shared: &Shared) {
+        if self.loaded && self.alerted_at.is_none() {
+            return;
+        }
+        match shared.store.set_meta(ALERTED_AT.into(), "0".into()).await {
+            Ok(()) => {
+                self.loaded = true;
+                self.alerted_at = None;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot clear the quiet alert's state; trying again")
+            }
+        }
+    }
+
     pub async fn check(&mut self, shared: &Shared, cfg: &QuietAlertConfig, now_ms: i64) {
         if !self.loaded {
             match shared.store.get_meta(ALERTED_AT.into()).await {

@@ -497,6 +497,21 @@ async fn the_quiet_alert_fires_once_and_again_when_calls_resume() {
         .as_str()
         .unwrap()
         .contains("Calls are arriving again"));
+
+    // Alerted again, then the alert is turned off (a reload without `quiet_alert`) and, days
+    // later, on again: it starts afresh instead of announcing calls nobody was waiting for.
+    clock.advance(3 * 3_600_000);
+    alert.check(&shared, q, clock.now_ms()).await;
+    assert!(shared.worker.deliver_next().await.is_some(), "alerted");
+    alert.forget(&shared).await;
+    let mut alert = callnotify::quiet::QuietAlert::default(); // and a restart or two since
+    clock.advance(48 * 3_600_000);
+    shared.note_call(clock.now_ms());
+    alert.check(&shared, q, clock.now_ms()).await;
+    assert!(
+        shared.worker.deliver_next().await.is_none(),
+        "an unprompted 'calls are arriving again'"
+    );
 }
 
 /// The system clock is stepped back an hour. A retry due in a minute stays due in a minute, and
