@@ -131,8 +131,10 @@ enum Deliveries {
 }
 
 /// Logs go to stderr through a writer thread, so a burst of calls never waits on the terminal or
-/// the journal; nothing is dropped (the writer blocks when its buffer is full). Keep the guard
-/// until exit: dropping it flushes what is buffered.
+/// the journal; nothing is dropped (the writer blocks when its buffer is full). The thread writes
+/// every line waiting in the queue into a buffer and flushes once the queue is empty: one
+/// `write` for a burst of lines, and a lone line still goes out at once. Keep the guard until
+/// exit: dropping it flushes what is buffered.
 fn init_logging(format: LogFormat, level: &str) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
@@ -140,7 +142,10 @@ fn init_logging(format: LogFormat, level: &str) -> tracing_appender::non_blockin
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .buffered_lines_limit(4096)
-        .finish(std::io::stderr());
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stderr(),
+        ));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
