@@ -390,9 +390,10 @@ async fn background(
                 watched = mtimes(&shared);
             }
             _ = tick.tick() => {
+                // First, so that `now` below is already on the caught-up timeline.
+                shared.follow_wall_clock().await;
                 let now = shared.clock.now_ms();
                 let live = shared.live.load_full();
-                shared.follow_wall_clock().await;
                 shared.dead_letter_orphans().await;
                 if let Ok(stats) = shared.store.stats().await {
                     crate::metrics::queue(&stats, now);
