@@ -943,16 +943,7 @@ mod tests {
     #[tokio::test]
     async fn a_clock_step_moves_pending_schedules_with_it() {
         let (_dir, store) = temp_store();
-        store
-            .insert_call(
-                "CA1".into(),
-                "POST_CALL_DATA",
-                "{}".into(),
-                10_000_000,
-                owed(2),
-            )
-            .await
-            .unwrap();
+        stored(&store, "CA1", 10_000_000, 2).await;
         let claimed = store.claim("c".into(), 10_000_000, 1).await.unwrap();
         store
             .record(vec![Attempt {
