@@ -12,7 +12,7 @@
 //! later `next_attempt_at` | `dead`), `attempts` (each try and the destination's answer) and
 //! `meta` (small daemon state such as the time of the last call).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -296,10 +296,11 @@ impl Store {
         conn.execute_batch(SCHEMA)
             .map_err(|e| open_err(e.to_string()))?;
         conn.set_prepared_statement_cache_capacity(64);
+        let file = OpenedFile::of(path).map_err(|e| open_err(e.to_string()))?;
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("callnotify-store".into())
-            .spawn(move || writer(conn, rx))
+            .spawn(move || writer(conn, file, rx))
             .map_err(|e| open_err(e.to_string()))?;
         Ok(Store { tx })
     }
@@ -585,19 +586,59 @@ fn control(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
-fn writer(conn: Connection, rx: mpsc::Receiver<Job>) {
+/// The database file the store opened. SQLite goes on writing to an open file that was deleted
+/// or moved away, so commits would succeed into a file a restart does not find: every commit
+/// checks first that the store's path still names this file.
+struct OpenedFile {
+    path: PathBuf,
+    id: (u64, u64),
+}
+
+impl OpenedFile {
+    fn of(path: &Path) -> std::io::Result<OpenedFile> {
+        Ok(OpenedFile {
+            path: path.to_path_buf(),
+            id: file_id(path)?,
+        })
+    }
+
+    /// Why nothing may be committed, if the path no longer names the opened file.
+    fn gone(&self) -> Option<String> {
+        match file_id(&self.path) {
+            Ok(id) if id == self.id => None,
+            _ => Some(format!(
+                "the store file {} was deleted, moved or replaced while in use; put it back, or restart to open what is there now",
+                self.path.display()
+            )),
+        }
+    }
+}
+
+#[cfg(unix)]
+fn file_id(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok((m.dev(), m.ino()))
+}
+
+#[cfg(not(unix))]
+fn file_id(path: &Path) -> std::io::Result<(u64, u64)> {
+    std::fs::metadata(path).map(|_| (0, 0))
+}
+
+fn writer(conn: Connection, file: OpenedFile, rx: mpsc::Receiver<Job>) {
     while let Ok(first) = rx.recv() {
         let mut batch = Vec::with_capacity(16);
         batch.push(first);
         batch.extend(rx.try_iter().take(MAX_BATCH - 1));
-        match commit(&conn, &mut batch) {
+        match commit(&conn, &file, &mut batch) {
             Ok(()) => batch.into_iter().for_each(|job| job.answer(None)),
             // One job failed and the batch was rolled back: the others must not pay for it,
             // so each runs again in a transaction of its own (rare: a full or broken disk
             // fails them all anyway).
             Err(None) if batch.len() > 1 => {
                 for mut job in batch {
-                    let outcome = commit(&conn, std::slice::from_mut(&mut job));
+                    let outcome = commit(&conn, &file, std::slice::from_mut(&mut job));
                     job.answer(outcome.err().flatten().as_deref());
                 }
             }
@@ -609,13 +650,17 @@ fn writer(conn: Connection, rx: mpsc::Receiver<Job>) {
 
 /// Runs `jobs` in one transaction: one commit (one fsync) for all of them. `Err(None)`: a job
 /// failed and everything was rolled back; `Err(Some(why))`: the transaction itself failed.
-fn commit(conn: &Connection, jobs: &mut [Job]) -> Result<(), Option<String>> {
+fn commit(conn: &Connection, file: &OpenedFile, jobs: &mut [Job]) -> Result<(), Option<String>> {
     control(conn, "BEGIN IMMEDIATE").map_err(|e| Some(e.to_string()))?;
     for job in jobs.iter_mut() {
         if !job.run(conn) {
             let _ = control(conn, "ROLLBACK");
             return Err(None);
         }
+    }
+    if let Some(why) = file.gone() {
+        let _ = control(conn, "ROLLBACK");
+        return Err(Some(why));
     }
     control(conn, "COMMIT").map_err(|e| {
         let _ = control(conn, "ROLLBACK");

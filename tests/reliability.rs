@@ -831,6 +831,32 @@ async fn store_unavailable_answers_503() {
     assert_eq!(ready.status().as_u16(), 200);
 }
 
+#[tokio::test]
+async fn a_store_file_deleted_under_the_daemon_answers_503_not_accepted() {
+    let tpl = templates();
+    let slack = FakeSlack::start().await;
+    let d = Daemon::start(&slack_only(tpl.path(), &slack, FAST));
+    accept(&d, "CAbefore").await;
+    // The store is moved away while the daemon runs (an operator's `mv`, a cleanup script): a
+    // commit would go to a file that is no longer at the store's path, so a restart would not
+    // find the call. Nothing may be acknowledged then.
+    let path = d.dir.join("store.db");
+    let away = d.dir.join("moved-away.db");
+    std::fs::rename(&path, &away).unwrap();
+    let (status, body) = d.post(&call("CAwhilegone")).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "store_unavailable", "{body}");
+    let ready = http().get(d.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 503);
+
+    // Put back, it takes commits again, and the refused call can be sent again.
+    std::fs::rename(&away, &path).unwrap();
+    accept(&d, "CAwhilegone").await;
+    let rows = d.wait_settled(WAIT).await;
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(rows.iter().all(|r| r["status"] == "done"), "{rows:?}");
+}
+
 /// A small tmpfs, unmounted on drop. None where mounting is not allowed (not root, no
 /// CAP_SYS_ADMIN): the test that needs it then says so and passes.
 struct Tmpfs(tempfile::TempDir);
