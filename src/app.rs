@@ -17,7 +17,7 @@ use crate::clock::{SharedClock, SteadyClock};
 use crate::config::{self, Config, ConfigError};
 use crate::notify::Senders;
 use crate::server::{self, Surface};
-use crate::store::Store;
+use crate::store::{DaemonLock, Store};
 use crate::worker::Worker;
 
 /// The config in force and the clients built from it; swapped whole on reload.
@@ -50,6 +50,8 @@ pub struct Shared {
     shutting_down: AtomicBool,
     /// The last good readiness probe.
     pub ready: crate::server::ReadyCache,
+    /// Held while the daemon runs: no second daemon on this store.
+    _store_lock: DaemonLock,
 }
 
 impl Shared {
@@ -209,6 +211,8 @@ impl App {
         for w in &config.warnings {
             tracing::warn!("{w}");
         }
+        // Before anything is requeued: what is `sending` may be another daemon's, in flight.
+        let store_lock = DaemonLock::acquire(&config.store.path)?;
         let store = Store::open_with(&config.store.path, config.store.synchronous)?;
         let requeued = store.reset_inflight(clock.now_ms()).await?;
         if requeued > 0 {
@@ -249,6 +253,7 @@ impl App {
             last_call_ms: AtomicI64::new(last),
             shutting_down: AtomicBool::new(false),
             ready: Default::default(),
+            _store_lock: store_lock,
         });
         Ok(App {
             shared,

@@ -34,6 +34,48 @@ pub enum StoreError {
     Closed,
     #[error("cannot open the store at {path}: {reason}")]
     Open { path: String, reason: String },
+    #[error("another callnotify daemon is using the store at {path} (it holds {lock}); stop it first, or give this one its own store.path")]
+    InUse { path: String, lock: String },
+}
+
+/// One daemon per store. A second `serve` on the same store would requeue, as it starts, the
+/// deliveries the first one has in flight (so they are sent twice), and sweep the first one's
+/// queue by its own channel list; it is refused instead. The lock is the operating system's
+/// on a file beside the store (not the store itself: closing any other handle to the database
+/// file would drop SQLite's own locks), so it goes with the process however that ends. The
+/// `deliveries` commands do not take it: they work while the daemon runs.
+#[derive(Debug)]
+pub struct DaemonLock {
+    _file: std::fs::File,
+}
+
+impl DaemonLock {
+    pub fn acquire(store: &Path) -> Result<DaemonLock, StoreError> {
+        let mut name = store.as_os_str().to_owned();
+        name.push(".lock");
+        let lock = PathBuf::from(name);
+        let open_err = |e: std::io::Error| StoreError::Open {
+            path: store.display().to_string(),
+            reason: format!("{}: {e}", lock.display()),
+        };
+        if let Some(dir) = lock.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(open_err)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock)
+            .map_err(open_err)?;
+        match file.try_lock() {
+            Ok(()) => Ok(DaemonLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse {
+                path: store.display().to_string(),
+                lock: lock.display().to_string(),
+            }),
+            Err(std::fs::TryLockError::Error(e)) => Err(open_err(e)),
+        }
+    }
 }
 
 /// Work for the writer thread: statements to run inside its transaction, then an answer.

@@ -857,6 +857,57 @@ async fn a_store_file_deleted_under_the_daemon_answers_503_not_accepted() {
     assert!(rows.iter().all(|r| r["status"] == "done"), "{rows:?}");
 }
 
+/// A process killed when dropped, so a failing test leaves nothing running.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_second_daemon_on_the_same_store_does_not_resend_what_the_first_has_in_flight() {
+    let tpl = templates();
+    let slack = FakeSlack::start().await;
+    slack.set_default(Reply::ok().delayed(Duration::from_secs(2)));
+    let delivery = r#"{ retry_schedule: ["1s"], request_timeout: "10s" }"#;
+    let d = Daemon::start(&slack_only(tpl.path(), &slack, delivery));
+    accept(&d, "CAinflight").await;
+    eventually("the send to be in flight", WAIT, || {
+        (!slack.received().is_empty()).then_some(())
+    })
+    .await;
+    // `callnotify serve` started again by mistake on the same config, hence the same store.
+    let mut second = Killed(
+        std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"))
+            .args(["serve", "--config"])
+            .arg(&d.config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // It either refuses to start, or takes the first one's in-flight delivery and sends it again.
+    let exit = eventually("the second daemon to exit or to send", WAIT, || {
+        if slack.received().len() > 1 {
+            return Some(None);
+        }
+        second.0.try_wait().unwrap().map(Some)
+    })
+    .await;
+    let rows = d.wait_settled(WAIT).await;
+    assert_eq!(by_sid(&rows, "CAinflight")["status"], "done", "{rows:?}");
+    let sent: Vec<String> = slack.received().iter().map(|r| sid_of(&r.body)).collect();
+    assert_eq!(sent, ["CAinflight"], "sent twice");
+    let exit = exit.expect("the second daemon ran beside the first");
+    assert!(!exit.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(second.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(err.contains("another callnotify daemon"), "{err}");
+}
+
 /// A small tmpfs, unmounted on drop. None where mounting is not allowed (not root, no
 /// CAP_SYS_ADMIN): the test that needs it then says so and passes.
 struct Tmpfs(tempfile::TempDir);
