@@ -140,7 +140,8 @@ impl Shared {
             return;
         };
         let gap = steady.gap_to_wall();
-        let target = steady.base().saturating_add(gap);
+        let was = steady.base();
+        let target = was.saturating_add(gap);
         if gap.abs() <= crate::clock::STEP_MS {
             steady.set_base(target);
             return;
@@ -158,6 +159,9 @@ impl Shared {
                 "the system clock was stepped; pending retries moved with it and keep their waits"
             ),
             Err(e) => {
+                // The job may have moved the clock before its commit failed: put it back, so the
+                // next tick sees the step again and moves clock and retries together.
+                steady.set_base(was);
                 tracing::error!(step_ms = gap, error = %e, "the system clock was stepped and pending retries could not follow; trying again")
             }
         }

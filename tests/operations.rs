@@ -593,6 +593,76 @@ async fn a_stepped_system_clock_leaves_retry_waits_as_they_were() {
     assert!((-5_000..=0).contains(&between), "due {between} ms from now");
 }
 
+/// The clock is stepped while the store cannot commit: the daemon's clock must not move without
+/// the retries it moves, so that the next look at the clock, with the store back, moves both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_step_the_store_could_not_follow_is_followed_once_it_can() {
+    use callnotify::clock::{Clock, SteadyClock};
+    use std::sync::atomic::{AtomicI64, Ordering};
+    let slack = FakeSlack::start().await;
+    slack.script([Reply::status(500, "internal_error")]);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = in_process_config(
+        dir.path(),
+        &templates_dir(),
+        &format!(
+            "delivery: {{ retry_schedule: [\"60s\"] }}\nchannels:\n  sales: {{ type: slack, webhook_url: \"{}\", max_per_second: 0 }}\nrules:\n  - name: every_call\n    notify: [{{ channel: sales, template: slack/booked }}]\n",
+            slack.url
+        ),
+    );
+    let step = Arc::new(AtomicI64::new(0));
+    let wall = {
+        let step = step.clone();
+        move || chrono::Utc::now().timestamp_millis() + step.load(Ordering::SeqCst)
+    };
+    let clock = SteadyClock::with_wall(Box::new(wall));
+    let app = callnotify::app::App::build_with_clock(&cfg, clock.clone())
+        .await
+        .unwrap();
+    let shared = app.shared();
+    let action = shared.live.load().config.rules[0].actions[0].clone();
+    let owed = vec![callnotify::store::NewDelivery {
+        rule: "every_call".into(),
+        action_idx: 0,
+        action,
+    }];
+    let body = serde_json::json!({"sid": "CAretry", "cachedLeadName": "Maria"});
+    shared
+        .store
+        .insert_call(
+            "CAretry".into(),
+            "POST_CALL_DATA",
+            body.to_string(),
+            clock.now_ms(),
+            owed,
+        )
+        .await
+        .unwrap();
+    assert!(shared.worker.deliver_next().await.is_some());
+    assert_eq!(slack.received()[0].answered, 500);
+
+    // The store file is away (nothing commits) when the step is noticed.
+    let db = dir.path().join("store.db");
+    let away = dir.path().join("away.db");
+    std::fs::rename(&db, &away).unwrap();
+    step.store(-3_600_000, Ordering::SeqCst);
+    shared.follow_wall_clock().await;
+    std::fs::rename(&away, &db).unwrap();
+    shared.follow_wall_clock().await;
+
+    let now = clock.now_ms();
+    assert!(
+        (now - (chrono::Utc::now().timestamp_millis() - 3_600_000)).abs() < 1000,
+        "the daemon's clock caught up with the stepped wall clock"
+    );
+    let rows = shared.store.list(None, None, 10).await.unwrap();
+    let retry_in = rows[0].next_attempt_at - now;
+    assert!(
+        (45_000..=75_000).contains(&retry_in),
+        "retry in {retry_in} ms"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_watch_config_an_edited_file_is_reloaded() {
     let slack = FakeSlack::start().await;
