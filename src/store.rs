@@ -396,10 +396,11 @@ impl Store {
         .await
     }
 
-    /// Moves every pending delivery's schedule (next attempt and retry window) by `ms`, then
+    /// Moves every unfinished delivery's schedule (next attempt and retry window) by `ms`, then
     /// runs `moved` in the same job: the daemon's clock moves by `ms` with them (see
     /// [`crate::clock::SteadyClock`]), so a retry due in a minute is still due in a minute.
-    /// `moved` may run twice, as any job may.
+    /// Deliveries in flight (`sending`) move too: their attempt's outcome is judged against the
+    /// window stored now ([`Store::window_start`]). `moved` may run twice, as any job may.
     pub async fn shift_schedule<M>(&self, ms: i64, moved: M) -> Result<usize, StoreError>
     where
         M: Fn() + Send + 'static,
@@ -412,8 +413,26 @@ impl Store {
                      WHERE status = 'pending'",
                 )?
                 .execute(params![ms])?;
+            let in_flight = conn
+                .prepare_cached(
+                    "UPDATE deliveries SET next_attempt_at = next_attempt_at + ?1,
+                         window_start = window_start + ?1
+                     WHERE status != 'done' AND status = 'sending'",
+                )?
+                .execute(params![ms])?;
             moved();
-            Ok(n)
+            Ok(n + in_flight)
+        })
+        .await
+    }
+
+    /// Where a delivery's retry window starts now: a clock step while it was in flight moved it
+    /// from what was claimed ([`Store::shift_schedule`]).
+    pub async fn window_start(&self, id: i64) -> Result<Option<i64>, StoreError> {
+        self.run(move |conn| {
+            conn.prepare_cached("SELECT window_start FROM deliveries WHERE id = ?1")?
+                .query_row(params![id], |r| r.get(0))
+                .optional()
         })
         .await
     }

@@ -348,13 +348,25 @@ impl Worker {
             {
                 self.pause(channel.kind.pacing_key(&d.channel), *after);
             }
+            // A clock step while this was in flight moved the stored window with the clock;
+            // the claimed one is on the old timeline.
+            let window_start = match &outcome {
+                Outcome::Retry { .. } => self
+                    .store
+                    .window_start(d.id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .unwrap_or(d.window_start),
+                _ => d.window_start,
+            };
             let now = self.clock.now_ms();
             let latency_ms = started.elapsed().as_millis() as i64;
             let delivery = &live.config.delivery;
             let (recorded, detail, label) = match outcome {
                 Outcome::Delivered { detail } => (Recorded::Done, detail, "done"),
                 Outcome::Retry { after, error } => {
-                    match next_attempt_at(&delivery.retry_schedule, attempt, now, d.window_start, delivery.give_up_after, after, rand::random::<f64>()) {
+                    match next_attempt_at(&delivery.retry_schedule, attempt, now, window_start, delivery.give_up_after, after, rand::random::<f64>()) {
                         Some(t) => (Recorded::Retry { next_attempt_at: t }, Some(error), "retried"),
                         None => (
                             Recorded::Dead,

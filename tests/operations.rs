@@ -663,6 +663,72 @@ async fn a_clock_step_the_store_could_not_follow_is_followed_once_it_can() {
     );
 }
 
+/// The clock steps forward (a host resumed from suspend) while a send is waiting for Slack's
+/// answer: its retry window moves with the clock like every other's, so the failure it gets is
+/// retried, not taken for the end of a window that has barely begun.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_step_during_a_send_does_not_cut_its_retry_window_short() {
+    use callnotify::clock::{Clock, SteadyClock};
+    use callnotify::store::Recorded;
+    use std::sync::atomic::{AtomicI64, Ordering};
+    let slack = FakeSlack::start().await;
+    slack.script([Reply::status(500, "internal_error").delayed(Duration::from_secs(2))]);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = in_process_config(
+        dir.path(),
+        &templates_dir(),
+        &format!(
+            "delivery: {{ retry_schedule: [\"60s\"], give_up_after: \"1h\" }}\nchannels:\n  sales: {{ type: slack, webhook_url: \"{}\", max_per_second: 0 }}\nrules:\n  - name: every_call\n    notify: [{{ channel: sales, template: slack/booked }}]\n",
+            slack.url
+        ),
+    );
+    let step = Arc::new(AtomicI64::new(0));
+    let wall = {
+        let step = step.clone();
+        move || chrono::Utc::now().timestamp_millis() + step.load(Ordering::SeqCst)
+    };
+    let clock = SteadyClock::with_wall(Box::new(wall));
+    let app = callnotify::app::App::build_with_clock(&cfg, clock.clone())
+        .await
+        .unwrap();
+    let shared = app.shared();
+    let action = shared.live.load().config.rules[0].actions[0].clone();
+    let owed = vec![callnotify::store::NewDelivery {
+        rule: "every_call".into(),
+        action_idx: 0,
+        action,
+    }];
+    let body = serde_json::json!({"sid": "CAinflight", "cachedLeadName": "Maria"});
+    shared
+        .store
+        .insert_call(
+            "CAinflight".into(),
+            "POST_CALL_DATA",
+            body.to_string(),
+            clock.now_ms(),
+            owed,
+        )
+        .await
+        .unwrap();
+    let sending = tokio::spawn({
+        let shared = shared.clone();
+        async move { shared.worker.deliver_next().await }
+    });
+    eventually("the send to be in flight", Duration::from_secs(20), || {
+        (!slack.received().is_empty()).then_some(())
+    })
+    .await;
+    step.store(2 * 3_600_000, Ordering::SeqCst);
+    shared.follow_wall_clock().await;
+    let (_, recorded) = sending.await.unwrap().expect("one delivery was due");
+    assert!(
+        matches!(recorded, Recorded::Retry { .. }),
+        "one failed attempt, seconds into a 1h window: {recorded:?}"
+    );
+    let rows = shared.store.list(None, None, 10).await.unwrap();
+    assert_eq!(rows[0].status, "pending", "{rows:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_watch_config_an_edited_file_is_reloaded() {
     let slack = FakeSlack::start().await;
