@@ -5,16 +5,16 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::{Meta, Outcome};
 
 /// Open append handles, one per file.
 #[derive(Default)]
-pub struct Files(Mutex<HashMap<PathBuf, File>>);
+pub struct Files(Arc<Mutex<HashMap<PathBuf, File>>>);
 
 impl Files {
-    pub fn write(&self, file: Option<&Path>, text: &str, meta: &Meta<'_>) -> Outcome {
+    pub async fn write(&self, file: Option<&Path>, text: &str, meta: &Meta<'_>) -> Outcome {
         // All of the text on one line: line breaks and other control characters escaped, so a
         // value cannot forge a log line or rewrite the terminal.
         tracing::info!(
@@ -38,34 +38,66 @@ impl Files {
         });
         let mut line = line.to_string();
         line.push('\n');
-        let mut files = match self.0.lock() {
-            Ok(f) => f,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let result = (|| {
-            if !files.contains_key(path) {
-                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir)?;
-                }
-                let f = OpenOptions::new().create(true).append(true).open(path)?;
-                files.insert(path.to_path_buf(), f);
-            }
-            let f = files
-                .get_mut(path)
-                .ok_or_else(|| std::io::Error::other("file handle missing"))?;
-            f.write_all(line.as_bytes())
-        })();
+        let (files, target) = (self.0.clone(), path.to_path_buf());
+        // Opening, writing and syncing block: not on the runtime's threads.
+        let result = tokio::task::spawn_blocking(move || append(&files, &target, &line))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         match result {
             Ok(()) => Outcome::Delivered { detail: None },
-            Err(e) => {
-                files.remove(path);
-                Outcome::Retry {
-                    after: None,
-                    error: format!("cannot write {}: {e}", path.display()),
-                }
-            }
+            Err(e) => Outcome::Retry {
+                after: None,
+                error: format!("cannot write {}: {e}", path.display()),
+            },
         }
     }
+}
+
+/// Appends `line` to the file `path` names now and syncs it, so a line reported delivered is on
+/// disk like the store's record of it. A handle whose file was rotated (renamed) or deleted
+/// since it was opened is replaced by one on the file the path names now; writing on through
+/// the old one would report delivered what lands in a file nobody reads.
+fn append(files: &Mutex<HashMap<PathBuf, File>>, path: &Path, line: &str) -> std::io::Result<()> {
+    let mut files = match files.lock() {
+        Ok(f) => f,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    if files.get(path).is_some_and(|f| !names(path, f)) {
+        files.remove(path);
+    }
+    let result = (|| {
+        if !files.contains_key(path) {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            let f = OpenOptions::new().create(true).append(true).open(path)?;
+            files.insert(path.to_path_buf(), f);
+        }
+        let f = files
+            .get_mut(path)
+            .ok_or_else(|| std::io::Error::other("file handle missing"))?;
+        f.write_all(line.as_bytes())?;
+        f.sync_data()
+    })();
+    if result.is_err() {
+        files.remove(path);
+    }
+    result
+}
+
+/// Whether `path` still names the open file `f`.
+#[cfg(unix)]
+fn names(path: &Path, f: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(path), f.metadata()) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn names(path: &Path, _f: &File) -> bool {
+    path.exists()
 }
 
 /// `text` with its control characters (line breaks, escape sequences) written as escapes and
@@ -117,8 +149,11 @@ mod tests {
             delivery_id: 1,
         };
         let text = "Call with O'Brien \"Eve\" \\o/\r\n2026-01-01T00:00:00Z  INFO forged: all is well\n\u{1b}[2Jlast words";
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         tracing::subscriber::with_default(subscriber, || {
-            Files::default().write(None, text, &meta);
+            rt.block_on(Files::default().write(None, text, &meta));
         });
         let logged = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
         assert_eq!(logged.lines().count(), 1, "{logged}");
@@ -126,5 +161,40 @@ mod tests {
             logged.contains(r#"Call with O'Brien "Eve" \o/\r\n2026-01-01T00:00:00Z  INFO forged: all is well\n\u{1b}[2Jlast words"#),
             "{logged}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_rotated_or_deleted_file_gets_the_next_line_at_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notifications.jsonl");
+        let rotated = dir.path().join("notifications.jsonl.1");
+        let files = Files::default();
+        let meta = |sid| Meta {
+            channel: "audit",
+            rule: "r",
+            sid,
+            event: "POST_CALL_DATA",
+            delivery_id: 1,
+        };
+        let sids = |p: &Path| -> Vec<String> {
+            std::fs::read_to_string(p)
+                .unwrap_or_default()
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["sid"].to_string())
+                .collect()
+        };
+        for sid in ["CA1", "CA2"] {
+            let out = files.write(Some(&path), "text", &meta(sid)).await;
+            assert!(matches!(out, Outcome::Delivered { .. }), "{out:?}");
+        }
+        // logrotate's default: rename, and the writer is expected to start a new file.
+        std::fs::rename(&path, &rotated).unwrap();
+        files.write(Some(&path), "text", &meta("CA3")).await;
+        assert_eq!(sids(&rotated), [r#""CA1""#, r#""CA2""#]);
+        assert_eq!(sids(&path), [r#""CA3""#]);
+        // Deleted: the next line starts the file again instead of vanishing with the old one.
+        std::fs::remove_file(&path).unwrap();
+        files.write(Some(&path), "text", &meta("CA4")).await;
+        assert_eq!(sids(&path), [r#""CA4""#]);
     }
 }

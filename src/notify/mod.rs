@@ -92,7 +92,7 @@ impl Senders {
                 email::send(transport, from, parts, meta).await
             }
             (ChannelKind::Log { file }, Message::Log { text }) => {
-                self.logs.write(file.as_deref(), text, meta)
+                self.logs.write(file.as_deref(), text, meta).await
             }
             _ => Outcome::Permanent {
                 error: "message does not fit the channel type".into(),
