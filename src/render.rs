@@ -214,9 +214,23 @@ fn value_text(v: &Value) -> String {
     }
 }
 
-handlebars_helper!(duration_helper: |v: Json| {
-    crate::payload::as_number(v).map(duration_human).unwrap_or_default()
-});
+/// `{{duration call.duration}}`: seconds as "3m 07s". Without an argument, `{{duration}}` is the
+/// `duration` variable (the call's seconds), which the helper's name would otherwise hide.
+fn duration_helper(
+    h: &Helper<'_>,
+    r: &Handlebars<'_>,
+    ctx: &Context,
+    rc: &mut RenderContext<'_, '_>,
+    out: &mut dyn Output,
+) -> HelperResult {
+    let text = match h.param(0) {
+        Some(p) => crate::payload::as_number(p.value())
+            .map(duration_human)
+            .unwrap_or_default(),
+        None => value_text(&ctx.data()["duration"]),
+    };
+    write_escaped(r, rc, out, &text)
+}
 handlebars_helper!(upper: |v: Json| value_text(v).to_uppercase());
 handlebars_helper!(lower: |v: Json| value_text(v).to_lowercase());
 handlebars_helper!(truncate: |v: Json, n: u64| {
@@ -361,7 +375,8 @@ pub fn context(call: &Call, rule: &str) -> Context {
         "rule": rule,
         "sid": call.sid,
         "lead_name": if call.lead_name.is_empty() { "Unknown caller" } else { call.lead_name.as_str() },
-        "duration": call.duration,
+        // Whole seconds (Air's) print as `187`, not `187.0`.
+        "duration": call.duration.map(|d| if d.fract() == 0.0 { json!(d as u64) } else { json!(d) }),
         "duration_human": call.duration.map(duration_human).unwrap_or_else(|| "unknown".into()),
         "recording_url": call.recording_url,
         "created_at": call.created_at.map(|t| t.to_rfc3339()),
@@ -726,6 +741,27 @@ mod tests {
         assert_eq!(duration_human(187.0), "3m 07s");
         assert_eq!(duration_human(3720.0), "1h 02m");
         assert_eq!(duration_human(0.0), "0s");
+    }
+
+    #[test]
+    fn the_duration_variable_is_not_hidden_by_the_duration_helper() {
+        // `{{duration}}` names the helper as well as the documented `duration` variable.
+        let mut r = Renderer::empty();
+        r.register(
+            "d",
+            "{{duration}} / {{duration call.duration}} / {{duration_human}}",
+        )
+        .unwrap();
+        let render = |call: &Call| match r.render("log", &action("d"), &context(call, "r")) {
+            Ok(Message::Log { text }) => text,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(render(&fixture_call()), "187 / 3m 07s / 3m 07s");
+        let mut call = fixture_call();
+        call.duration = Some(2.5);
+        assert_eq!(render(&call), "2.5 / 3m 07s / 3s");
+        call.duration = None;
+        assert_eq!(render(&call), " / 3m 07s / unknown");
     }
 
     #[test]
