@@ -16,7 +16,7 @@ use callnotify::{app, commands, config, notify::Outcome};
     long_about = "callnotify receives Air's POST_CALL_DATA / POST_CALL_OUTCOME webhooks, stores each call \
 on disk, decides by the rules in a YAML file which notifications it owes, renders them from Handlebars \
 templates and delivers them to Slack and email, retrying until they are delivered or dead-lettered.",
-    after_help = "Examples:\n  callnotify serve                                   # run on config/callnotify.yaml\n  callnotify check --config /etc/callnotify/callnotify.yaml\n  callnotify render tests/fixtures/post_call_data.json\n  callnotify deliveries list --status dead\n  callnotify send-test --channel sales"
+    after_help = "Examples:\n  callnotify serve                                   # run on config/callnotify.yaml\n  callnotify check --config /etc/callnotify/callnotify.yaml\n  callnotify render tests/fixtures/post_call_data.json\n  callnotify deliveries list --status dead\n  callnotify send-test --config config/examples/slack.yaml --channel sales"
 )]
 struct Cli {
     /// The config file.
@@ -82,7 +82,7 @@ enum Command {
     Deliveries(Deliveries),
     /// Render a sample call for one channel and really send it; prints what the destination said.
     #[command(
-        after_help = "Examples:\n  callnotify send-test --channel sales\n  callnotify send-test --channel managers --to me@example.com --payload call.json"
+        after_help = "Examples:\n  callnotify send-test --config config/examples/slack.yaml --channel sales\n  callnotify send-test --config config/examples/email.yaml --channel managers --to me@example.com \\\n    --payload tests/fixtures/post_call_data.json"
     )]
     SendTest {
         /// The channel to send to.
