@@ -1,7 +1,10 @@
 # Multi-stage build: a static-ish release binary on a small non-root runtime image.
 #   docker build -t callnotify .
 #   docker run -p 8080:8080 -v callnotify-data:/data -v $PWD/config:/config:ro \
-#     -e AIR_WEBHOOK_TOKEN=... callnotify
+#     -e CALLNOTIFY_SERVER__TOKENS=... callnotify
+# (Air's token, 16+ characters. config/callnotify.yaml has `tokens: []`, so without the override
+# the endpoint is open; a config of your own that says ["${AIR_WEBHOOK_TOKEN}"] takes
+# -e AIR_WEBHOOK_TOKEN=... instead.)
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
