@@ -328,7 +328,7 @@ pub fn check(config: &Config) -> (String, bool) {
     if problems.is_empty() {
         let _ = writeln!(
             out,
-            "OK: every template rendered against {} sample payloads",
+            "OK: every template the rules use rendered against {} sample payloads",
             samples().len()
         );
     } else {

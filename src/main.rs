@@ -57,7 +57,8 @@ enum Command {
         after_help = "Examples:\n  callnotify serve                    the shipped config: no secrets, every call logged\n  AIR_WEBHOOK_TOKEN=... SLACK_SALES_WEBHOOK=https://hooks.slack.com/... \\\n    callnotify serve --config config/examples/slack.yaml"
     )]
     Serve,
-    /// Validate the config, compile every template and render each against sample payloads.
+    /// Validate the config, compile every template and render those the rules and the quiet
+    /// alert use against sample payloads.
     /// Exit 0 when all is well, 1 with every problem listed otherwise.
     #[command(after_help = "Example:\n  callnotify check --config config/examples/slack.yaml")]
     Check,
