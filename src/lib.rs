@@ -3,8 +3,8 @@
 //! One pipeline, one direction:
 //!
 //! ```text
-//! receive -> authenticate -> parse -> persist (dedupe) -> match -> render -> deliver -> record
-//! server.rs  server.rs      payload.rs store.rs        rules.rs  render.rs  notify/    store.rs
+//! receive -> authenticate -> parse -> match -> persist (dedupe) -> render -> deliver -> record
+//! server.rs  server.rs      payload.rs rules.rs store.rs         render.rs  notify/    store.rs
 //! ```
 //!
 //! [`server`] takes Air's webhook, checks the Bearer token and hands the body to [`payload`],
