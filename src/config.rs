@@ -23,11 +23,13 @@ use crate::render::Renderer;
 use crate::rules::{self, Action, Rule};
 pub use crate::store::Durability;
 
-/// Environment variables that configure the binary itself and are not config overrides.
+/// Environment variables that configure the binary itself (or its build: `CALLNOTIFY_NO_RELR`,
+/// which `cargo run` passes on) and are not config overrides.
 const NOT_OVERRIDES: &[&str] = &[
     "CALLNOTIFY_CONFIG",
     "CALLNOTIFY_LOG_FORMAT",
     "CALLNOTIFY_LOG_LEVEL",
+    "CALLNOTIFY_NO_RELR",
 ];
 
 /// One thing wrong with a config, and where.
@@ -1332,6 +1334,19 @@ rules:
             !debug.contains("hooks.slack.com") && !debug.contains("yaml [chars]"),
             "{debug}"
         );
+    }
+
+    #[test]
+    fn the_build_switch_is_not_a_config_override() {
+        // README: `CALLNOTIFY_NO_RELR=1` for a build; `cargo run` hands it to the binary too.
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), GOOD);
+        let e = env(&[
+            ("TOKEN", "0123456789abcdef"),
+            ("URL", "https://hooks.slack.com/services/T/B/X"),
+            ("CALLNOTIFY_NO_RELR", "1"),
+        ]);
+        load_with_env(&p, &e).unwrap();
     }
 
     #[test]
