@@ -182,7 +182,8 @@ impl Shared {
     }
 }
 
-/// Loads and validates a config, then renders every template against the sample payloads: the
+/// Loads and validates a config, then renders the templates the rules and the quiet alert use
+/// against the sample payloads: the
 /// same bar at start-up and at reload, so a template that would fail on a real call is refused.
 pub fn load_checked(path: &Path) -> Result<Config, ConfigError> {
     let config = config::load(path)?;

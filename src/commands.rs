@@ -303,6 +303,26 @@ fn quiet_alert_problems(config: &Config, q: &crate::config::QuietAlertConfig) ->
     problems
 }
 
+/// The unset variables that placeholders stood in for, each with where it is used
+/// (`A (server.tokens[0]), B (...)`); None when every variable was set.
+pub fn unset_variables(config: &Config) -> Option<String> {
+    let mut vars: Vec<(&str, Vec<&str>)> = Vec::new();
+    for p in &config.placeholders {
+        match vars.iter_mut().find(|(v, _)| *v == p.var) {
+            Some((_, places)) => places.push(&p.at),
+            None => vars.push((&p.var, vec![&p.at])),
+        }
+    }
+    if vars.is_empty() {
+        return None;
+    }
+    let list: Vec<String> = vars
+        .iter()
+        .map(|(v, places)| format!("{v} ({})", places.join(", ")))
+        .collect();
+    Some(list.join(", "))
+}
+
 /// `callnotify check`: the report and whether all is well.
 pub fn check(config: &Config) -> (String, bool) {
     let (lines, problems) = check_report(config);
@@ -319,6 +339,12 @@ pub fn check(config: &Config) -> (String, bool) {
             .filter(|n| !n.starts_with("builtin/"))
             .count()
     );
+    if let Some(vars) = unset_variables(config) {
+        let _ = writeln!(
+            out,
+            "not set, so not checked (placeholders stood in): {vars}"
+        );
+    }
     for w in &config.warnings {
         let _ = writeln!(out, "warning: {w}");
     }

@@ -1,8 +1,10 @@
 //! The YAML config: layered load, `${VAR}` expansion, validation into a ready-to-use [`Config`].
 //!
 //! Loading goes file -> `CALLNOTIFY_*` environment overrides (through the `config` crate) ->
-//! `${VAR}` / `${VAR:-default}` expansion in every string -> strict deserialisation of each
-//! section on its own (unknown keys are errors) -> validation (addresses, URLs, rules, templates).
+//! `${VAR}` / `${VAR:-default}` expansion in every string (an unset variable is a problem, or, for
+//! the commands that send nothing, a placeholder shaped for its setting) -> strict
+//! deserialisation of each section on its own (unknown keys are errors) -> validation (addresses,
+//! URLs, rules, templates).
 //! Every problem found is reported at once, each with the place it was found.
 
 use std::collections::{BTreeMap, HashSet};
@@ -46,6 +48,16 @@ impl Problem {
             at: at.into(),
             message: message.into(),
         }
+    }
+}
+
+/// How an unset variable's problem ends; see [`Problem::is_unset_variable`].
+const NOT_SET: &str = "is not set: set it in the daemon's environment";
+
+impl Problem {
+    /// Whether this is an unset `${VAR}` (which `check --without-secrets` would let pass).
+    pub fn is_unset_variable(&self) -> bool {
+        self.message.starts_with("environment variable ") && self.message.contains(NOT_SET)
     }
 }
 
@@ -96,6 +108,29 @@ pub struct Config {
     pub templates: Arc<Renderer>,
     /// Legal but risky settings, logged at start-up (an open webhook endpoint, for example).
     pub warnings: Vec<String>,
+    /// The unset `${VAR}`s a placeholder stood in for ([`Unset::Placeholder`]); always empty
+    /// for a config the daemon runs on.
+    pub placeholders: Vec<Placeholder>,
+}
+
+/// What loading does with a `${VAR}` that is unset and has no fallback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unset {
+    /// A problem: the daemon must not run without its secrets.
+    Refuse,
+    /// A placeholder shaped for its field, so that everything else can be checked and rendered
+    /// where the secrets are absent (CI, a laptop). Only for commands that send nothing.
+    Placeholder,
+}
+
+/// An unset variable, where it is used, and what stood in for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placeholder {
+    pub var: String,
+    /// The setting it is used in, such as `channels.sales.webhook_url`.
+    pub at: String,
+    /// Not a secret: made from the variable's name alone.
+    pub value: String,
 }
 
 #[derive(Debug)]
@@ -425,17 +460,79 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// [`load`] with an explicit environment, for tests and for reloads that must not depend on
 /// process-global state.
 pub fn load_with_env(path: &Path, env: &BTreeMap<String, String>) -> Result<Config, ConfigError> {
+    load_with(path, env, Unset::Refuse)
+}
+
+/// [`load`], with a placeholder for each unset variable (listed in [`Config::placeholders`]):
+/// for `check --without-secrets` and `render`, which send nothing.
+pub fn load_without_secrets(path: &Path) -> Result<Config, ConfigError> {
+    let env: BTreeMap<String, String> = std::env::vars().collect();
+    load_with(path, &env, Unset::Placeholder)
+}
+
+/// [`load_with_env`], choosing what an unset variable is.
+pub fn load_with(
+    path: &Path,
+    env: &BTreeMap<String, String>,
+    unset: Unset,
+) -> Result<Config, ConfigError> {
     let mut tree = layered(path, env)?;
     let mut problems = Vec::new();
-    expand_env(&mut tree, "", env, &mut problems);
-    let config = from_tree(path, tree, &mut problems);
+    let mut placeholders = Vec::new();
+    expand_env(&mut tree, "", env, unset, &mut problems, &mut placeholders);
+    let config = from_tree(path, tree, &placeholders, &mut problems);
     match config {
-        Some(c) if problems.is_empty() => Ok(c),
+        Some(mut c) if problems.is_empty() => {
+            c.placeholders = placeholders;
+            Ok(c)
+        }
         _ => Err(ConfigError {
             source: path.to_path_buf(),
-            problems: name_overrides(problems, env),
+            problems: name_placeholders(name_overrides(problems, env), &placeholders),
         }),
     }
+}
+
+/// Says which unset variable a placeholder stood in for where a setting has a problem: the
+/// problem may be the placeholder's, not the file's.
+fn name_placeholders(mut problems: Vec<Problem>, placeholders: &[Placeholder]) -> Vec<Problem> {
+    for p in &mut problems {
+        let mut vars: Vec<&str> = Vec::new();
+        for ph in placeholders.iter().filter(|ph| same_setting(&p.at, &ph.at)) {
+            if !vars.contains(&ph.var.as_str()) {
+                vars.push(&ph.var);
+            }
+        }
+        if !vars.is_empty() {
+            p.message = format!(
+                "{} (checked with a placeholder for unset {})",
+                p.message,
+                vars.join(", ")
+            );
+        }
+    }
+    problems
+}
+
+/// Whether a problem's place is the setting at `path`: problems name a rule after its index,
+/// `rules[0] (booked).notify[0].to[0]` for `rules[0].notify[0].to[0]`.
+fn same_setting(place: &str, path: &str) -> bool {
+    if place == path {
+        return true;
+    }
+    let Some(rest) = path.strip_prefix("rules[") else {
+        return false;
+    };
+    let Some(close) = rest.find(']') else {
+        return false;
+    };
+    let (head, tail) = path.split_at("rules[".len() + close + 1);
+    place.strip_prefix(head).is_some_and(|named| {
+        named.starts_with(" (") && named.ends_with(tail) && {
+            let name = &named[..named.len() - tail.len()];
+            name.ends_with(')')
+        }
+    })
 }
 
 /// Says which environment variable set a setting that has a problem: `server.listn` is not in
@@ -484,7 +581,14 @@ pub fn load_store(path: &Path) -> Result<StoreConfig, ConfigError> {
         .map(Value::take)
         .unwrap_or_else(|| Value::Object(Default::default()));
     let mut problems = Vec::new();
-    expand_env(&mut store, "store", &env, &mut problems);
+    expand_env(
+        &mut store,
+        "store",
+        &env,
+        Unset::Refuse,
+        &mut problems,
+        &mut Vec::new(),
+    );
     if !problems.is_empty() {
         return Err(fail(problems));
     }
@@ -545,21 +649,34 @@ fn layered(path: &Path, env: &BTreeMap<String, String>) -> Result<Value, ConfigE
 }
 
 /// Replaces `${VAR}` and `${VAR:-default}` in every string of the tree; `$$` is a literal `$`.
-/// An unset variable without a default is a problem, never a literal token.
+/// An unset variable without a default is a problem, or with [`Unset::Placeholder`] a
+/// placeholder recorded in `placeholders`; never a literal token.
 fn expand_env(
     v: &mut Value,
     at: &str,
     env: &BTreeMap<String, String>,
+    unset: Unset,
     problems: &mut Vec<Problem>,
+    placeholders: &mut Vec<Placeholder>,
 ) {
     match v {
-        Value::String(s) if s.contains('$') => match expand_str(s, env) {
-            Ok(out) => *s = out,
-            Err(msg) => problems.push(Problem::new(at, msg)),
-        },
+        Value::String(s) if s.contains('$') => {
+            let shape = (unset == Unset::Placeholder).then(|| Shape::of(at));
+            let mut stood_in = Vec::new();
+            match expand(s, env, shape, &mut stood_in) {
+                Ok(out) => *s = out,
+                Err(msg) => problems.push(Problem::new(at, msg)),
+            }
+            placeholders.extend(stood_in.into_iter().map(|(var, value)| Placeholder {
+                var,
+                at: at.to_string(),
+                value,
+            }));
+        }
         Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
-                expand_env(item, &format!("{at}[{i}]"), env, problems);
+                let at = format!("{at}[{i}]");
+                expand_env(item, &at, env, unset, problems, placeholders);
             }
         }
         Value::Object(map) => {
@@ -569,7 +686,7 @@ fn expand_env(
                 } else {
                     format!("{at}.{k}")
                 };
-                expand_env(item, &path, env, problems);
+                expand_env(item, &path, env, unset, problems, placeholders);
             }
         }
         _ => {}
@@ -578,6 +695,68 @@ fn expand_env(
 
 /// Expands one string; see [`expand_env`].
 pub fn expand_str(s: &str, env: &BTreeMap<String, String>) -> Result<String, String> {
+    expand(s, env, None, &mut Vec::new())
+}
+
+/// What validation a setting gets, so that a placeholder in it passes where the real value
+/// would, and the text around it is still checked (`htps://hooks.slack.com/services/${X}`
+/// stays a bad URL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Url,
+    Mailbox,
+    SocketAddr,
+    Text,
+}
+
+impl Shape {
+    fn of(at: &str) -> Shape {
+        let leaf = at.rsplit('.').next().unwrap_or(at);
+        let list_item = |name: &str| {
+            leaf.strip_prefix(name)
+                .is_some_and(|i| i.starts_with('[') && i.ends_with(']'))
+        };
+        if at.starts_with("channels.") && leaf == "webhook_url" {
+            Shape::Url
+        } else if at == "server.listen" || at == "admin.listen" {
+            Shape::SocketAddr
+        } else if (at.starts_with("channels.") && leaf == "from")
+            || (at.starts_with("rules[") && list_item("to"))
+            || (at.starts_with("quiet_alert.") && list_item("to"))
+        {
+            Shape::Mailbox
+        } else {
+            Shape::Text
+        }
+    }
+
+    /// The stand-in for unset `name` between `before` (already expanded) and `after` (not yet).
+    /// Made from the name alone, and obvious wherever it shows up in a rendered message.
+    fn placeholder(self, name: &str, before: &str, after: &str) -> String {
+        let word = format!("unset-{}", name.to_ascii_lowercase().replace('_', "-"));
+        let alone = |open: char, close: char| {
+            (before.trim().is_empty() || before.ends_with(open))
+                && (after.trim().is_empty() || after.starts_with(close))
+        };
+        match self {
+            Shape::Url if before.is_empty() => format!("https://unset.invalid/{word}"),
+            Shape::SocketAddr if before.is_empty() && after.is_empty() => "127.0.0.1:0".into(),
+            Shape::SocketAddr if before.ends_with(':') => "0".into(),
+            Shape::SocketAddr => "127.0.0.1".into(),
+            Shape::Mailbox if alone('<', '>') => format!("{word}@unset.invalid"),
+            _ => word,
+        }
+    }
+}
+
+/// [`expand_str`]; with a `shape`, an unset variable becomes a placeholder (pushed onto
+/// `stood_in` with its name) instead of an error.
+fn expand(
+    s: &str,
+    env: &BTreeMap<String, String>,
+    shape: Option<Shape>,
+    stood_in: &mut Vec<(String, String)>,
+) -> Result<String, String> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(pos) = rest.find('$') {
@@ -598,17 +777,22 @@ pub fn expand_str(s: &str, env: &BTreeMap<String, String>) -> Result<String, Str
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return Err(format!("`${{{inner}}}` is not a valid variable reference"));
             }
-            match (env.get(name), default) {
-                (Some(v), _) if !v.is_empty() || default.is_none() => out.push_str(v),
-                (_, Some(d)) => out.push_str(d),
-                (None, None) => {
+            rest = &body[end + 1..];
+            match (env.get(name), default, shape) {
+                (Some(v), _, _) if !v.is_empty() || default.is_none() => out.push_str(v),
+                (_, Some(d), _) => out.push_str(d),
+                (None, None, Some(shape)) => {
+                    let value = shape.placeholder(name, &out, rest);
+                    out.push_str(&value);
+                    stood_in.push((name.to_string(), value));
+                }
+                (None, None, None) => {
                     return Err(format!(
-                        "environment variable {name} is not set: set it in the daemon's environment (or, where a fallback is safe, write ${{{name}:-fallback}})"
+                        "environment variable {name} {NOT_SET} (or, where a fallback is safe, write ${{{name}:-fallback}})"
                     ))
                 }
-                (Some(v), None) => out.push_str(v),
+                (Some(v), None, _) => out.push_str(v),
             }
-            rest = &body[end + 1..];
         } else {
             out.push('$');
             rest = after;
@@ -646,7 +830,12 @@ const TOP_LEVEL: &[&str] = &[
     "quiet_alert",
 ];
 
-fn from_tree(path: &Path, tree: Value, problems: &mut Vec<Problem>) -> Option<Config> {
+fn from_tree(
+    path: &Path,
+    tree: Value,
+    placeholders: &[Placeholder],
+    problems: &mut Vec<Problem>,
+) -> Option<Config> {
     let Value::Object(mut top) = tree else {
         problems.push(Problem::new(
             "(top level)",
@@ -803,7 +992,7 @@ fn from_tree(path: &Path, tree: Value, problems: &mut Vec<Problem>) -> Option<Co
         )),
     }
 
-    let server = server.and_then(|s| build_server(s, problems, &mut warnings));
+    let server = server.and_then(|s| build_server(s, placeholders, problems, &mut warnings));
     let admin = admin.and_then(|a| match a.listen.parse() {
         Ok(listen) => Some(AdminConfig { listen }),
         Err(e) => {
@@ -888,11 +1077,13 @@ fn from_tree(path: &Path, tree: Value, problems: &mut Vec<Problem>) -> Option<Co
         quiet_alert,
         templates: Arc::new(renderer?),
         warnings,
+        placeholders: Vec::new(),
     })
 }
 
 fn build_server(
     s: RawServer,
+    placeholders: &[Placeholder],
     problems: &mut Vec<Problem>,
     warnings: &mut Vec<String>,
 ) -> Option<ServerConfig> {
@@ -917,9 +1108,11 @@ fn build_server(
                 "an empty token would accept anyone; remove it or set the variable it comes from",
             ));
         } else {
-            if t.len() < 16 {
+            let at = format!("server.tokens[{i}]");
+            // A placeholder's length says nothing about the token's.
+            if t.len() < 16 && !placeholders.iter().any(|p| p.at == at) {
                 warnings.push(format!(
-                    "server.tokens[{i}] is shorter than 16 characters (Air requires 16 or more)"
+                    "{at} is shorter than 16 characters (Air requires 16 or more)"
                 ));
             }
             tokens.push(SecretString::from(t));
@@ -1488,10 +1681,93 @@ rules: []
     }
 
     #[test]
+    fn without_secrets_a_placeholder_stands_in_and_is_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), GOOD);
+        let c = load_with(&p, &env(&[]), Unset::Placeholder).unwrap();
+        let stood_in: Vec<(&str, &str, &str)> = c
+            .placeholders
+            .iter()
+            .map(|p| (p.var.as_str(), p.at.as_str(), p.value.as_str()))
+            .collect();
+        assert_eq!(
+            stood_in,
+            [
+                ("TOKEN", "server.tokens[0]", "unset-token"),
+                (
+                    "URL",
+                    "channels.s.webhook_url",
+                    "https://unset.invalid/unset-url"
+                ),
+            ]
+        );
+        // A placeholder's length says nothing about the token's: no warning about it.
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        // The same file is still refused when the daemon loads it.
+        assert!(load_with_env(&p, &env(&[])).is_err());
+    }
+
+    #[test]
+    fn placeholders_fit_their_setting_and_the_text_around_them_is_still_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let shaped = r#"
+templates_dir: "{t}"
+server: { listen: "${HOST}:${PORT}", tokens: ["${TOKEN}"] }
+admin: { listen: "${ADMIN_LISTEN}" }
+channels:
+  s: { type: slack, webhook_url: "https://hooks.slack.com/services/${SLACK_PATH}" }
+  m: { type: email, smtp: { host: "${SMTP_HOST}", username: "${U}", password: "${P}" }, from: "Calls <${FROM}>" }
+  n: { type: email, smtp: { host: "h" }, from: "calls@${MAIL_DOMAIN}" }
+rules:
+  - name: r
+    notify:
+      - { channel: s, template: slack/x }
+      - { channel: m, template: slack/x, subject: s, to: ["${LEADS}", "owner@${MAIL_DOMAIN}"] }
+"#;
+        let p = write(dir.path(), shaped);
+        let c = load_with(&p, &env(&[]), Unset::Placeholder).unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:0");
+        assert_eq!(c.placeholders.len(), 12, "{:?}", c.placeholders);
+
+        // A typo in what is not secret is still a problem, and says a placeholder was used.
+        for (typo, at) in [
+            ("https://hooks", "htps://hooks"),
+            ("https://hooks", "https//hooks"),
+            ("Calls <${FROM}>", "Calls <${FROM}"),
+            ("${HOST}:${PORT}", "${HOST}${PORT}"),
+        ] {
+            let p = write(dir.path(), &shaped.replace(typo, at));
+            let err = load_with(&p, &env(&[]), Unset::Placeholder).unwrap_err();
+            assert_eq!(err.problems.len(), 1, "{at}: {err}");
+            assert!(
+                err.problems[0].message.contains("placeholder for unset"),
+                "{err}"
+            );
+        }
+        // ...and on a rule, found where the problem names the rule.
+        let p = write(dir.path(), &shaped.replace("owner@", "owner@@"));
+        let err = load_with(&p, &env(&[]), Unset::Placeholder).unwrap_err();
+        assert_eq!(err.problems[0].at, "rules[0] (r).notify[1].to[1]", "{err}");
+        assert!(
+            err.problems[0]
+                .message
+                .ends_with("(checked with a placeholder for unset MAIL_DOMAIN)"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn an_unset_variable_is_reported_with_where_it_is_used() {
         let mut tree = serde_json::json!({"server": {"tokens": ["${NOPE_TOKEN}"]}});
         let mut problems = Vec::new();
-        expand_env(&mut tree, "", &env(&[]), &mut problems);
+        expand_env(
+            &mut tree,
+            "",
+            &env(&[]),
+            Unset::Refuse,
+            &mut problems,
+            &mut Vec::new(),
+        );
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].at, "server.tokens[0]");
         assert!(problems[0].message.contains("NOPE_TOKEN"));

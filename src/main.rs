@@ -59,12 +59,23 @@ enum Command {
     Serve,
     /// Validate the config, compile every template and render those the rules and the quiet
     /// alert use against sample payloads.
-    /// Exit 0 when all is well, 1 with every problem listed otherwise.
-    #[command(after_help = "Example:\n  callnotify check --config config/examples/slack.yaml")]
-    Check,
+    /// Exit 0 when all is well, 1 with every problem listed otherwise. An unset ${VAR} is a
+    /// problem, as it is for serve; --without-secrets checks the rest where secrets are absent.
+    #[command(
+        after_help = "Examples:\n  callnotify check --config config/examples/slack.yaml                     on the host, secrets set\n  callnotify check --without-secrets --config config/examples/slack.yaml   in CI, secrets unset"
+    )]
+    Check {
+        /// Let unset ${VAR}s pass: a placeholder shaped for its setting (a URL for a
+        /// webhook_url) stands in for each, everything else is checked, and the report names
+        /// the variables it did not check.
+        #[arg(long)]
+        without_secrets: bool,
+    },
     /// Dry run: show which rules a payload matches (and why not) and exactly what would be sent.
-    /// Nothing is sent. Exit 0 when every notification would go out (matching nothing is fine),
-    /// 1 when one would fail (a template error, no valid recipient, a message Slack refuses).
+    /// Nothing is sent, so no secret is needed: a placeholder stands in for each unset ${VAR},
+    /// and one line on stderr names them. Exit 0 when every notification would go out (matching
+    /// nothing is fine), 1 when one would fail (a template error, no valid recipient, a message
+    /// Slack refuses).
     #[command(
         after_help = "Examples:\n  callnotify render tests/fixtures/post_call_data_campaign.json\n  curl -s https://... | callnotify render -"
     )]
@@ -162,8 +173,9 @@ fn init_logging(format: LogFormat, level: &str) -> tracing_appender::non_blockin
     guard
 }
 
-fn load(path: &std::path::Path) -> Result<config::Config, ExitCode> {
-    config::load(path).map_err(|e| {
+/// The loaded config, or exit 1 after printing every problem.
+fn loaded(config: Result<config::Config, config::ConfigError>) -> Result<config::Config, ExitCode> {
+    config.map_err(|e| {
         eprintln!("{e}");
         ExitCode::from(1)
     })
@@ -200,10 +212,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             app.run(app::shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }),
-        Command::Check => {
-            let config = match load(&cli.config) {
+        Command::Check { without_secrets } => {
+            let config = if without_secrets {
+                config::load_without_secrets(&cli.config)
+            } else {
+                config::load(&cli.config)
+            };
+            let config = match config {
                 Ok(c) => c,
-                Err(code) => return Ok(code),
+                Err(e) => {
+                    eprintln!("{e}");
+                    if e.problems.iter().any(config::Problem::is_unset_variable) {
+                        eprintln!("(where the secrets are absent, `check --without-secrets` checks everything else)");
+                    }
+                    return Ok(ExitCode::from(1));
+                }
             };
             let (report, ok) = commands::check(&config);
             print!("{report}");
@@ -214,10 +237,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Render { payload, json } => {
-            let config = match load(&cli.config) {
+            let config = match loaded(config::load_without_secrets(&cli.config)) {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
+            if let Some(vars) = commands::unset_variables(&config) {
+                eprintln!("not set, placeholders used: {vars}");
+            }
             let mut body = Vec::new();
             if payload.as_os_str() == "-" {
                 std::io::stdin().read_to_end(&mut body)?;
@@ -291,7 +317,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             payload,
             to,
         } => {
-            let config = match load(&cli.config) {
+            let config = match loaded(config::load(&cli.config)) {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };

@@ -650,3 +650,240 @@ fn the_daemon_refuses_to_start_on_a_config_that_would_fail_a_call() {
         "{err}"
     );
 }
+
+/// The variables the shipped example configs take their secrets from.
+const SECRETS: &[&str] = &[
+    "AIR_WEBHOOK_TOKEN",
+    "SLACK_SALES_WEBHOOK",
+    "SMTP_HOST",
+    "SMTP_USER",
+    "SMTP_PASSWORD",
+];
+
+/// `callnotify ARGS`, run to the end from the repository root, with none of [`SECRETS`] set.
+fn without_secrets<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"));
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR")).args(args);
+    for var in SECRETS {
+        cmd.env_remove(var);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn render_needs_no_secrets_and_names_the_unset_ones() {
+    let campaign = format!(
+        "{}/tests/fixtures/post_call_data_campaign.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let out = without_secrets(&["render", "--config", "config/examples/full.yaml", &campaign]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("rule \"booked\": MATCHED"), "{stdout}");
+    assert!(
+        stdout.contains("POST <the channel's webhook_url>")
+            && stdout.contains("Subject: Booked: Maria Gonzalez (3m 07s)"),
+        "{stdout}"
+    );
+    // Said once, on stderr, naming each unset variable and where it is used.
+    let notes: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("not set, placeholders used: "))
+        .collect();
+    assert_eq!(notes.len(), 1, "{stderr}");
+    for var in [
+        "AIR_WEBHOOK_TOKEN (server.tokens[0])",
+        "SLACK_SALES_WEBHOOK (channels.sales.webhook_url)",
+        "SMTP_USER (channels.managers.smtp.username)",
+        "SMTP_PASSWORD (channels.managers.smtp.password)",
+    ] {
+        assert!(notes[0].contains(var), "no {var} in {stderr}");
+    }
+    // stdout stays what scripts parse.
+    let out = without_secrets(&[
+        "render",
+        "--json",
+        "--config",
+        "config/examples/slack.yaml",
+        &campaign,
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["notifications"][0]["channel"], "sales");
+
+    // A template that fails is still exit 1, secrets or not.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("t/slack")).unwrap();
+    std::fs::write(dir.path().join("t/slack/typo.hbs"), "{{lead_nmae}}").unwrap();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "templates_dir: \"{}\"\nchannels:\n  s: {{ type: slack, webhook_url: \"${{SLACK_SALES_WEBHOOK}}\" }}\nrules:\n  - name: r\n    notify: [{{ channel: s, template: slack/typo }}]\n",
+            dir.path().join("t").display()
+        ),
+    )
+    .unwrap();
+    let out = without_secrets(&[
+        "render".as_ref(),
+        "--config".as_ref(),
+        cfg.as_os_str(),
+        campaign.as_ref(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("lead_nmae"), "{stdout}");
+}
+
+#[test]
+fn check_refuses_unset_secrets_and_says_how_to_check_the_rest() {
+    let out = without_secrets(&["check", "--config", "config/examples/slack.yaml"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("server.tokens[0]: environment variable AIR_WEBHOOK_TOKEN is not set")
+            && stderr.contains(
+                "channels.sales.webhook_url: environment variable SLACK_SALES_WEBHOOK is not set"
+            ),
+        "{stderr}"
+    );
+    assert!(stderr.contains("check --without-secrets"), "{stderr}");
+}
+
+#[test]
+fn check_without_secrets_passes_the_shipped_configs_and_names_what_it_did_not_check() {
+    for (cfg, unchecked) in [
+        ("config/callnotify.yaml", &[][..]),
+        (
+            "config/examples/slack.yaml",
+            &["AIR_WEBHOOK_TOKEN", "SLACK_SALES_WEBHOOK"][..],
+        ),
+        (
+            "config/examples/email.yaml",
+            &["AIR_WEBHOOK_TOKEN", "SMTP_USER", "SMTP_PASSWORD"][..],
+        ),
+        (
+            "config/examples/full.yaml",
+            &[
+                "AIR_WEBHOOK_TOKEN",
+                "SLACK_SALES_WEBHOOK",
+                "SMTP_USER",
+                "SMTP_PASSWORD",
+            ][..],
+        ),
+    ] {
+        let out = without_secrets(&["check", "--without-secrets", "--config", cfg]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{cfg}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("OK: every template the rules use rendered"),
+            "{stdout}"
+        );
+        let note = stdout
+            .lines()
+            .find(|l| l.starts_with("not set, so not checked"));
+        match note {
+            None => assert!(unchecked.is_empty(), "{cfg}: {stdout}"),
+            Some(note) => {
+                for var in unchecked {
+                    assert!(note.contains(var), "{cfg}: no {var} in {note}");
+                }
+                // SMTP_HOST has a fallback in email.yaml: it was checked.
+                assert!(!note.contains("SMTP_HOST"), "{note}");
+            }
+        }
+        // A placeholder's length is not the token's: no warning about a short token.
+        assert!(!stdout.contains("shorter than 16"), "{cfg}: {stdout}");
+    }
+}
+
+#[test]
+fn check_without_secrets_still_finds_real_problems_and_serve_still_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("t/slack")).unwrap();
+    std::fs::write(dir.path().join("t/slack/typo.hbs"), "{{lead_nmae}}").unwrap();
+    std::fs::write(dir.path().join("t/slack/fine.hbs"), "{{lead_name}}").unwrap();
+    let cfg = dir.path().join("c.yaml");
+    let write = |url: &str, template: &str| {
+        std::fs::write(
+            &cfg,
+            format!(
+                r#"
+server: {{ listen: "127.0.0.1:0", tokens: ["${{AIR_WEBHOOK_TOKEN}}"] }}
+store: {{ path: "{d}/s.db" }}
+templates_dir: "{d}/t"
+channels:
+  s: {{ type: slack, webhook_url: "{url}" }}
+rules:
+  - name: r
+    notify: [{{ channel: s, template: {template} }}]
+"#,
+                d = dir.path().display()
+            ),
+        )
+        .unwrap();
+    };
+    let check = || {
+        let out = without_secrets(&[
+            "check".as_ref(),
+            "--without-secrets".as_ref(),
+            "--config".as_ref(),
+            cfg.as_os_str(),
+        ]);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    let url = "https://hooks.slack.com/services/${SLACK_SALES_WEBHOOK}";
+
+    // A template error is found in the same run that lets the secrets pass.
+    write(url, "slack/typo");
+    let (code, text) = check();
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("rules[0] (r).notify[0]") && text.contains("lead_nmae"),
+        "{text}"
+    );
+    assert!(
+        text.contains("AIR_WEBHOOK_TOKEN (server.tokens[0])"),
+        "{text}"
+    );
+
+    // A typo in the part of a URL that is not secret is still caught.
+    write(&url.replace("https:", "htps:"), "slack/fine");
+    let (code, text) = check();
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("channels.s.webhook_url: must be an http(s) URL (checked with a placeholder for unset SLACK_SALES_WEBHOOK)"),
+        "{text}"
+    );
+
+    write(url, "slack/fine");
+    let (code, text) = check();
+    assert_eq!(code, Some(0), "{text}");
+
+    // Placeholders are for what sends nothing: serve and send-test still refuse the same file.
+    for args in [&["serve"][..], &["send-test", "--channel", "s"][..]] {
+        let mut all: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+        all.extend(["--config".as_ref(), cfg.as_os_str()]);
+        let out = without_secrets(&all);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("environment variable AIR_WEBHOOK_TOKEN is not set")
+                && stderr.contains("environment variable SLACK_SALES_WEBHOOK is not set"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
