@@ -15,8 +15,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use lettre::address::Envelope;
-use lettre::message::header::ContentType;
-use lettre::message::{Mailbox, MultiPart, SinglePart};
+use lettre::message::header::{ContentTransferEncoding, ContentType};
+use lettre::message::{Body, Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream, TlsParameters};
 use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
@@ -382,6 +382,25 @@ pub fn subject_line(s: &str) -> String {
     excerpt(&one_line(s), MAX_SUBJECT_CHARS - 1)
 }
 
+/// A text or HTML part's body, encoded as lettre chooses, except that text lettre would send
+/// as 7bit while it holds a NUL or a CR that does not start a CRLF goes quoted-printable: SMTP
+/// allows CR only in CRLF and 7bit allows no NUL (RFC 5321 2.3.8, RFC 2045 2.7), and servers
+/// that take a bare CR as a line end would read "<CR>.<CR><LF>" in a transcript as the end of
+/// the message and the call data after it as SMTP commands (a second, forged message).
+fn body(text: &str) -> Body {
+    let body = Body::new(text.to_string());
+    let raw: &[u8] = body.as_ref();
+    let bare_cr = raw
+        .iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\r' && raw.get(i + 1) != Some(&b'\n'));
+    if body.encoding() == ContentTransferEncoding::SevenBit && (bare_cr || raw.contains(&0)) {
+        return Body::new_with_encoding(text.to_string(), ContentTransferEncoding::QuotedPrintable)
+            .unwrap_or(body);
+    }
+    body
+}
+
 /// Builds the MIME message: text, HTML, or both as multipart/alternative. Header values are
 /// encoded by lettre (RFC 2047 for non-ASCII); the subject is made one line and cut to length
 /// here.
@@ -401,19 +420,18 @@ pub fn build(
     let subject = subject_line(&parts.subject).replace("=?", "=\u{200b}?");
     let b = b.subject(subject);
     let built = match (&parts.text, &parts.html) {
-        (Some(text), Some(html)) => b.multipart(MultiPart::alternative_plain_html(
-            text.clone(),
-            html.clone(),
-        )),
+        (Some(text), Some(html)) => {
+            b.multipart(MultiPart::alternative_plain_html(body(text), body(html)))
+        }
         (Some(text), None) => b.singlepart(
             SinglePart::builder()
                 .header(ContentType::TEXT_PLAIN)
-                .body(text.clone()),
+                .body(body(text)),
         ),
         (None, Some(html)) => b.singlepart(
             SinglePart::builder()
                 .header(ContentType::TEXT_HTML)
-                .body(html.clone()),
+                .body(body(html)),
         ),
         (None, None) => return Err("the email has neither a text nor an HTML body".into()),
     };
@@ -521,6 +539,92 @@ mod tests {
             }
         });
         addr
+    }
+
+    /// An SMTP peer on 127.0.0.1 that, like some servers in the field, takes a bare CR or LF as
+    /// the end of a line, so that "<CR>.<CR><LF>" ends a message's text. It answers every
+    /// command, and returns the sender of each message it took once the client hangs up.
+    async fn lenient_about_line_ends(
+    ) -> (std::net::SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            sock.write_all(b"220 test ESMTP\r\n").await.unwrap();
+            let (mut senders, mut from, mut in_data) = (Vec::new(), String::new(), false);
+            let (mut line, mut prev_cr, mut buf) = (Vec::new(), false, [0u8; 4096]);
+            loop {
+                let n = sock.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    return senders;
+                }
+                for &b in &buf[..n] {
+                    let after_cr = std::mem::replace(&mut prev_cr, b == b'\r');
+                    if b == b'\n' && after_cr {
+                        continue;
+                    }
+                    if b != b'\r' && b != b'\n' {
+                        line.push(b);
+                        continue;
+                    }
+                    let l = String::from_utf8_lossy(&std::mem::take(&mut line)).into_owned();
+                    let reply: &[u8] = if in_data {
+                        if l != "." {
+                            continue;
+                        }
+                        in_data = false;
+                        senders.push(std::mem::take(&mut from));
+                        b"250 queued\r\n"
+                    } else if let Some(f) = l.strip_prefix("MAIL FROM:") {
+                        from = f.to_string();
+                        b"250 ok\r\n"
+                    } else if l == "DATA" {
+                        in_data = true;
+                        b"354 go on\r\n"
+                    } else {
+                        b"250 ok\r\n"
+                    };
+                    let _ = sock.write_all(reply).await;
+                }
+            }
+        });
+        (addr, server)
+    }
+
+    #[tokio::test]
+    async fn a_bare_cr_in_call_data_cannot_end_the_message_and_smuggle_another() {
+        let (addr, server) = lenient_about_line_ends().await;
+        let t = transport(&SmtpConfig {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+            tls: SmtpTls::None,
+            username: None,
+            password: None,
+            timeout: Duration::from_secs(10),
+        })
+        .unwrap();
+        let said = "Sure.\r.\r\nMAIL FROM:<ceo@bank.example>\r\nRCPT TO:<a@example.com>\r\n\
+                    DATA\r\nSubject: Wire the money\r\n\r\nNow.\r.\r\nNUL\0";
+        let parts = EmailParts {
+            to: vec![],
+            subject: "s".into(),
+            text: Some(format!("Transcript:\n{said}")),
+            html: Some(format!("<pre>{said}</pre>")),
+        };
+        let from: Mailbox = "calls@example.com".parse().unwrap();
+        let message = build(&from, &["a@example.com".parse().unwrap()], &parts).unwrap();
+        // RFC 5321 2.3.8: CR only as part of CRLF; RFC 2045 2.7: no NUL in 7bit text.
+        let raw = message.formatted();
+        assert!(!raw.contains(&0), "a NUL is sent");
+        for (i, _) in raw.iter().enumerate().filter(|(_, &b)| b == b'\r') {
+            assert_eq!(raw.get(i + 1), Some(&b'\n'), "a bare CR is sent");
+        }
+        let parsed = mail_parser::MessageParser::default().parse(&raw).unwrap();
+        assert!(parsed.body_text(0).unwrap().contains(said), "{parsed:?}");
+        t.send(message).await.unwrap();
+        drop(t);
+        assert_eq!(server.await.unwrap(), ["<calls@example.com>"]);
     }
 
     fn message() -> lettre::Message {
