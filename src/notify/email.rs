@@ -401,15 +401,20 @@ fn body(text: &str) -> Body {
     body
 }
 
-/// Builds the MIME message: text, HTML, or both as multipart/alternative. Header values are
-/// encoded by lettre (RFC 2047 for non-ASCII); the subject is made one line and cut to length
-/// here.
+/// Builds the MIME message, with a Date and a new Message-ID: text, HTML, or both as
+/// multipart/alternative. Header values are encoded by lettre (RFC 2047 for non-ASCII); the
+/// subject is made one line and cut to length here.
 pub fn build(
     from: &Mailbox,
     to: &[Mailbox],
     parts: &EmailParts,
 ) -> Result<lettre::Message, String> {
-    let mut b = lettre::Message::builder().from(one_line_name(from));
+    // lettre adds a Date but no Message-ID, which RFC 5322 3.6.4 says every message should
+    // have: some servers refuse mail without one (Gmail: "550 5.7.1 Messages missing a valid
+    // Message-ID header are not accepted") and spam filters score its absence.
+    let mut b = lettre::Message::builder()
+        .from(one_line_name(from))
+        .message_id(None);
     for m in to {
         b = b.to(one_line_name(m));
     }
@@ -734,6 +739,21 @@ mod tests {
                 assert!(line.len() <= 998, "a {}-byte header line", line.len());
             }
         }
+    }
+
+    #[test]
+    fn every_email_has_a_date_and_its_own_message_id() {
+        let ids: Vec<String> = (0..2)
+            .map(|_| {
+                let raw = message().formatted();
+                let parsed = mail_parser::MessageParser::default().parse(&raw).unwrap();
+                assert!(parsed.date().is_some());
+                let id = parsed.message_id().expect("no Message-ID").to_string();
+                assert!(id.contains('@'), "{id}");
+                id
+            })
+            .collect();
+        assert_ne!(ids[0], ids[1]);
     }
 
     #[test]
