@@ -11,6 +11,7 @@
 //! messages/s). lettre's transport takes no connector and does not set the option, so the
 //! connections are made here (`examples/smtp_bench.rs` measures both).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -60,6 +61,9 @@ pub enum SendError {
     Timeout(&'static str),
     /// The server cannot take this message as it is (a capability it lacks).
     Unsupported(&'static str),
+    /// The message's text went out but no answer to its end came (no reply in time, or the
+    /// connection was lost): the server may have taken it.
+    Unconfirmed(String),
 }
 
 /// A message the server took: its answer, and each recipient it refused for good.
@@ -74,10 +78,13 @@ pub struct Sent {
 /// any other is accepted: one stale address must not cost everybody else the message. A
 /// transient refusal (4xx) fails the whole message before anything is sent, so it is retried
 /// for all. On any error the caller drops the connection, mid-transaction as it may be.
+/// `text_sent` is set when the message's text starts going out: from then on, a missing answer
+/// leaves open whether the server took it.
 async fn transaction(
     conn: &mut AsyncSmtpConnection,
     envelope: &Envelope,
     email: &[u8],
+    text_sent: &AtomicBool,
 ) -> Result<Sent, SendError> {
     let mut options = Vec::new();
     let ascii = |a: &lettre::Address| AsRef::<str>::as_ref(a).is_ascii();
@@ -118,7 +125,17 @@ async fn transaction(
         }
     }
     conn.command(Data).await.map_err(SendError::Smtp)?;
-    let response = conn.message(email).await.map_err(SendError::Smtp)?;
+    text_sent.store(true, Ordering::Relaxed);
+    let response = conn.message(email).await.map_err(|e| {
+        if e.is_transient() || e.is_permanent() {
+            SendError::Smtp(e)
+        } else {
+            SendError::Unconfirmed(format!(
+                "no answer to the end of the message: {}",
+                error_chain(&e)
+            ))
+        }
+    })?;
     Ok(Sent { response, refused })
 }
 
@@ -159,9 +176,15 @@ impl Transport {
                 .await
                 .map_err(|_| SendError::Timeout("connecting"))??,
         };
+        let text_sent = AtomicBool::new(false);
         let sent = tokio::time::timeout(
             limit,
-            transaction(&mut conn, message.envelope(), &message.formatted()),
+            transaction(
+                &mut conn,
+                message.envelope(),
+                &message.formatted(),
+                &text_sent,
+            ),
         )
         .await;
         match sent {
@@ -172,6 +195,9 @@ impl Transport {
                 Ok(sent)
             }
             Ok(Err(e)) => Err(e),
+            Err(_) if text_sent.load(Ordering::Relaxed) => Err(SendError::Unconfirmed(
+                "no answer in time to the end of the message".into(),
+            )),
             Err(_) => Err(SendError::Timeout("sending")),
         }
     }
@@ -488,6 +514,16 @@ pub async fn send(
             after: None,
             error: format!("SMTP: no answer in time while {what}"),
         },
+        Err(SendError::Unconfirmed(what)) => Outcome::Retry {
+            after: None,
+            error: excerpt(
+                &format!(
+                    "SMTP: {what}; the server may have taken the message, \
+                     so it may arrive twice"
+                ),
+                400,
+            ),
+        },
     }
 }
 
@@ -544,6 +580,77 @@ mod tests {
             }
         });
         addr
+    }
+
+    /// An SMTP peer on 127.0.0.1 that takes a message's text and then, at its end, either
+    /// hangs up or never answers: it may have queued the message, the client cannot know.
+    async fn never_answers_the_end_of_a_message(hang_up: bool) -> std::net::SocketAddr {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (sock, _) = listener.accept().await.unwrap();
+            let (r, mut w) = sock.into_split();
+            let mut lines = BufReader::new(r).lines();
+            w.write_all(b"220 test ESMTP\r\n").await.unwrap();
+            let mut in_data = false;
+            while let Ok(Some(line)) = lines.next_line().await {
+                let reply: &[u8] = if in_data {
+                    if line != "." {
+                        continue;
+                    }
+                    if hang_up {
+                        return;
+                    }
+                    std::future::pending::<()>().await;
+                    unreachable!()
+                } else if line == "DATA" {
+                    in_data = true;
+                    b"354 go on\r\n"
+                } else {
+                    b"250 ok\r\n"
+                };
+                w.write_all(reply).await.unwrap();
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_missing_answer_to_the_end_of_a_message_is_retried_as_possibly_delivered() {
+        for hang_up in [false, true] {
+            let addr = never_answers_the_end_of_a_message(hang_up).await;
+            let t = transport(&SmtpConfig {
+                host: addr.ip().to_string(),
+                port: addr.port(),
+                tls: SmtpTls::None,
+                username: None,
+                password: None,
+                timeout: Duration::from_millis(500),
+            })
+            .unwrap();
+            let from: Mailbox = "calls@example.com".parse().unwrap();
+            let parts = EmailParts {
+                to: vec!["a@example.com".into()],
+                subject: "s".into(),
+                text: Some("body".into()),
+                html: None,
+            };
+            let meta = Meta {
+                channel: "mail",
+                rule: "r",
+                sid: "CA1",
+                event: "POST_CALL_DATA",
+                delivery_id: 1,
+            };
+            match send(&t, &from, &parts, &meta).await {
+                Outcome::Retry { error, .. } => assert!(
+                    error.contains("the server may have taken the message, so it may arrive twice"),
+                    "hang_up {hang_up}: {error}"
+                ),
+                other => panic!("hang_up {hang_up}: {other:?}"),
+            }
+        }
     }
 
     /// An SMTP peer on 127.0.0.1 that, like some servers in the field, takes a bare CR or LF as
