@@ -338,6 +338,38 @@ async fn a_comma_in_a_value_inside_an_address_adds_no_recipient() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_owners_with_long_addresses_all_get_the_email() {
+    let smtp = Smtp::start();
+    let d = Daemon::start(&mail_config(
+        &smtp,
+        r#"["regional-sales-director@northeast.ourteam.example", "{{call.leadData.owners}}"]"#,
+    ));
+    // 20 recipients (the most a message has) of 50 characters: a To header of over 1000 bytes.
+    let owners: Vec<String> = (1..20)
+        .map(|i| format!("regional-sales-manager.{i}@northeast.ourteam.example"))
+        .collect();
+    let mut v: Value = serde_json::from_str(CAMPAIGN).unwrap();
+    v["call"]["leadData"]["owners"] = owners.clone().into();
+    let mut owners = owners;
+    owners.insert(
+        0,
+        "regional-sales-director@northeast.ourteam.example".into(),
+    );
+    assert_eq!(d.post(&v.to_string()).await.0, 200);
+    let rows = d.wait_settled(WAIT).await;
+    assert_eq!(rows[0]["status"], "done", "{rows:?}");
+    let mails = smtp.messages();
+    assert_eq!(mails[0]["rcpt_tos"], serde_json::json!(owners));
+    let to = mails[0]["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h[0] == "To")
+        .unwrap();
+    assert_eq!(to[1].as_str().unwrap(), owners.join(", "));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lead_name_of_5000_characters_still_gets_the_email_out() {
     let smtp = Smtp::start();
     let d = Daemon::start(&mail_config(&smtp, r#"["ops@ourteam.example"]"#));
@@ -603,7 +635,7 @@ async fn render_shows_what_would_be_sent_and_sends_nothing() {
         "{mime}"
     );
     assert!(
-        mime.contains("To: sales-leads@example.com, jordan@ourteam.example"),
+        mime.contains("To: sales-leads@example.com,\r\n jordan@ourteam.example\r\n"),
         "{mime}"
     );
     // `-` reads the body from standard input, as in `curl ... | callnotify render -`.

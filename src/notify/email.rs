@@ -16,8 +16,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use lettre::address::Envelope;
-use lettre::message::header::{ContentTransferEncoding, ContentType};
-use lettre::message::{Body, Mailbox, MultiPart, SinglePart};
+use lettre::message::header::{
+    self, ContentTransferEncoding, ContentType, HeaderName, HeaderValue, Headers,
+};
+use lettre::message::{Body, Mailbox, Mailboxes, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream, TlsParameters};
 use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
@@ -427,6 +429,29 @@ fn body(text: &str) -> Body {
     body
 }
 
+/// The To header with one recipient per line. lettre writes a list of mailboxes as one line
+/// however long it gets, and servers refuse a header line over 998 bytes for good ("500 Line
+/// too long"): twenty recipients of 50 characters are enough. Each mailbox is encoded by lettre
+/// as it would encode a To header of that mailbox alone; only the folding between them is ours.
+fn to_header(to: &[Mailbox]) -> HeaderValue {
+    let encoded: Vec<String> = to
+        .iter()
+        .map(|m| {
+            let mut one = Headers::new();
+            one.set(header::To::from(Mailboxes::from(m.clone())));
+            let line = one.to_string();
+            let value = line.strip_prefix("To: ").unwrap_or(&line);
+            value.strip_suffix("\r\n").unwrap_or(value).to_string()
+        })
+        .collect();
+    let raw = to.iter().cloned().collect::<Mailboxes>().to_string();
+    HeaderValue::dangerous_new_pre_encoded(
+        HeaderName::new_from_ascii_str("To"),
+        raw,
+        encoded.join(",\r\n "),
+    )
+}
+
 /// Builds the MIME message, with a Date and a new Message-ID: text, HTML, or both as
 /// multipart/alternative. Header values are encoded by lettre (RFC 2047 for non-ASCII); the
 /// subject is made one line and cut to length here.
@@ -441,8 +466,9 @@ pub fn build(
     let mut b = lettre::Message::builder()
         .from(one_line_name(from))
         .message_id(None);
-    for m in to {
-        b = b.to(one_line_name(m));
+    if !to.is_empty() {
+        let to: Vec<Mailbox> = to.iter().map(one_line_name).collect();
+        b = b.raw_header(to_header(&to));
     }
     // lettre leaves an ASCII subject as it is, so a value holding an RFC 2047 encoded word
     // (`=?utf-8?b?...?=`) would be decoded by the reader into other text. A zero-width space
@@ -861,6 +887,55 @@ mod tests {
             })
             .collect();
         assert_ne!(ids[0], ids[1]);
+    }
+
+    #[test]
+    fn twenty_long_recipients_still_fit_smtp_line_limits() {
+        let from: Mailbox = "calls@example.com".parse().unwrap();
+        let parts = EmailParts {
+            to: vec![],
+            subject: "s".into(),
+            text: Some("b".into()),
+            html: None,
+        };
+        let local = "regional-sales-manager";
+        let lists: [Vec<String>; 3] = [
+            (0..20)
+                .map(|i| format!("{local}.{i}@northeast.ourteam.example"))
+                .collect(),
+            (0..20)
+                .map(|i| format!("\"{}\" <{local}.{i}@x.example>", "N".repeat(99)))
+                .collect(),
+            (0..20)
+                .map(|i| format!("Zoë Ünal <{local}.{i}@x.example>"))
+                .collect(),
+        ];
+        for list in lists {
+            let (to, bad) = recipients(&list);
+            assert!(bad.is_empty(), "{bad:?}");
+            let message = build(&from, &to, &parts).unwrap();
+            assert_eq!(message.envelope().to().len(), 20);
+            let raw = message.formatted();
+            let head = &raw[..raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap()];
+            for line in head.split(|&b| b == b'\n') {
+                assert!(line.len() <= 998, "a {}-byte header line", line.len());
+            }
+            let parsed = mail_parser::MessageParser::default().parse(&raw).unwrap();
+            let got: Vec<(Option<String>, String)> = parsed
+                .to()
+                .unwrap()
+                .iter()
+                .map(|a| {
+                    let name = a.name().map(String::from);
+                    (name, a.address().unwrap().to_string())
+                })
+                .collect();
+            let want: Vec<(Option<String>, String)> = to
+                .iter()
+                .map(|m| (m.name.clone(), m.email.to_string()))
+                .collect();
+            assert_eq!(got, want);
+        }
     }
 
     #[test]
