@@ -60,14 +60,15 @@ impl Shared {
     pub async fn reload(&self, trigger: &str) -> Result<(), ConfigError> {
         let _one_at_a_time = self.reload_lock.lock().await;
         let path = self.config_path.clone();
-        let loaded = tokio::task::spawn_blocking(move || load_checked(&path))
-            .await
-            .unwrap_or_else(|e| {
-                Err(ConfigError {
-                    source: self.config_path.clone(),
-                    problems: vec![config::Problem::new("reload", e.to_string())],
-                })
-            });
+        let loaded =
+            tokio::task::spawn_blocking(move || render_checked(config::load_for_reload(&path)?))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(ConfigError {
+                        source: self.config_path.clone(),
+                        problems: vec![config::Problem::new("reload", e.to_string())],
+                    })
+                });
         let config = match loaded {
             Ok(c) => c,
             Err(e) => {
@@ -183,16 +184,20 @@ impl Shared {
 }
 
 /// Loads and validates a config, then renders the templates the rules and the quiet alert use
-/// against the sample payloads: the
-/// same bar at start-up and at reload, so a template that would fail on a real call is refused.
+/// against the sample payloads: the same bar at start-up and at reload (where a file with no
+/// settings is refused too, see [`config::load_for_reload`]), so a template that would fail on a
+/// real call is refused.
 pub fn load_checked(path: &Path) -> Result<Config, ConfigError> {
-    let config = config::load(path)?;
+    render_checked(config::load(path)?)
+}
+
+fn render_checked(config: Config) -> Result<Config, ConfigError> {
     let problems = crate::commands::render_problems(&config);
     if problems.is_empty() {
         Ok(config)
     } else {
         Err(ConfigError {
-            source: path.to_path_buf(),
+            source: config.source.clone(),
             problems,
         })
     }

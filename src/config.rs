@@ -476,7 +476,43 @@ pub fn load_with(
     env: &BTreeMap<String, String>,
     unset: Unset,
 ) -> Result<Config, ConfigError> {
-    let mut tree = layered(path, env)?;
+    from_text(path, &read(path)?, env, unset)
+}
+
+/// [`load`] for a reload. A file with no settings in it (empty, or only comments) is refused
+/// instead of read as "all defaults": that is what the file looks like for a moment while an
+/// editor or a shell redirect rewrites it in place, and as the running config it would open the
+/// webhook to anyone, leave every channel and rule out (pending deliveries go dead) and stop
+/// `watch_config` from picking up the finished file.
+pub fn load_for_reload(path: &Path) -> Result<Config, ConfigError> {
+    let env: BTreeMap<String, String> = std::env::vars().collect();
+    let text = read(path)?;
+    if is_blank(&text) {
+        return Err(ConfigError {
+            source: path.to_path_buf(),
+            problems: vec![Problem::new(
+                path.display().to_string(),
+                "the file holds no settings (is it being written?); the running config stays",
+            )],
+        });
+    }
+    from_text(path, &text, &env, Unset::Refuse)
+}
+
+/// Whether a YAML text holds nothing but blank lines, comments and document markers.
+fn is_blank(text: &str) -> bool {
+    text.lines()
+        .map(str::trim)
+        .all(|l| l.is_empty() || l.starts_with('#') || l == "---" || l == "...")
+}
+
+fn from_text(
+    path: &Path,
+    text: &str,
+    env: &BTreeMap<String, String>,
+    unset: Unset,
+) -> Result<Config, ConfigError> {
+    let mut tree = layered(path, text, env)?;
     let mut problems = Vec::new();
     let mut placeholders = Vec::new();
     expand_env(&mut tree, "", env, unset, &mut problems, &mut placeholders);
@@ -576,7 +612,7 @@ pub fn load_store(path: &Path) -> Result<StoreConfig, ConfigError> {
         source: path.to_path_buf(),
         problems,
     };
-    let mut store = layered(path, &env)?
+    let mut store = layered(path, &read(path)?, &env)?
         .get_mut("store")
         .map(Value::take)
         .unwrap_or_else(|| Value::Object(Default::default()));
@@ -600,26 +636,31 @@ pub fn load_store(path: &Path) -> Result<StoreConfig, ConfigError> {
     })
 }
 
-/// The config file with `CALLNOTIFY_...` environment overrides layered on, as a JSON tree
-/// (`${VAR}` not yet expanded).
-fn layered(path: &Path, env: &BTreeMap<String, String>) -> Result<Value, ConfigError> {
+/// The config file's text.
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError {
+        source: path.to_path_buf(),
+        problems: vec![Problem::new(
+            path.display().to_string(),
+            format!("cannot read the config file: {e}"),
+        )],
+    })
+}
+
+/// The config file's `text` with `CALLNOTIFY_...` environment overrides layered on, as a JSON
+/// tree (`${VAR}` not yet expanded).
+fn layered(path: &Path, text: &str, env: &BTreeMap<String, String>) -> Result<Value, ConfigError> {
     let fail = |problems: Vec<Problem>| ConfigError {
         source: path.to_path_buf(),
         problems,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        fail(vec![Problem::new(
-            path.display().to_string(),
-            format!("cannot read the config file: {e}"),
-        )])
-    })?;
     let overrides: config::Map<String, String> = env
         .iter()
         .filter(|(k, _)| k.starts_with("CALLNOTIFY_") && !NOT_OVERRIDES.contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let layered = config::Config::builder()
-        .add_source(config::File::from_str(&text, config::FileFormat::Yaml))
+        .add_source(config::File::from_str(text, config::FileFormat::Yaml))
         .add_source(
             config::Environment::with_prefix("CALLNOTIFY")
                 .prefix_separator("_")

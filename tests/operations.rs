@@ -219,6 +219,52 @@ async fn sighup_swaps_a_good_config_and_keeps_the_old_one_when_bad() {
     );
 }
 
+/// An empty file is what a config looks like for a moment while it is rewritten in place. Taken
+/// for "all defaults" it would open the webhook, drop every channel (their pending deliveries go
+/// dead) and every rule: a reload refuses it and the running config stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_of_an_empty_config_file_is_refused() {
+    let slack = FakeSlack::start().await;
+    slack.set_default(Reply::status(500, "internal_error"));
+    let d = Daemon::start(&config(&slack, ""));
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAempty")).await.0, 200);
+    eventually("a first failed attempt", WAIT, || {
+        let rows = d.deliveries(Some("pending"));
+        (rows.len() == 1 && rows[0]["attempts"] == 1).then_some(())
+    })
+    .await;
+    let original = std::fs::read_to_string(&d.config).unwrap();
+    for blank in ["", "\n  \n", "# being rewritten\n---\n"] {
+        std::fs::write(&d.config, blank).unwrap();
+        let r = http().post(d.url("/-/reload")).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 422, "{blank:?}");
+        let v: Value = r.json().await.unwrap();
+        assert!(
+            v["message"].as_str().unwrap().contains("no settings"),
+            "{v}"
+        );
+    }
+    std::fs::write(&d.config, original).unwrap();
+    let unauthenticated = with_sid(FIXTURE, "CAopen");
+    assert_eq!(
+        post(&d.url("/webhooks/air"), &unauthenticated, None)
+            .await
+            .0,
+        401
+    );
+    let rows = d.deliveries(None);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["status"], "pending", "{rows:?}");
+    let metrics = get(&d.url("/metrics")).await.1;
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"callnotify_config_reloads_total{result="failure"}"#
+        ),
+        3.0
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_posted_during_reloads_are_all_accepted_and_delivered() {
     let slack = FakeSlack::start().await;
