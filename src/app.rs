@@ -302,7 +302,7 @@ impl App {
         };
         // Both before "listening" is logged: an edit or a SIGHUP that comes as soon as the daemon
         // is up counts (an unhandled SIGHUP would end the process).
-        let watched = mtimes(&shared);
+        let watched = Watch::new(snapshot(&shared));
         let hup = hangup();
         tracing::info!(
             listen = %listener.local_addr()?,
@@ -390,7 +390,7 @@ fn restart_only_changes(was: &Config, now: &Config) -> Vec<&'static str> {
 async fn background(
     shared: Arc<Shared>,
     stop: CancellationToken,
-    mut watched: Vec<(PathBuf, Option<SystemTime>)>,
+    mut watched: Watch,
     mut hup: Hangup,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -402,7 +402,7 @@ async fn background(
             _ = stop.cancelled() => return,
             _ = recv_hangup(&mut hup) => {
                 let _ = shared.reload("SIGHUP").await;
-                watched = mtimes(&shared);
+                watched = Watch::new(snapshot(&shared));
             }
             _ = tick.tick() => {
                 // First, so that `now` below is already on the caught-up timeline.
@@ -423,12 +423,8 @@ async fn background(
                     }
                     let _ = shared.store.set_meta("last_call_at".into(), shared.last_call_ms().to_string()).await;
                 }
-                if live.config.server.watch_config {
-                    let now_mtimes = mtimes(&shared);
-                    if now_mtimes != watched {
-                        watched = now_mtimes;
-                        let _ = shared.reload("file change").await;
-                    }
+                if live.config.server.watch_config && watched.settled_change(snapshot(&shared)) {
+                    let _ = shared.reload("file change").await;
                 }
                 match &live.config.quiet_alert {
                     Some(q) => quiet.check(&shared, q, now).await,
@@ -439,8 +435,69 @@ async fn background(
     }
 }
 
-/// Modification times of the config file and every template, to notice edits.
-fn mtimes(shared: &Shared) -> Vec<(PathBuf, Option<SystemTime>)> {
+/// How each watched file looked: the config file and every template (`*.hbs`) under
+/// `templates_dir`, by path; None for a file that cannot be read.
+type Snapshot = Vec<(PathBuf, Option<Stamp>)>;
+
+/// What tells one version of a file from the next. The modification time alone does not: it
+/// has the kernel's tick as resolution, so a file truncated and written again within one tick
+/// keeps it (and `cp -p` or `rsync -t` set it on purpose). Size and, on unix, the inode and the
+/// change time (which no tool can set) make such a rewrite visible.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    #[cfg(unix)]
+    inode: (u64, i64, i64),
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    let m = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    use std::os::unix::fs::MetadataExt;
+    Some(Stamp {
+        modified: m.modified().ok(),
+        len: m.len(),
+        #[cfg(unix)]
+        inode: (m.ino(), m.ctime(), m.ctime_nsec()),
+    })
+}
+
+/// Decides when `watch_config` reloads: once the files have changed since the last reload and
+/// then look the same on two looks in a row (one tick apart). A file caught while it is being
+/// written (empty, or cut off where a valid YAML prefix leaves out rules or channels) is not
+/// loaded; the finished file is, once the writer is done.
+#[derive(Debug)]
+struct Watch {
+    /// The files as the running config was loaded from (or last tried).
+    loaded: Snapshot,
+    /// The files at the previous look.
+    seen: Snapshot,
+}
+
+impl Watch {
+    fn new(now: Snapshot) -> Watch {
+        Watch {
+            loaded: now.clone(),
+            seen: now,
+        }
+    }
+
+    /// Takes a new look; true when the files changed and have stopped changing.
+    fn settled_change(&mut self, now: Snapshot) -> bool {
+        let settled = now == self.seen;
+        self.seen = now;
+        if settled && self.seen != self.loaded {
+            self.loaded = self.seen.clone();
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The config file and every template file the renderer loads, as they are now.
+fn snapshot(shared: &Shared) -> Snapshot {
     let mut files = vec![shared.config_path.clone()];
     let dir = shared.live.load().config.templates.dir().to_path_buf();
     let mut stack = vec![dir];
@@ -450,7 +507,7 @@ fn mtimes(shared: &Shared) -> Vec<(PathBuf, Option<SystemTime>)> {
                 let p = e.path();
                 if p.is_dir() {
                     stack.push(p);
-                } else {
+                } else if p.extension().is_some_and(|x| x == "hbs") {
                     files.push(p);
                 }
             }
@@ -460,8 +517,8 @@ fn mtimes(shared: &Shared) -> Vec<(PathBuf, Option<SystemTime>)> {
     files
         .into_iter()
         .map(|p| {
-            let t = std::fs::metadata(&p).and_then(|m| m.modified()).ok();
-            (p, t)
+            let s = stamp(&p);
+            (p, s)
         })
         .collect()
 }
@@ -520,5 +577,68 @@ async fn recv_signal(s: Option<&mut tokio::signal::unix::Signal>) {
 pub fn shutdown_signal() -> impl Future<Output = ()> {
     async {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn look(files: &[(&str, u64)]) -> Snapshot {
+        files
+            .iter()
+            .map(|(p, len)| {
+                let s = Stamp {
+                    modified: Some(SystemTime::UNIX_EPOCH),
+                    len: *len,
+                    #[cfg(unix)]
+                    inode: (1, 0, 0),
+                };
+                (PathBuf::from(p), Some(s))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_change_is_reloaded_once_it_has_stopped_changing() {
+        let mut w = Watch::new(look(&[("c.yaml", 100)]));
+        assert!(
+            !w.settled_change(look(&[("c.yaml", 100)])),
+            "nothing changed"
+        );
+        // Caught half-written: not yet.
+        assert!(!w.settled_change(look(&[("c.yaml", 0)])));
+        // Still being written: not yet.
+        assert!(!w.settled_change(look(&[("c.yaml", 60)])));
+        assert!(!w.settled_change(look(&[("c.yaml", 120)])));
+        // The same on the next look: reload, once.
+        assert!(w.settled_change(look(&[("c.yaml", 120)])));
+        assert!(!w.settled_change(look(&[("c.yaml", 120)])));
+        // A template that comes and goes between two looks leaves things as loaded.
+        assert!(!w.settled_change(look(&[("c.yaml", 120), ("t/a.hbs", 5)])));
+        assert!(!w.settled_change(look(&[("c.yaml", 120)])));
+        assert!(!w.settled_change(look(&[("c.yaml", 120)])));
+        // A template added for good is a change.
+        assert!(!w.settled_change(look(&[("c.yaml", 120), ("t/b.hbs", 5)])));
+        assert!(w.settled_change(look(&[("c.yaml", 120), ("t/b.hbs", 5)])));
+    }
+
+    #[test]
+    fn a_rewrite_that_keeps_the_modification_time_is_noticed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, "server: {}\n").unwrap();
+        let before = stamp(&path).unwrap();
+        let mtime = before.modified.unwrap();
+        std::fs::write(&path, "server: {}\nrules: []\n").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        let after = stamp(&path).unwrap();
+        assert_eq!(after.modified, before.modified);
+        assert_ne!(after, before);
     }
 }
