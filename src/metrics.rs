@@ -3,7 +3,8 @@
 //! Names (all prefixed `callnotify_`): `calls_received_total{result}`, `rules_matched_total{rule}`,
 //! `deliveries_total{channel,outcome}`, `delivery_attempts_total{channel}`,
 //! `delivery_latency_seconds{channel}` (from receipt to done), `template_errors_total`,
-//! `slack_truncations_total`, `config_reloads_total{result}`, `queue_depth{state}`,
+//! `slack_truncations_total`, `config_reloads_total{result}`, `config_last_reload_successful`
+//! (1, or 0 from a refused reload until one succeeds), `queue_depth{state}`,
 //! `oldest_pending_age_seconds`, `last_call_received_timestamp_seconds`.
 
 use std::sync::OnceLock;
@@ -59,6 +60,12 @@ pub fn at_start(last_call_ms: i64) {
         metrics::counter!("callnotify_calls_received_total", "result" => result).increment(0);
     }
     metrics::counter!("callnotify_template_errors_total").increment(0);
+    // At 0 from the start, so `increase(...{result="failure"}[1h])` sees the first refused reload
+    // (a series that appears at 1 has no increase).
+    for result in ["success", "failure"] {
+        metrics::counter!("callnotify_config_reloads_total", "result" => result).increment(0);
+    }
+    metrics::gauge!("callnotify_config_last_reload_successful").set(1.0);
     metrics::counter!("callnotify_slack_truncations_total").increment(0);
     if last_call_ms > 0 {
         last_call_at(last_call_ms);
@@ -89,8 +96,16 @@ pub fn slack_truncated() {
     metrics::counter!("callnotify_slack_truncations_total").increment(1);
 }
 
+/// A reload ended in `result` ("success" or "failure"). The gauge stays 0 from a refused reload
+/// until one succeeds: the running config is then not what the file says, however long ago the
+/// refusal was (a counter's increase over a window forgets it).
 pub fn reload(result: &'static str) {
     metrics::counter!("callnotify_config_reloads_total", "result" => result).increment(1);
+    metrics::gauge!("callnotify_config_last_reload_successful").set(if result == "success" {
+        1.0
+    } else {
+        0.0
+    });
 }
 
 pub fn queue(stats: &crate::store::Stats, now_ms: i64) {

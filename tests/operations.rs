@@ -139,6 +139,8 @@ async fn alerting_series_exist_from_the_start_and_the_last_call_survives_a_resta
         r#"callnotify_calls_received_total{result="accepted"} 0"#,
         r#"callnotify_calls_received_total{result="unauthorized"} 0"#,
         "callnotify_template_errors_total 0",
+        r#"callnotify_config_reloads_total{result="failure"} 0"#,
+        "callnotify_config_last_reload_successful 1",
     ] {
         assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
     }
@@ -210,12 +212,26 @@ async fn sighup_swaps_a_good_config_and_keeps_the_old_one_when_bad() {
         ),
         2.0
     );
+    // The refusal stays visible until a reload succeeds.
+    assert_eq!(
+        metric(&metrics, "callnotify_config_last_reload_successful"),
+        0.0,
+        "{metrics}"
+    );
     assert_eq!(
         metric(
             &metrics,
             r#"callnotify_config_reloads_total{result="success"}"#
         ),
         2.0
+    );
+    std::fs::write(&d.config, &original).unwrap();
+    let r = http().post(d.url("/-/reload")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let metrics = get(&d.url("/metrics")).await.1;
+    assert_eq!(
+        metric(&metrics, "callnotify_config_last_reload_successful"),
+        1.0
     );
 }
 
