@@ -505,7 +505,9 @@ fn snapshot(shared: &Shared) -> Snapshot {
         if let Ok(entries) = std::fs::read_dir(&d) {
             for e in entries.flatten() {
                 let p = e.path();
-                if p.is_dir() {
+                // Not through a symlink to a directory, as the renderer does not: two links to
+                // a parent would make the walk endless (before the daemon even listens).
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
                     stack.push(p);
                 } else if p.extension().is_some_and(|x| x == "hbs") {
                     files.push(p);

@@ -833,6 +833,36 @@ async fn with_watch_config_an_edited_file_is_reloaded() {
     assert_eq!(d.logs().matches(warning).count(), 1, "{}", d.logs());
 }
 
+/// Links back to a parent inside `templates_dir` (the renderer does not follow them) do not send
+/// the watch for edits around in circles: the daemon starts, and reloads on an edit.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn symlinks_to_a_parent_in_the_templates_dir_do_not_hang_the_daemon() {
+    let tpl = tempfile::tempdir().unwrap();
+    for (path, text) in [("slack/s.hbs", "{{sid}}"), ("log/s.hbs", "{{sid}}")] {
+        let p = tpl.path().join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+    std::os::unix::fs::symlink("..", tpl.path().join("slack/all")).unwrap();
+    std::os::unix::fs::symlink("..", tpl.path().join("log/all")).unwrap();
+    let slack = FakeSlack::start().await;
+    let yaml = config(&slack, "")
+        .replace("{templates}", &tpl.path().display().to_string())
+        .replace("slack/summary", "slack/s")
+        .replace("  tokens:", "  watch_config: true\n  tokens:");
+    let d = Daemon::start(&yaml);
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAlink")).await.0, 200);
+    slack.wait_accepted(1, WAIT).await;
+    std::fs::write(tpl.path().join("slack/s.hbs"), "edited {{sid}}").unwrap();
+    eventually("a reload on the template edit", WAIT, || {
+        d.logs()
+            .contains("\"trigger\":\"file change\"")
+            .then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_separate_admin_listener_serves_the_admin_endpoints_only() {
     let slack = FakeSlack::start().await;
