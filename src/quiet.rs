@@ -137,10 +137,18 @@ impl QuietAlert {
             "none since start".into()
         };
         let (event, body, action) = notification(cfg, quiet, &quiet_for, &last_at, now_ms);
+        let channel_type = shared
+            .live
+            .load()
+            .config
+            .channels
+            .get(&action.channel)
+            .map(|c| c.kind.type_name());
         let owed = vec![NewDelivery {
             rule: "quiet_alert".into(),
             action_idx: 0,
             action,
+            channel_type,
         }];
         let sid = body["sid"].as_str().unwrap_or_default().to_string();
         let alerted_at = quiet.then_some(now_ms);

@@ -323,6 +323,11 @@ where
                 rule: rule.name.clone(),
                 action_idx: i,
                 action: a.clone(),
+                channel_type: live
+                    .config
+                    .channels
+                    .get(&a.channel)
+                    .map(|c| c.kind.type_name()),
             })
         })
         .collect();

@@ -142,6 +142,9 @@ pub struct NewDelivery {
     pub rule: String,
     pub action_idx: usize,
     pub action: Action,
+    /// The type of the action's channel when the call was matched (`slack`, `email`, `log`):
+    /// the action was planned for it, so it is not sent if the channel's type changes.
+    pub channel_type: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -159,6 +162,8 @@ pub struct Claimed {
     pub rule: String,
     pub channel: String,
     pub action: Action,
+    /// The channel's type when the delivery was planned; None in rows from before it was kept.
+    pub channel_type: Option<String>,
     /// Attempts made before this one.
     pub attempts: u32,
     /// Start of the current retry window (creation, or the last replay), unix ms.
@@ -242,6 +247,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     created_at      INTEGER NOT NULL,
     updated_at      INTEGER NOT NULL,
     last_error      TEXT,
+    channel_type    TEXT,
     UNIQUE (call_id, rule, action_idx)
 );
 -- Only unfinished rows are indexed by state, so these indexes hold the backlog, not the history:
@@ -289,7 +295,7 @@ const CLAIM: &str = "UPDATE deliveries SET status = 'sending', updated_at = ?2
          WHERE id IN (SELECT id FROM deliveries
                       WHERE channel = ?1 AND status = 'pending' AND next_attempt_at <= ?2
                       ORDER BY id LIMIT ?3)
-         RETURNING id, call_id, rule, action, attempts, window_start";
+         RETURNING id, call_id, rule, action, attempts, window_start, channel_type";
 
 /// The next calls past retention, in the order they came.
 const PRUNE_NEXT: &str = "SELECT received_at, id FROM calls
@@ -337,6 +343,7 @@ impl Store {
         .map_err(|e| open_err(e.to_string()))?;
         conn.execute_batch(SCHEMA)
             .map_err(|e| open_err(e.to_string()))?;
+        migrate(&conn).map_err(|e| open_err(e.to_string()))?;
         conn.set_prepared_statement_cache_capacity(64);
         let file = OpenedFile::of(path).map_err(|e| open_err(e.to_string()))?;
         let (tx, rx) = mpsc::channel::<Job>();
@@ -642,6 +649,20 @@ impl Store {
     }
 }
 
+/// Brings a store written by an earlier version up to the current schema.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has = |table: &str, column: &str| -> rusqlite::Result<bool> {
+        let mut stmt = conn.prepare(&format!(
+            "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+        ))?;
+        stmt.exists(params![column])
+    };
+    if !has("deliveries", "channel_type")? {
+        conn.execute_batch("ALTER TABLE deliveries ADD COLUMN channel_type TEXT")?;
+    }
+    Ok(())
+}
+
 /// Runs a transaction-control statement from the statement cache (parsed once, not per call).
 fn control(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(|_| ())
@@ -754,8 +775,8 @@ fn insert_call(
         return Ok(Inserted::Duplicate);
     };
     let mut stmt = conn.prepare_cached(
-        "INSERT INTO deliveries (call_id, rule, action_idx, channel, action, status, next_attempt_at, window_start, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6, ?6, ?6)
+        "INSERT INTO deliveries (call_id, rule, action_idx, channel, action, status, next_attempt_at, window_start, created_at, updated_at, channel_type)
+         VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6, ?6, ?6, ?7)
          ON CONFLICT (call_id, rule, action_idx) DO NOTHING",
     )?;
     for d in deliveries {
@@ -767,7 +788,8 @@ fn insert_call(
             d.action_idx as i64,
             d.action.channel,
             action,
-            received_at
+            received_at,
+            d.channel_type
         ])?;
     }
     Ok(Inserted::Accepted {
@@ -791,6 +813,7 @@ fn claim(
             r.get::<_, String>(3)?,
             r.get::<_, u32>(4)?,
             r.get::<_, i64>(5)?,
+            r.get::<_, Option<String>>(6)?,
         ))
     })?;
     let mut rows: Vec<_> = rows.collect::<Result<_, _>>()?;
@@ -798,7 +821,7 @@ fn claim(
     let mut call_stmt =
         conn.prepare_cached("SELECT sid, event, body, received_at FROM calls WHERE id = ?1")?;
     let mut out = Vec::with_capacity(rows.len());
-    for (id, call_id, rule, action, attempts, window_start) in rows {
+    for (id, call_id, rule, action, attempts, window_start, channel_type) in rows {
         let (sid, event, call_body, received_at) = call_stmt.query_row(params![call_id], |r| {
             Ok((
                 r.get::<_, String>(0)?,
@@ -825,6 +848,7 @@ fn claim(
             channel: action.channel.clone(),
             rule,
             action,
+            channel_type,
             attempts,
             window_start,
             received_at,
@@ -950,8 +974,29 @@ mod tests {
                 rule: "r".into(),
                 action_idx: i,
                 action: action("c"),
+                channel_type: Some("slack"),
             })
             .collect()
+    }
+
+    #[tokio::test]
+    async fn a_store_from_before_channel_types_is_upgraded_and_its_rows_still_claimed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        stored(&Store::open(&path).unwrap(), "CAold", 1, 1).await;
+        // The deliveries table as an earlier version wrote it: no channel_type column.
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("ALTER TABLE deliveries DROP COLUMN channel_type")
+            .unwrap();
+        let store = Store::open(&path).unwrap();
+        stored(&store, "CAnew", 2, 1).await;
+        let claimed = store.claim("c".into(), 10, 10).await.unwrap();
+        let types: Vec<_> = claimed
+            .iter()
+            .map(|c| (c.sid.as_str(), c.channel_type.as_deref()))
+            .collect();
+        assert_eq!(types, [("CAold", None), ("CAnew", Some("slack"))]);
     }
 
     #[tokio::test]
@@ -1098,6 +1143,7 @@ mod tests {
                     rule: "r".into(),
                     action_idx: i,
                     action: action(ch),
+                    channel_type: Some("slack"),
                 })
                 .collect();
             store
@@ -1287,6 +1333,7 @@ mod tests {
                     rule: "r".into(),
                     action_idx: 0,
                     action: action("other"),
+                    channel_type: Some("slack"),
                 }],
             )
             .await

@@ -469,6 +469,17 @@ impl Worker {
         let Some(channel) = live.config.channels.get(&d.channel) else {
             return Some(gone());
         };
+        let now_type = channel.kind.type_name();
+        if let Some(planned) = d.channel_type.as_deref().filter(|t| *t != now_type) {
+            // Its template and recipients were written for the other type: rendering them for
+            // this one would fail obscurely, or send what was meant for email to Slack.
+            return Some(Outcome::Permanent {
+                error: format!(
+                    "channel {} had type {planned} when this notification was planned and has type {now_type} now; give it its type back and replay, or let this one go",
+                    d.channel
+                ),
+            });
+        }
         let call = match serde_json::from_str(&d.call_body)
             .map_err(|e| e.to_string())
             .and_then(|raw| crate::payload::from_call_object(raw).map_err(|e| e.to_string()))

@@ -619,6 +619,7 @@ async fn a_stepped_system_clock_leaves_retry_waits_as_they_were() {
                 rule: "every_call".into(),
                 action_idx: 0,
                 action,
+                channel_type: Some("slack"),
             }];
             let body = serde_json::json!({"sid": sid, "cachedLeadName": "Maria"});
             shared
@@ -693,6 +694,7 @@ async fn a_clock_step_the_store_could_not_follow_is_followed_once_it_can() {
         rule: "every_call".into(),
         action_idx: 0,
         action,
+        channel_type: Some("slack"),
     }];
     let body = serde_json::json!({"sid": "CAretry", "cachedLeadName": "Maria"});
     shared
@@ -765,6 +767,7 @@ async fn a_clock_step_during_a_send_does_not_cut_its_retry_window_short() {
         rule: "every_call".into(),
         action_idx: 0,
         action,
+        channel_type: Some("slack"),
     }];
     let body = serde_json::json!({"sid": "CAinflight", "cachedLeadName": "Maria"});
     shared

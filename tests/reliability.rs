@@ -464,22 +464,34 @@ async fn dead_deliveries_are_listed_and_replayed_with_the_cli() {
     assert_eq!(slack.accepted().len(), 3, "nothing was sent again");
 }
 
-#[tokio::test]
-async fn deliveries_for_a_channel_no_longer_configured_go_dead_and_stay_visible() {
-    let tpl = templates();
-    let slack = FakeSlack::start().await;
+/// A daemon on channel `sales` whose Slack answers 500: it takes `sid`, fails its first attempt,
+/// schedules the retry `retry` later and is stopped with that retry owed.
+async fn stopped_owing_a_retry(
+    tpl: &tempfile::TempDir,
+    slack: &FakeSlack,
+    retry: &str,
+    sid: &str,
+) -> Daemon {
     slack.set_default(Reply::status(500, "internal_error"));
-    let delivery = r#"{ retry_schedule: ["1h"], request_timeout: "1s" }"#;
-    let mut d = Daemon::start(&slack_only(tpl.path(), &slack, delivery));
-    accept(&d, "CAorphan").await;
+    let delivery = format!(r#"{{ retry_schedule: ["{retry}"], request_timeout: "1s" }}"#);
+    let mut d = Daemon::start(&slack_only(tpl.path(), slack, &delivery));
+    accept(&d, sid).await;
     eventually("the first attempt to be recorded", WAIT, || {
         let rows = d.deliveries(Some("pending"));
         (rows.len() == 1 && rows[0]["attempts"] == 1).then_some(())
     })
     .await;
+    assert_eq!(d.terminate(), Some(0));
+    d
+}
+
+#[tokio::test]
+async fn deliveries_for_a_channel_no_longer_configured_go_dead_and_stay_visible() {
+    let tpl = templates();
+    let slack = FakeSlack::start().await;
+    let mut d = stopped_owing_a_retry(&tpl, &slack, "1h", "CAorphan").await;
 
     // The channel is renamed while the daemon is stopped: its owed delivery has no lane.
-    assert_eq!(d.terminate(), Some(0));
     let yaml = std::fs::read_to_string(&d.config).unwrap();
     std::fs::write(&d.config, yaml.replace("sales", "sales_us")).unwrap();
     d.spawn();
@@ -516,6 +528,43 @@ async fn deliveries_for_a_channel_no_longer_configured_go_dead_and_stay_visible(
         1,
         "nothing was sent to the old channel"
     );
+}
+
+#[tokio::test]
+async fn a_delivery_planned_for_slack_is_not_sent_once_its_channel_became_a_log_channel() {
+    // The action was written for Slack (its template, no recipients); rendered for another type
+    // it either fails obscurely or goes where it was never meant to.
+    let tpl = templates();
+    let slack = FakeSlack::start().await;
+    let mut d = stopped_owing_a_retry(&tpl, &slack, "2s", "CAretyped").await;
+
+    // The same channel name, now of another type, while the retry is owed.
+    let yaml = std::fs::read_to_string(&d.config).unwrap();
+    let retyped: String = yaml
+        .lines()
+        .map(|l| {
+            if l.starts_with("  sales:") {
+                "  sales: { type: log }".to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&d.config, retyped).unwrap();
+    d.spawn();
+    let rows = d.wait_settled(WAIT).await;
+    let row = by_sid(&rows, "CAretyped");
+    assert_eq!(row["status"], "dead", "{row}");
+    assert_eq!(
+        row["last_error"],
+        "channel sales had type slack when this notification was planned and has type log now; give it its type back and replay, or let this one go",
+        "{row}"
+    );
+    // A call that comes after the change is planned for the log channel and goes out there.
+    accept(&d, "CAafter").await;
+    let rows = d.wait_settled(WAIT).await;
+    assert_eq!(by_sid(&rows, "CAafter")["status"], "done", "{rows:?}");
 }
 
 #[tokio::test]
@@ -1019,6 +1068,7 @@ rules:
             rule: "all".into(),
             action_idx: 0,
             action: action.clone(),
+            channel_type: Some("slack"),
         }];
         shared
             .store
