@@ -63,6 +63,9 @@ pub enum SendError {
     Timeout(&'static str),
     /// The server cannot take this message as it is (a capability it lacks).
     Unsupported(&'static str),
+    /// A recipient was answered 552, which RFC 5321 (4.5.3.1.10) has a client take as
+    /// temporary ("too many recipients" from older servers) although it is a 5xx reply.
+    RecipientsLater(lettre::transport::smtp::Error),
     /// The message's text went out but no answer to its end came (no reply in time, or the
     /// connection was lost): the server may have taken it.
     Unconfirmed(String),
@@ -78,8 +81,9 @@ pub struct Sent {
 /// One mail transaction: MAIL, RCPT per recipient, DATA, as lettre's `send` does, except that a
 /// recipient the server refuses for good (5xx, e.g. "user unknown") is noted and skipped while
 /// any other is accepted: one stale address must not cost everybody else the message. A
-/// transient refusal (4xx) fails the whole message before anything is sent, so it is retried
-/// for all. On any error the caller drops the connection, mid-transaction as it may be.
+/// transient refusal (4xx, and 552: see [`SendError::RecipientsLater`]) fails the whole message
+/// before anything is sent, so it is retried for all. On any error the caller drops the
+/// connection, mid-transaction as it may be.
 /// `text_sent` is set when the message's text starts going out: from then on, a missing answer
 /// leaves open whether the server took it.
 async fn transaction(
@@ -114,6 +118,9 @@ async fn transaction(
     for to in envelope.to() {
         match conn.command(Rcpt::new(to.clone(), vec![])).await {
             Ok(_) => {}
+            Err(e) if e.status().map(u16::from) == Some(552) => {
+                return Err(SendError::RecipientsLater(e))
+            }
             Err(e) if e.is_permanent() => {
                 refused.push(format!("{to} refused: {}", error_chain(&e)));
                 last_refusal = Some(e);
@@ -529,6 +536,16 @@ pub async fn send(
             }
         }
         Err(SendError::Smtp(e)) => classify(&e),
+        Err(SendError::RecipientsLater(e)) => Outcome::Retry {
+            after: None,
+            error: excerpt(
+                &format!(
+                    "SMTP: {} (a 552 to a recipient is temporary: RFC 5321 4.5.3.1.10)",
+                    error_chain(&e)
+                ),
+                400,
+            ),
+        },
         Err(SendError::Unsupported(why)) => Outcome::Permanent {
             error: format!("SMTP: {why}"),
         },
@@ -763,6 +780,112 @@ mod tests {
         t.send(message).await.unwrap();
         drop(t);
         assert_eq!(server.await.unwrap(), ["<calls@example.com>"]);
+    }
+
+    /// An SMTP peer on 127.0.0.1 for one connection: EHLO offers `extensions`, RCPT TO is
+    /// answered by `rcpt` (given the address), DATA with 354, anything else with 250. Returns
+    /// every line the client sent, the message's text included, once the client hangs up.
+    async fn scripted(
+        extensions: &'static [&'static str],
+        rcpt: fn(&str) -> &'static str,
+    ) -> (std::net::SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (sock, _) = listener.accept().await.unwrap();
+            let (r, mut w) = sock.into_split();
+            let mut lines = BufReader::new(r).lines();
+            w.write_all(b"220 test ESMTP\r\n").await.unwrap();
+            let (mut said, mut in_data) = (Vec::new(), false);
+            while let Ok(Some(line)) = lines.next_line().await {
+                said.push(line.clone());
+                let reply = if in_data {
+                    if line != "." {
+                        continue;
+                    }
+                    in_data = false;
+                    "250 queued\r\n".to_string()
+                } else if line.starts_with("EHLO") {
+                    let mut reply = String::new();
+                    for e in extensions {
+                        reply.push_str(&format!("250-{e}\r\n"));
+                    }
+                    reply + "250 test\r\n"
+                } else if let Some(to) = line.strip_prefix("RCPT TO:<") {
+                    format!("{}\r\n", rcpt(to.split('>').next().unwrap_or_default()))
+                } else if line == "DATA" {
+                    in_data = true;
+                    "354 go on\r\n".to_string()
+                } else {
+                    "250 ok\r\n".to_string()
+                };
+                let _ = w.write_all(reply.as_bytes()).await;
+            }
+            said
+        });
+        (addr, server)
+    }
+
+    fn plain(addr: std::net::SocketAddr) -> Transport {
+        transport(&SmtpConfig {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+            tls: SmtpTls::None,
+            username: None,
+            password: None,
+            timeout: Duration::from_secs(10),
+        })
+        .unwrap()
+    }
+
+    fn meta() -> Meta<'static> {
+        Meta {
+            channel: "mail",
+            rule: "r",
+            sid: "CA1",
+            event: "POST_CALL_DATA",
+            delivery_id: 1,
+        }
+    }
+
+    fn to(to: &[&str]) -> EmailParts {
+        EmailParts {
+            to: to.iter().map(|s| s.to_string()).collect(),
+            subject: "s".into(),
+            text: Some("body".into()),
+            html: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_552_to_a_recipient_retries_the_message_for_all_like_a_452() {
+        // RFC 5321 4.5.3.1.10: older servers answer "too many recipients" with 552, which a
+        // client must take as temporary.
+        let (addr, server) = scripted(&[], |to| {
+            if to.starts_with('b') {
+                "552 5.5.3 Too many recipients"
+            } else {
+                "250 ok"
+            }
+        })
+        .await;
+        let t = plain(addr);
+        let from: Mailbox = "calls@example.com".parse().unwrap();
+        let parts = to(&["a@example.com", "b@example.com", "c@example.com"]);
+        match send(&t, &from, &parts, &meta()).await {
+            Outcome::Retry { error, .. } => {
+                assert!(
+                    error.contains("(552): 5.5.3 Too many recipients"),
+                    "{error}"
+                );
+                assert!(error.contains("temporary"), "{error}");
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(t);
+        let said = server.await.unwrap();
+        assert!(!said.iter().any(|l| l == "DATA"), "{said:?}");
     }
 
     fn message() -> lettre::Message {
