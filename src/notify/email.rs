@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use lettre::address::Envelope;
 use lettre::message::header::{
     self, ContentTransferEncoding, ContentType, HeaderName, HeaderValue, Headers,
 };
@@ -63,6 +62,8 @@ pub enum SendError {
     Timeout(&'static str),
     /// The server cannot take this message as it is (a capability it lacks).
     Unsupported(&'static str),
+    /// The message could not be built (see [`build`]).
+    Build(String),
     /// A recipient was answered 552, which RFC 5321 (4.5.3.1.10) has a client take as
     /// temporary ("too many recipients" from older servers) although it is a 5xx reply.
     RecipientsLater(lettre::transport::smtp::Error),
@@ -71,7 +72,8 @@ pub enum SendError {
     Unconfirmed(String),
 }
 
-/// A message the server took: its answer, and each recipient it refused for good.
+/// A message the server took: its answer, and each recipient it refused for good or could not
+/// be sent (a note per recipient, naming it).
 #[derive(Debug)]
 pub struct Sent {
     pub response: Response,
@@ -84,22 +86,51 @@ pub struct Sent {
 /// transient refusal (4xx, and 552: see [`SendError::RecipientsLater`]) fails the whole message
 /// before anything is sent, so it is retried for all. On any error the caller drops the
 /// connection, mid-transaction as it may be.
+///
+/// A recipient whose address is not ASCII, when the server does not offer SMTPUTF8, is skipped
+/// and noted the same way, and the message is built without it: its address in the To header
+/// would make the message one that only an SMTPUTF8 server may take (RFC 6531, 6532), and one
+/// that a server without 8BITMIME could not take at all.
+///
 /// `text_sent` is set when the message's text starts going out: from then on, a missing answer
 /// leaves open whether the server took it.
 async fn transaction(
     conn: &mut AsyncSmtpConnection,
-    envelope: &Envelope,
-    email: &[u8],
+    from: &Mailbox,
+    to: &[Mailbox],
+    parts: &EmailParts,
     text_sent: &AtomicBool,
 ) -> Result<Sent, SendError> {
-    let mut options = Vec::new();
     let ascii = |a: &lettre::Address| AsRef::<str>::as_ref(a).is_ascii();
-    if !envelope.from().into_iter().chain(envelope.to()).all(ascii) {
-        if !conn.server_info().supports_feature(Extension::SmtpUtfEight) {
+    let utf8 = conn.server_info().supports_feature(Extension::SmtpUtfEight);
+    let mut refused = Vec::new();
+    let to: Vec<Mailbox> = if utf8 {
+        to.to_vec()
+    } else {
+        if !ascii(&from.email) {
             return Err(SendError::Unsupported(
-                "a recipient or sender address is not ASCII and the server does not offer SMTPUTF8",
+                "the sender address is not ASCII and the server does not offer SMTPUTF8",
             ));
         }
+        let (to, skipped): (Vec<Mailbox>, Vec<Mailbox>) =
+            to.iter().cloned().partition(|m| ascii(&m.email));
+        if to.is_empty() {
+            return Err(SendError::Unsupported(
+                "no recipient address is ASCII and the server does not offer SMTPUTF8",
+            ));
+        }
+        refused.extend(skipped.iter().map(|m| {
+            format!(
+                "{} skipped: the address is not ASCII and the server does not offer SMTPUTF8",
+                m.email
+            )
+        }));
+        to
+    };
+    let message = build(from, &to, parts).map_err(SendError::Build)?;
+    let (envelope, email) = (message.envelope(), message.formatted());
+    let mut options = Vec::new();
+    if !envelope.from().into_iter().chain(envelope.to()).all(ascii) {
         options.push(MailParameter::SmtpUtfEight);
     }
     if !email.is_ascii() {
@@ -113,8 +144,7 @@ async fn transaction(
     conn.command(Mail::new(envelope.from().cloned(), options))
         .await
         .map_err(SendError::Smtp)?;
-    let mut refused = Vec::new();
-    let mut last_refusal = None;
+    let (skipped, mut last_refusal) = (refused.len(), None);
     for to in envelope.to() {
         match conn.command(Rcpt::new(to.clone(), vec![])).await {
             Ok(_) => {}
@@ -128,14 +158,14 @@ async fn transaction(
             Err(e) => return Err(SendError::Smtp(e)),
         }
     }
-    if refused.len() == envelope.to().len() {
+    if refused.len() - skipped == envelope.to().len() {
         if let Some(e) = last_refusal {
             return Err(SendError::Smtp(e));
         }
     }
     conn.command(Data).await.map_err(SendError::Smtp)?;
     text_sent.store(true, Ordering::Relaxed);
-    let response = conn.message(email).await.map_err(|e| {
+    let response = conn.message(&email).await.map_err(|e| {
         if e.is_transient() || e.is_permanent() {
             SendError::Smtp(e)
         } else {
@@ -174,10 +204,15 @@ pub fn transport(s: &SmtpConfig) -> Result<Transport, String> {
 }
 
 impl Transport {
-    /// Sends one message on an idle connection (checked with NOOP) or a new one. A connection
-    /// goes back to the pool only after a clean send. On success, also the recipients the
-    /// server refused for good (see `transaction`).
-    pub async fn send(&self, message: lettre::Message) -> Result<Sent, SendError> {
+    /// Sends one message (see [`build`]) on an idle connection (checked with NOOP) or a new
+    /// one. A connection goes back to the pool only after a clean send. On success, also the
+    /// recipients the server refused for good or could not be sent (see `transaction`).
+    pub async fn send(
+        &self,
+        from: &Mailbox,
+        to: &[Mailbox],
+        parts: &EmailParts,
+    ) -> Result<Sent, SendError> {
         let limit = self.smtp.timeout;
         let mut conn = match self.reuse().await {
             Some(c) => c,
@@ -186,16 +221,8 @@ impl Transport {
                 .map_err(|_| SendError::Timeout("connecting"))??,
         };
         let text_sent = AtomicBool::new(false);
-        let sent = tokio::time::timeout(
-            limit,
-            transaction(
-                &mut conn,
-                message.envelope(),
-                &message.formatted(),
-                &text_sent,
-            ),
-        )
-        .await;
+        let sent =
+            tokio::time::timeout(limit, transaction(&mut conn, from, to, parts, &text_sent)).await;
         match sent {
             Ok(Ok(sent)) => {
                 if !conn.has_broken() {
@@ -518,11 +545,7 @@ pub async fn send(
             },
         };
     }
-    let message = match build(from, &to, parts) {
-        Ok(m) => m,
-        Err(error) => return Outcome::Permanent { error },
-    };
-    match transport.send(message).await {
+    match transport.send(from, &to, parts).await {
         Ok(Sent { response, refused }) => {
             let mut detail = format!("SMTP {}", response.code());
             if !bad.is_empty() {
@@ -549,6 +572,7 @@ pub async fn send(
         Err(SendError::Unsupported(why)) => Outcome::Permanent {
             error: format!("SMTP: {why}"),
         },
+        Err(SendError::Build(error)) => Outcome::Permanent { error },
         Err(SendError::Connect(e)) => Outcome::Retry {
             after: None,
             error: excerpt(&format!("SMTP: cannot connect: {e}"), 400),
@@ -768,7 +792,8 @@ mod tests {
             html: Some(format!("<pre>{said}</pre>")),
         };
         let from: Mailbox = "calls@example.com".parse().unwrap();
-        let message = build(&from, &["a@example.com".parse().unwrap()], &parts).unwrap();
+        let to = ["a@example.com".parse().unwrap()];
+        let message = build(&from, &to, &parts).unwrap();
         // RFC 5321 2.3.8: CR only as part of CRLF; RFC 2045 2.7: no NUL in 7bit text.
         let raw = message.formatted();
         assert!(!raw.contains(&0), "a NUL is sent");
@@ -777,7 +802,7 @@ mod tests {
         }
         let parsed = mail_parser::MessageParser::default().parse(&raw).unwrap();
         assert!(parsed.body_text(0).unwrap().contains(said), "{parsed:?}");
-        t.send(message).await.unwrap();
+        t.send(&from, &to, &parts).await.unwrap();
         drop(t);
         assert_eq!(server.await.unwrap(), ["<calls@example.com>"]);
     }
@@ -849,7 +874,7 @@ mod tests {
         }
     }
 
-    fn to(to: &[&str]) -> EmailParts {
+    fn parts_to(to: &[&str]) -> EmailParts {
         EmailParts {
             to: to.iter().map(|s| s.to_string()).collect(),
             subject: "s".into(),
@@ -872,7 +897,7 @@ mod tests {
         .await;
         let t = plain(addr);
         let from: Mailbox = "calls@example.com".parse().unwrap();
-        let parts = to(&["a@example.com", "b@example.com", "c@example.com"]);
+        let parts = parts_to(&["a@example.com", "b@example.com", "c@example.com"]);
         match send(&t, &from, &parts, &meta()).await {
             Outcome::Retry { error, .. } => {
                 assert!(
@@ -886,6 +911,60 @@ mod tests {
         drop(t);
         let said = server.await.unwrap();
         assert!(!said.iter().any(|l| l == "DATA"), "{said:?}");
+    }
+
+    #[tokio::test]
+    async fn a_non_ascii_recipient_the_server_cannot_take_does_not_cost_the_others_the_email() {
+        let from: Mailbox = "calls@example.com".parse().unwrap();
+        let parts = parts_to(&["a@example.com", "zoë@example.com", "b@example.com"]);
+        let without_smtputf8: [&'static [&'static str]; 2] = [&[], &["8BITMIME"]];
+        for extensions in without_smtputf8 {
+            let (addr, server) = scripted(extensions, |_| "250 ok").await;
+            let t = plain(addr);
+            let outcome = send(&t, &from, &parts, &meta()).await;
+            let Outcome::Delivered {
+                detail: Some(detail),
+            } = outcome
+            else {
+                panic!("{extensions:?}: {outcome:?}");
+            };
+            assert!(
+                detail.contains("zoë@example.com skipped") && detail.contains("SMTPUTF8"),
+                "{detail}"
+            );
+            drop(t);
+            let said = server.await.unwrap();
+            let rcpt: Vec<&String> = said.iter().filter(|l| l.starts_with("RCPT")).collect();
+            assert_eq!(rcpt, ["RCPT TO:<a@example.com>", "RCPT TO:<b@example.com>"]);
+            // Nor is it in the To header: what goes out is ASCII, as such a server needs.
+            assert!(
+                said.iter().all(|l| l.is_ascii()),
+                "{extensions:?}: {said:?}"
+            );
+            assert!(said.iter().any(|l| l == "DATA"), "{said:?}");
+        }
+
+        // With SMTPUTF8 every recipient gets it.
+        let (addr, server) = scripted(&["8BITMIME", "SMTPUTF8"], |_| "250 ok").await;
+        let t = plain(addr);
+        let outcome = send(&t, &from, &parts, &meta()).await;
+        assert_eq!(
+            outcome,
+            Outcome::Delivered {
+                detail: Some("SMTP 250".into())
+            }
+        );
+        drop(t);
+        let said = server.await.unwrap();
+        assert_eq!(said.iter().filter(|l| l.starts_with("RCPT")).count(), 3);
+
+        // No recipient left: dead, as before.
+        let (addr, _server) = scripted(&["8BITMIME"], |_| "250 ok").await;
+        let t = plain(addr);
+        match send(&t, &from, &parts_to(&["zoë@example.com"]), &meta()).await {
+            Outcome::Permanent { error } => assert!(error.contains("SMTPUTF8"), "{error}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     fn message() -> lettre::Message {
@@ -912,11 +991,14 @@ mod tests {
             timeout: Duration::from_millis(500),
         })
         .unwrap();
-        t.send(message()).await.unwrap();
+        let from: Mailbox = "calls@example.com".parse().unwrap();
+        let to = ["a@example.com".parse().unwrap()];
+        let parts = parts_to(&[]);
+        t.send(&from, &to, &parts).await.unwrap();
         assert_eq!(t.idle.lock().unwrap().len(), 1);
         // The pooled connection never answers its NOOP: after one timeout the message goes
         // out on a new connection (it used to wait for ever on the QUIT that closed the old).
-        let second = tokio::time::timeout(Duration::from_secs(10), t.send(message()))
+        let second = tokio::time::timeout(Duration::from_secs(10), t.send(&from, &to, &parts))
             .await
             .expect("the second send hung");
         assert!(second.is_ok(), "{second:?}");
