@@ -649,18 +649,21 @@ impl Store {
     }
 }
 
-/// Brings a store written by an earlier version up to the current schema.
+/// Brings a store written by an earlier version up to the current schema. Look and change are
+/// one write transaction: the daemon and a `deliveries` command may open the same old store at
+/// once, and the second to add a column would fail ("duplicate column name").
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
     let has = |table: &str, column: &str| -> rusqlite::Result<bool> {
-        let mut stmt = conn.prepare(&format!(
+        let mut stmt = tx.prepare(&format!(
             "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
         ))?;
         stmt.exists(params![column])
     };
     if !has("deliveries", "channel_type")? {
-        conn.execute_batch("ALTER TABLE deliveries ADD COLUMN channel_type TEXT")?;
+        tx.execute_batch("ALTER TABLE deliveries ADD COLUMN channel_type TEXT")?;
     }
-    Ok(())
+    tx.commit()
 }
 
 /// Runs a transaction-control statement from the statement cache (parsed once, not per call).
@@ -997,6 +1000,34 @@ mod tests {
             .map(|c| (c.sid.as_str(), c.channel_type.as_deref()))
             .collect();
         assert_eq!(types, [("CAold", None), ("CAnew", Some("slack"))]);
+    }
+
+    #[test]
+    fn an_old_store_opened_twice_at_once_is_upgraded_once() {
+        // The daemon starting while `deliveries list` runs, both on a store from before
+        // channel_type: each sees the column missing, and the second to add it must not fail.
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("s.db");
+            drop(Store::open(&path).unwrap());
+            Connection::open(&path)
+                .unwrap()
+                .execute_batch("ALTER TABLE deliveries DROP COLUMN channel_type")
+                .unwrap();
+            let start = std::sync::Arc::new(std::sync::Barrier::new(2));
+            let opens: Vec<_> = (0..2)
+                .map(|_| {
+                    let (path, start) = (path.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        Store::open(&path).map(drop)
+                    })
+                })
+                .collect();
+            for open in opens {
+                open.join().unwrap().unwrap();
+            }
+        }
     }
 
     #[tokio::test]
