@@ -78,7 +78,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .port(port)
                 .build();
             for i in 0..n {
-                let m = email::build(&from, &to, &parts(i))?;
+                let m = email::build(&from, &to, &parts(i), None)?;
                 transport.send(m).await?;
             }
         }
@@ -89,7 +89,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 AsyncSmtpConnection::connect_with_transport(Box::new(stream), &ClientId::default())
                     .await?;
             for i in 0..n {
-                let m = email::build(&from, &to, &parts(i))?;
+                let m = email::build(&from, &to, &parts(i), None)?;
                 conn.send(m.envelope(), &m.formatted()).await?;
             }
             conn.quit().await?;

@@ -220,7 +220,7 @@ fn check_report(config: &Config) -> (Vec<String>, Vec<Problem>) {
                         if let (ChannelKind::Email { from, .. }, false) =
                             (&config.channels[&action.channel].kind, good.is_empty())
                         {
-                            if let Err(e) = notify::email::build(from, &good, &parts) {
+                            if let Err(e) = notify::email::build(from, &good, &parts, None) {
                                 found.push((sample, e.to_string()));
                             }
                         }
@@ -401,7 +401,7 @@ pub fn dry_run(config: &Config, body: &[u8], as_json: bool) -> Result<(String, b
                             json!({"error": format!("no valid recipient in {:?}", parts.to), "skipped_recipients": bad})
                         }
                         ChannelKind::Email { from, .. } => {
-                            match notify::email::build(from, &good, parts) {
+                            match notify::email::build(from, &good, parts, None) {
                                 Ok(m) => {
                                     json!({"mime": String::from_utf8_lossy(&m.formatted()), "skipped_recipients": bad})
                                 }

@@ -244,7 +244,7 @@ proptest! {
             "ops@example.com".parse().unwrap(),
         ];
         let parts = EmailParts { to: vec![], subject: subject.clone(), text: text.clone(), html: html.clone() };
-        let built = email::build(&from, &to, &parts);
+        let built = email::build(&from, &to, &parts, None);
         if text.is_none() && html.is_none() {
             prop_assert!(built.is_err());
             return Ok(());
@@ -275,7 +275,7 @@ proptest! {
             prop_assert!(!shown.contains(['\r', '\n']), "{}", shown);
         }
         let from: Mailbox = "Call Bot <calls@example.com>".parse().unwrap();
-        let raw = email::build(&from, &good, &parts).expect("builds").formatted();
+        let raw = email::build(&from, &good, &parts, None).expect("builds").formatted();
         check_headers(&raw, &parts.subject, good.len());
     }
 

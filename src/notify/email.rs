@@ -99,6 +99,7 @@ async fn transaction(
     from: &Mailbox,
     to: &[Mailbox],
     parts: &EmailParts,
+    id: Option<String>,
     text_sent: &AtomicBool,
 ) -> Result<Sent, SendError> {
     let ascii = |a: &lettre::Address| AsRef::<str>::as_ref(a).is_ascii();
@@ -127,7 +128,7 @@ async fn transaction(
         }));
         to
     };
-    let message = build(from, &to, parts).map_err(SendError::Build)?;
+    let message = build(from, &to, parts, id).map_err(SendError::Build)?;
     let (envelope, email) = (message.envelope(), message.formatted());
     let mut options = Vec::new();
     if !envelope.from().into_iter().chain(envelope.to()).all(ascii) {
@@ -204,14 +205,16 @@ pub fn transport(s: &SmtpConfig) -> Result<Transport, String> {
 }
 
 impl Transport {
-    /// Sends one message (see [`build`]) on an idle connection (checked with NOOP) or a new
-    /// one. A connection goes back to the pool only after a clean send. On success, also the
-    /// recipients the server refused for good or could not be sent (see `transaction`).
+    /// Sends one message (see [`build`]; `id` its Message-ID, None for a random one) on an idle
+    /// connection (checked with NOOP) or a new one. A connection goes back to the pool only
+    /// after a clean send. On success, also the recipients the server refused for good or could
+    /// not be sent (see `transaction`).
     pub async fn send(
         &self,
         from: &Mailbox,
         to: &[Mailbox],
         parts: &EmailParts,
+        id: Option<String>,
     ) -> Result<Sent, SendError> {
         let limit = self.smtp.timeout;
         let mut conn = match self.reuse().await {
@@ -221,8 +224,11 @@ impl Transport {
                 .map_err(|_| SendError::Timeout("connecting"))??,
         };
         let text_sent = AtomicBool::new(false);
-        let sent =
-            tokio::time::timeout(limit, transaction(&mut conn, from, to, parts, &text_sent)).await;
+        let sent = tokio::time::timeout(
+            limit,
+            transaction(&mut conn, from, to, parts, id, &text_sent),
+        )
+        .await;
         match sent {
             Ok(Ok(sent)) => {
                 if !conn.has_broken() {
@@ -486,20 +492,21 @@ fn to_header(to: &[Mailbox]) -> HeaderValue {
     )
 }
 
-/// Builds the MIME message, with a Date and a new Message-ID: text, HTML, or both as
-/// multipart/alternative. Header values are encoded by lettre (RFC 2047 for non-ASCII); the
-/// subject is made one line and cut to length here.
+/// Builds the MIME message, with a Date and a Message-ID (`id`, or a new random one): text,
+/// HTML, or both as multipart/alternative. Header values are encoded by lettre (RFC 2047 for
+/// non-ASCII); the subject is made one line and cut to length here.
 pub fn build(
     from: &Mailbox,
     to: &[Mailbox],
     parts: &EmailParts,
+    id: Option<String>,
 ) -> Result<lettre::Message, String> {
     // lettre adds a Date but no Message-ID, which RFC 5322 3.6.4 says every message should
     // have: some servers refuse mail without one (Gmail: "550 5.7.1 Messages missing a valid
     // Message-ID header are not accepted") and spam filters score its absence.
     let mut b = lettre::Message::builder()
         .from(one_line_name(from))
-        .message_id(None);
+        .message_id(id);
     if !to.is_empty() {
         let to: Vec<Mailbox> = to.iter().map(one_line_name).collect();
         b = b.raw_header(to_header(&to));
@@ -529,11 +536,34 @@ pub fn build(
     built.map_err(|e| format!("cannot build the email: {e}"))
 }
 
+/// The Message-ID of a delivery's email: the same on every attempt, so that a copy a retry
+/// may cause (an answer to the end of the message that never came) carries the first one's ID
+/// and mail clients and archives can tell it is the same message. From the delivery's id and
+/// the call's sid (only its letters, digits, `.`, `_` and `-`), at the sender's domain.
+/// `send-test` (no delivery) gets a new random one each time.
+pub fn message_id(from: &Mailbox, meta: &Meta<'_>) -> Option<String> {
+    if meta.delivery_id <= 0 {
+        return None;
+    }
+    let sid: String = meta
+        .sid
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        .take(64)
+        .collect();
+    Some(format!(
+        "<callnotify.{}.{}@{}>",
+        meta.delivery_id,
+        if sid.is_empty() { "call" } else { &sid },
+        from.email.domain()
+    ))
+}
+
 pub async fn send(
     transport: &Transport,
     from: &Mailbox,
     parts: &EmailParts,
-    _meta: &Meta<'_>,
+    meta: &Meta<'_>,
 ) -> Outcome {
     let (to, bad) = recipients(&parts.to);
     if to.is_empty() {
@@ -545,7 +575,10 @@ pub async fn send(
             },
         };
     }
-    match transport.send(from, &to, parts).await {
+    match transport
+        .send(from, &to, parts, message_id(from, meta))
+        .await
+    {
         Ok(Sent { response, refused }) => {
             let mut detail = format!("SMTP {}", response.code());
             if !bad.is_empty() {
@@ -793,7 +826,7 @@ mod tests {
         };
         let from: Mailbox = "calls@example.com".parse().unwrap();
         let to = ["a@example.com".parse().unwrap()];
-        let message = build(&from, &to, &parts).unwrap();
+        let message = build(&from, &to, &parts, None).unwrap();
         // RFC 5321 2.3.8: CR only as part of CRLF; RFC 2045 2.7: no NUL in 7bit text.
         let raw = message.formatted();
         assert!(!raw.contains(&0), "a NUL is sent");
@@ -802,7 +835,7 @@ mod tests {
         }
         let parsed = mail_parser::MessageParser::default().parse(&raw).unwrap();
         assert!(parsed.body_text(0).unwrap().contains(said), "{parsed:?}");
-        t.send(&from, &to, &parts).await.unwrap();
+        t.send(&from, &to, &parts, None).await.unwrap();
         drop(t);
         assert_eq!(server.await.unwrap(), ["<calls@example.com>"]);
     }
@@ -914,6 +947,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn every_attempt_of_a_delivery_goes_out_with_the_same_message_id() {
+        let from: Mailbox = "calls@example.com".parse().unwrap();
+        let parts = parts_to(&["a@example.com"]);
+        let mut ids = Vec::new();
+        for delivery_id in [5, 5, 0, 0] {
+            let (addr, server) = scripted(&["8BITMIME"], |_| "250 ok").await;
+            let t = plain(addr);
+            let meta = Meta {
+                delivery_id,
+                ..meta()
+            };
+            let outcome = send(&t, &from, &parts, &meta).await;
+            assert!(matches!(outcome, Outcome::Delivered { .. }), "{outcome:?}");
+            drop(t);
+            let said = server.await.unwrap();
+            let id = said
+                .into_iter()
+                .find(|l| l.to_ascii_lowercase().starts_with("message-id:"))
+                .expect("a Message-ID went out");
+            ids.push(id);
+        }
+        assert_eq!(ids[0], "Message-ID: <callnotify.5.CA1@example.com>");
+        assert_eq!(ids[0], ids[1], "a retry is the same message");
+        assert_ne!(ids[2], ids[3], "send-test's messages are each new");
+    }
+
+    #[tokio::test]
     async fn a_non_ascii_recipient_the_server_cannot_take_does_not_cost_the_others_the_email() {
         let from: Mailbox = "calls@example.com".parse().unwrap();
         let parts = parts_to(&["a@example.com", "zoë@example.com", "b@example.com"]);
@@ -976,7 +1036,7 @@ mod tests {
             text: Some("body".into()),
             html: None,
         };
-        build(&from, &to, &parts).unwrap()
+        build(&from, &to, &parts, None).unwrap()
     }
 
     #[tokio::test]
@@ -994,13 +1054,14 @@ mod tests {
         let from: Mailbox = "calls@example.com".parse().unwrap();
         let to = ["a@example.com".parse().unwrap()];
         let parts = parts_to(&[]);
-        t.send(&from, &to, &parts).await.unwrap();
+        t.send(&from, &to, &parts, None).await.unwrap();
         assert_eq!(t.idle.lock().unwrap().len(), 1);
         // The pooled connection never answers its NOOP: after one timeout the message goes
         // out on a new connection (it used to wait for ever on the QUIT that closed the old).
-        let second = tokio::time::timeout(Duration::from_secs(10), t.send(&from, &to, &parts))
-            .await
-            .expect("the second send hung");
+        let second =
+            tokio::time::timeout(Duration::from_secs(10), t.send(&from, &to, &parts, None))
+                .await
+                .expect("the second send hung");
         assert!(second.is_ok(), "{second:?}");
     }
 
@@ -1041,7 +1102,7 @@ mod tests {
                 text: Some("body".into()),
                 html: None,
             };
-            let raw = build(&from, &to, &parts).unwrap().formatted();
+            let raw = build(&from, &to, &parts, None).unwrap().formatted();
             let head = &raw[..raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap()];
             for line in head.split(|&b| b == b'\n') {
                 assert!(line.len() <= 998, "a {}-byte header line", line.len());
@@ -1071,7 +1132,7 @@ mod tests {
             assert_eq!(kept.chars().count(), MAX_NAME_CHARS);
             assert!(kept.ends_with('…'));
             assert_eq!(to[0].email.to_string(), "a@example.com");
-            let raw = build(&from, &to, &parts).unwrap().formatted();
+            let raw = build(&from, &to, &parts, None).unwrap().formatted();
             let head = &raw[..raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap()];
             for line in head.split(|&b| b == b'\n') {
                 assert!(line.len() <= 998, "a {}-byte header line", line.len());
@@ -1092,6 +1153,46 @@ mod tests {
             })
             .collect();
         assert_ne!(ids[0], ids[1]);
+    }
+
+    #[test]
+    fn a_deliverys_message_id_is_the_same_on_every_attempt_and_safe_from_call_data() {
+        let from: Mailbox = "Call Bot <calls@example.com>".parse().unwrap();
+        let meta = |delivery_id, sid| Meta {
+            channel: "mail",
+            rule: "r",
+            sid,
+            event: "POST_CALL_DATA",
+            delivery_id,
+        };
+        let id = message_id(&from, &meta(42, "CA0b6d1f9e")).unwrap();
+        assert_eq!(id, "<callnotify.42.CA0b6d1f9e@example.com>");
+        let parts = EmailParts {
+            to: vec![],
+            subject: "s".into(),
+            text: Some("b".into()),
+            html: None,
+        };
+        let to = ["a@example.com".parse().unwrap()];
+        let ids: Vec<String> = (0..2)
+            .map(|_| {
+                let raw = build(&from, &to, &parts, Some(id.clone()))
+                    .unwrap()
+                    .formatted();
+                let parsed = mail_parser::MessageParser::default().parse(&raw).unwrap();
+                parsed.message_id().unwrap().to_string()
+            })
+            .collect();
+        assert_eq!(ids, ["callnotify.42.CA0b6d1f9e@example.com"; 2]);
+        // A sid from the payload cannot break the header or the ID's syntax.
+        let hostile = message_id(&from, &meta(7, "CA1>\r\nBcc: x@evil.example <@é ")).unwrap();
+        assert_eq!(hostile, "<callnotify.7.CA1Bccxevil.example@example.com>");
+        assert_eq!(
+            message_id(&from, &meta(7, "<>")).unwrap(),
+            "<callnotify.7.call@example.com>"
+        );
+        // send-test has no delivery: a new ID each time.
+        assert_eq!(message_id(&from, &meta(0, "CA1")), None);
     }
 
     #[test]
@@ -1118,7 +1219,7 @@ mod tests {
         for list in lists {
             let (to, bad) = recipients(&list);
             assert!(bad.is_empty(), "{bad:?}");
-            let message = build(&from, &to, &parts).unwrap();
+            let message = build(&from, &to, &parts, None).unwrap();
             assert_eq!(message.envelope().to().len(), 20);
             let raw = message.formatted();
             let head = &raw[..raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap()];
@@ -1153,7 +1254,7 @@ mod tests {
             text: Some("body".into()),
             html: Some("<p>body</p>".into()),
         };
-        let raw = String::from_utf8(build(&from, &to, &parts).unwrap().formatted()).unwrap();
+        let raw = String::from_utf8(build(&from, &to, &parts, None).unwrap().formatted()).unwrap();
         assert!(raw.lines().all(|l| !l.starts_with("Bcc:")), "{raw}");
         assert!(
             raw.contains("Subject: Hi  Bcc: evil@example.com =?utf-8?"),
