@@ -703,16 +703,19 @@ fn expand_env(
     match v {
         Value::String(s) if s.contains('$') => {
             let shape = (unset == Unset::Placeholder).then(|| Shape::of(at));
+            let lone = lone_reference(s);
             let mut stood_in = Vec::new();
-            match expand(s, env, shape, &mut stood_in) {
-                Ok(out) => *s = out,
-                Err(msg) => problems.push(Problem::new(at, msg)),
-            }
+            let expanded = expand(s, env, shape, &mut stood_in);
             placeholders.extend(stood_in.into_iter().map(|(var, value)| Placeholder {
                 var,
                 at: at.to_string(),
                 value,
             }));
+            match expanded {
+                Ok(out) if lone => *v = typed(at, out),
+                Ok(out) => *v = Value::String(out),
+                Err(msg) => problems.push(Problem::new(at, msg)),
+            }
         }
         Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
@@ -734,6 +737,55 @@ fn expand_env(
     }
 }
 
+/// Settings that hold a number or a yes/no, by their key: a `${VAR}` standing alone there
+/// (`port: "${SMTP_PORT}"`) gives its value as a number or a boolean, as YAML would have read
+/// it had it been written in the file. Everywhere else the value stays text, so a password of
+/// digits is still a password.
+const NUMBER_SETTINGS: &[&str] = &[
+    "max_body_bytes",
+    "max_connections",
+    "max_per_second",
+    "burst",
+    "concurrency",
+    "port",
+];
+const YES_NO_SETTINGS: &[&str] = &["watch_config", "stop"];
+
+fn leaf(at: &str) -> &str {
+    at.rsplit('.').next().unwrap_or(at)
+}
+
+/// Whether `s` is one `${...}` reference and nothing else.
+fn lone_reference(s: &str) -> bool {
+    s.starts_with("${") && s.find('}') == Some(s.len() - 1)
+}
+
+/// The expanded value of a lone reference at `at`: a number or a boolean where the setting
+/// holds one and the value reads as one, text otherwise (whose type error then names it).
+fn typed(at: &str, value: String) -> Value {
+    let key = leaf(at);
+    if NUMBER_SETTINGS.contains(&key) {
+        if let Ok(n) = value.trim().parse::<u64>() {
+            return Value::from(n);
+        }
+        if let Some(n) = value
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .and_then(serde_json::Number::from_f64)
+        {
+            return Value::Number(n);
+        }
+    } else if YES_NO_SETTINGS.contains(&key) {
+        match value.trim() {
+            "true" => return Value::Bool(true),
+            "false" => return Value::Bool(false),
+            _ => {}
+        }
+    }
+    Value::String(value)
+}
+
 /// Expands one string; see [`expand_env`].
 pub fn expand_str(s: &str, env: &BTreeMap<String, String>) -> Result<String, String> {
     expand(s, env, None, &mut Vec::new())
@@ -747,6 +799,8 @@ enum Shape {
     Url,
     Mailbox,
     SocketAddr,
+    Number,
+    YesNo,
     Text,
 }
 
@@ -759,6 +813,10 @@ impl Shape {
         };
         if at.starts_with("channels.") && leaf == "webhook_url" {
             Shape::Url
+        } else if NUMBER_SETTINGS.contains(&leaf) {
+            Shape::Number
+        } else if YES_NO_SETTINGS.contains(&leaf) {
+            Shape::YesNo
         } else if at == "server.listen" || at == "admin.listen" {
             Shape::SocketAddr
         } else if (at.starts_with("channels.") && leaf == "from")
@@ -785,6 +843,9 @@ impl Shape {
             Shape::SocketAddr if before.ends_with(':') => "0".into(),
             Shape::SocketAddr => "127.0.0.1".into(),
             Shape::Mailbox if alone('<', '>') => format!("{word}@unset.invalid"),
+            // 1 passes every number setting's bounds (a port, a concurrency, a rate).
+            Shape::Number if before.is_empty() && after.is_empty() => "1".into(),
+            Shape::YesNo if before.is_empty() && after.is_empty() => "false".into(),
             _ => word,
         }
     }
@@ -1542,6 +1603,69 @@ rules:
     when: { campaignId: 8812 }
     notify: [{ channel: s, template: slack/x }]
 "#;
+
+    #[test]
+    fn a_lone_variable_in_a_number_or_yes_no_setting_gives_a_number_or_a_yes_no() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = r#"
+templates_dir: "{t}"
+server: { tokens: ["0123456789abcdef"], max_connections: "${CONNS}", watch_config: "${WATCH}" }
+channels:
+  mail:
+    type: email
+    smtp: { host: "${SMTP_HOST}", port: "${SMTP_PORT}", username: "u", password: "${SMTP_PASSWORD}" }
+    from: "calls@example.com"
+    max_per_second: "${RATE:-0.5}"
+    concurrency: "${MAIL_CONCURRENCY}"
+rules:
+  - name: r
+    stop: "${STOP}"
+    notify: [{ channel: mail, template: slack/x, to: ["a@example.com"], subject: "s" }]
+"#;
+        let p = write(dir.path(), yaml);
+        let e = env(&[
+            ("CONNS", "64"),
+            ("WATCH", "true"),
+            ("SMTP_HOST", "12345"),
+            ("SMTP_PORT", "2525"),
+            ("SMTP_PASSWORD", "000123"),
+            ("MAIL_CONCURRENCY", "3"),
+            ("STOP", "true"),
+        ]);
+        let c = load_with_env(&p, &e).unwrap();
+        assert_eq!(c.server.max_connections, 64);
+        assert!(c.server.watch_config);
+        let mail = &c.channels["mail"];
+        assert_eq!((mail.max_per_second, mail.concurrency), (0.5, 3));
+        let ChannelKind::Email { smtp, .. } = &mail.kind else {
+            panic!("{:?}", mail.kind.type_name())
+        };
+        assert_eq!(smtp.port, 2525);
+        // Text settings stay text, leading zeros and all.
+        assert_eq!(smtp.host, "12345");
+        assert_eq!(smtp.password.as_ref().unwrap().expose_secret(), "000123");
+        assert!(c.rules[0].stop);
+
+        // A value that is not a number is still named as the setting's problem.
+        let e = env(&[
+            ("CONNS", "many"),
+            ("WATCH", "true"),
+            ("SMTP_HOST", "h"),
+            ("SMTP_PORT", "2525"),
+            ("SMTP_PASSWORD", "p"),
+            ("MAIL_CONCURRENCY", "3"),
+            ("STOP", "false"),
+        ]);
+        let err = load_with_env(&p, &e).unwrap_err();
+        assert!(
+            err.problems.iter().any(|p| p.at.starts_with("server")),
+            "{err}"
+        );
+
+        // check --without-secrets: an unset number setting gets a placeholder that is a number.
+        let err_free = load_with(&p, &env(&[]), Unset::Placeholder).unwrap();
+        assert_eq!(err_free.server.max_connections, 1);
+    }
 
     #[test]
     fn environment_overrides_and_secrets_that_look_like_yaml() {
