@@ -699,15 +699,17 @@ impl OpenedFile {
     }
 }
 
+/// Which file `path` names now (device and inode): what tells the file a handle was opened on
+/// from one put in its place. Also used by the log channel's files.
 #[cfg(unix)]
-fn file_id(path: &Path) -> std::io::Result<(u64, u64)> {
+pub(crate) fn file_id(path: &Path) -> std::io::Result<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path)?;
     Ok((m.dev(), m.ino()))
 }
 
 #[cfg(not(unix))]
-fn file_id(path: &Path) -> std::io::Result<(u64, u64)> {
+pub(crate) fn file_id(path: &Path) -> std::io::Result<(u64, u64)> {
     std::fs::metadata(path).map(|_| (0, 0))
 }
 

@@ -8,10 +8,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use super::{Meta, Outcome};
+use crate::store::file_id;
+
+/// An open append handle and the file it was opened on (see [`file_id`]).
+type Opened = (File, (u64, u64));
 
 /// Open append handles, one per file.
 #[derive(Default)]
-pub struct Files(Arc<Mutex<HashMap<PathBuf, File>>>);
+pub struct Files(Arc<Mutex<HashMap<PathBuf, Opened>>>);
 
 impl Files {
     pub async fn write(&self, file: Option<&Path>, text: &str, meta: &Meta<'_>) -> Outcome {
@@ -57,12 +61,15 @@ impl Files {
 /// disk like the store's record of it. A handle whose file was rotated (renamed) or deleted
 /// since it was opened is replaced by one on the file the path names now; writing on through
 /// the old one would report delivered what lands in a file nobody reads.
-fn append(files: &Mutex<HashMap<PathBuf, File>>, path: &Path, line: &str) -> std::io::Result<()> {
+fn append(files: &Mutex<HashMap<PathBuf, Opened>>, path: &Path, line: &str) -> std::io::Result<()> {
     let mut files = match files.lock() {
         Ok(f) => f,
         Err(poisoned) => poisoned.into_inner(),
     };
-    if files.get(path).is_some_and(|f| !names(path, f)) {
+    if files
+        .get(path)
+        .is_some_and(|(_, id)| file_id(path).ok() != Some(*id))
+    {
         files.remove(path);
     }
     let result = (|| {
@@ -71,9 +78,9 @@ fn append(files: &Mutex<HashMap<PathBuf, File>>, path: &Path, line: &str) -> std
                 std::fs::create_dir_all(dir)?;
             }
             let f = OpenOptions::new().create(true).append(true).open(path)?;
-            files.insert(path.to_path_buf(), f);
+            files.insert(path.to_path_buf(), (f, file_id(path)?));
         }
-        let f = files
+        let (f, _) = files
             .get_mut(path)
             .ok_or_else(|| std::io::Error::other("file handle missing"))?;
         f.write_all(line.as_bytes())?;
@@ -83,21 +90,6 @@ fn append(files: &Mutex<HashMap<PathBuf, File>>, path: &Path, line: &str) -> std
         files.remove(path);
     }
     result
-}
-
-/// Whether `path` still names the open file `f`.
-#[cfg(unix)]
-fn names(path: &Path, f: &File) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(path), f.metadata()) {
-        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
-        _ => false,
-    }
-}
-
-#[cfg(not(unix))]
-fn names(path: &Path, _f: &File) -> bool {
-    path.exists()
 }
 
 /// `text` with its control characters (line breaks, escape sequences) written as escapes and
