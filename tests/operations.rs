@@ -582,21 +582,25 @@ async fn the_quiet_alert_fires_once_and_again_when_calls_resume() {
     );
 }
 
-/// The system clock is stepped back an hour. A retry due in a minute stays due in a minute, and
-/// a call stored between the step and the moment the daemon notices it is due at once, not an
-/// hour ago or an hour from now: everything the store holds is on one timeline.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stepped_system_clock_leaves_retry_waits_as_they_were() {
-    use callnotify::clock::{Clock, SteadyClock};
+/// An in-process daemon on a wall clock the test steps (`step`, in ms): Slack channel `sales`,
+/// every call a Block Kit message, retries after 60 s (`extra`: more delivery settings).
+struct Stepped {
+    dir: tempfile::TempDir,
+    _app: callnotify::app::App,
+    shared: Arc<callnotify::app::Shared>,
+    clock: Arc<callnotify::clock::SteadyClock>,
+    step: Arc<std::sync::atomic::AtomicI64>,
+}
+
+async fn stepped(slack: &FakeSlack, extra: &str) -> Stepped {
+    use callnotify::clock::SteadyClock;
     use std::sync::atomic::{AtomicI64, Ordering};
-    let slack = FakeSlack::start().await;
-    slack.script([Reply::status(500, "internal_error")]);
     let dir = tempfile::tempdir().unwrap();
     let cfg = in_process_config(
         dir.path(),
         &templates_dir(),
         &format!(
-            "delivery: {{ retry_schedule: [\"60s\"] }}\nchannels:\n  sales: {{ type: slack, webhook_url: \"{}\", max_per_second: 0 }}\nrules:\n  - name: every_call\n    notify: [{{ channel: sales, template: slack/booked }}]\n",
+            "delivery: {{ retry_schedule: [\"60s\"]{extra} }}\nchannels:\n  sales: {{ type: slack, webhook_url: \"{}\", max_per_second: 0 }}\nrules:\n  - name: every_call\n    notify: [{{ channel: sales, template: slack/booked }}]\n",
             slack.url
         ),
     );
@@ -609,33 +613,53 @@ async fn a_stepped_system_clock_leaves_retry_waits_as_they_were() {
     let app = callnotify::app::App::build_with_clock(&cfg, clock.clone())
         .await
         .unwrap();
-    let shared = app.shared();
-    let store_call = |sid: &'static str| {
-        let shared = shared.clone();
-        let clock = clock.clone();
-        async move {
-            let action = shared.live.load().config.rules[0].actions[0].clone();
-            let owed = vec![callnotify::store::NewDelivery {
-                rule: "every_call".into(),
-                action_idx: 0,
-                action,
-                channel_type: Some("slack"),
-            }];
-            let body = serde_json::json!({"sid": sid, "cachedLeadName": "Maria"});
-            shared
-                .store
-                .insert_call(
-                    sid.into(),
-                    "POST_CALL_DATA",
-                    body.to_string(),
-                    clock.now_ms(),
-                    owed,
-                )
-                .await
-                .unwrap();
-        }
-    };
-    store_call("CAretry").await;
+    Stepped {
+        dir,
+        shared: app.shared(),
+        _app: app,
+        clock,
+        step,
+    }
+}
+
+impl Stepped {
+    /// Stores call `sid`, owing the rule's one Slack message, as received now.
+    async fn store_call(&self, sid: &str) {
+        use callnotify::clock::Clock;
+        let action = self.shared.live.load().config.rules[0].actions[0].clone();
+        let owed = vec![callnotify::store::NewDelivery {
+            rule: "every_call".into(),
+            action_idx: 0,
+            action,
+            channel_type: Some("slack"),
+        }];
+        let body = serde_json::json!({"sid": sid, "cachedLeadName": "Maria"});
+        self.shared
+            .store
+            .insert_call(
+                sid.into(),
+                "POST_CALL_DATA",
+                body.to_string(),
+                self.clock.now_ms(),
+                owed,
+            )
+            .await
+            .unwrap();
+    }
+}
+
+/// The system clock is stepped back an hour. A retry due in a minute stays due in a minute, and
+/// a call stored between the step and the moment the daemon notices it is due at once, not an
+/// hour ago or an hour from now: everything the store holds is on one timeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stepped_system_clock_leaves_retry_waits_as_they_were() {
+    use callnotify::clock::Clock;
+    use std::sync::atomic::Ordering;
+    let slack = FakeSlack::start().await;
+    slack.script([Reply::status(500, "internal_error")]);
+    let t = stepped(&slack, "").await;
+    let (shared, clock, step) = (&t.shared, &t.clock, &t.step);
+    t.store_call("CAretry").await;
     assert!(
         shared.worker.deliver_next().await.is_some(),
         "the first attempt"
@@ -643,7 +667,7 @@ async fn a_stepped_system_clock_leaves_retry_waits_as_they_were() {
     assert_eq!(slack.received()[0].answered, 500);
 
     step.store(-3_600_000, Ordering::SeqCst);
-    store_call("CAbetween").await; // before the daemon has looked at the clock again
+    t.store_call("CAbetween").await; // before the daemon has looked at the clock again
     shared.follow_wall_clock().await;
 
     let now = clock.now_ms();
@@ -666,48 +690,13 @@ async fn a_stepped_system_clock_leaves_retry_waits_as_they_were() {
 /// the retries it moves, so that the next look at the clock, with the store back, moves both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clock_step_the_store_could_not_follow_is_followed_once_it_can() {
-    use callnotify::clock::{Clock, SteadyClock};
-    use std::sync::atomic::{AtomicI64, Ordering};
+    use callnotify::clock::Clock;
+    use std::sync::atomic::Ordering;
     let slack = FakeSlack::start().await;
     slack.script([Reply::status(500, "internal_error")]);
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = in_process_config(
-        dir.path(),
-        &templates_dir(),
-        &format!(
-            "delivery: {{ retry_schedule: [\"60s\"] }}\nchannels:\n  sales: {{ type: slack, webhook_url: \"{}\", max_per_second: 0 }}\nrules:\n  - name: every_call\n    notify: [{{ channel: sales, template: slack/booked }}]\n",
-            slack.url
-        ),
-    );
-    let step = Arc::new(AtomicI64::new(0));
-    let wall = {
-        let step = step.clone();
-        move || chrono::Utc::now().timestamp_millis() + step.load(Ordering::SeqCst)
-    };
-    let clock = SteadyClock::with_wall(Box::new(wall));
-    let app = callnotify::app::App::build_with_clock(&cfg, clock.clone())
-        .await
-        .unwrap();
-    let shared = app.shared();
-    let action = shared.live.load().config.rules[0].actions[0].clone();
-    let owed = vec![callnotify::store::NewDelivery {
-        rule: "every_call".into(),
-        action_idx: 0,
-        action,
-        channel_type: Some("slack"),
-    }];
-    let body = serde_json::json!({"sid": "CAretry", "cachedLeadName": "Maria"});
-    shared
-        .store
-        .insert_call(
-            "CAretry".into(),
-            "POST_CALL_DATA",
-            body.to_string(),
-            clock.now_ms(),
-            owed,
-        )
-        .await
-        .unwrap();
+    let t = stepped(&slack, "").await;
+    let (dir, shared, clock, step) = (&t.dir, &t.shared, &t.clock, &t.step);
+    t.store_call("CAretry").await;
     assert!(shared.worker.deliver_next().await.is_some());
     assert_eq!(slack.received()[0].answered, 500);
 
@@ -738,49 +727,13 @@ async fn a_clock_step_the_store_could_not_follow_is_followed_once_it_can() {
 /// retried, not taken for the end of a window that has barely begun.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clock_step_during_a_send_does_not_cut_its_retry_window_short() {
-    use callnotify::clock::{Clock, SteadyClock};
     use callnotify::store::Recorded;
-    use std::sync::atomic::{AtomicI64, Ordering};
+    use std::sync::atomic::Ordering;
     let slack = FakeSlack::start().await;
     slack.script([Reply::status(500, "internal_error").delayed(Duration::from_secs(2))]);
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = in_process_config(
-        dir.path(),
-        &templates_dir(),
-        &format!(
-            "delivery: {{ retry_schedule: [\"60s\"], give_up_after: \"1h\" }}\nchannels:\n  sales: {{ type: slack, webhook_url: \"{}\", max_per_second: 0 }}\nrules:\n  - name: every_call\n    notify: [{{ channel: sales, template: slack/booked }}]\n",
-            slack.url
-        ),
-    );
-    let step = Arc::new(AtomicI64::new(0));
-    let wall = {
-        let step = step.clone();
-        move || chrono::Utc::now().timestamp_millis() + step.load(Ordering::SeqCst)
-    };
-    let clock = SteadyClock::with_wall(Box::new(wall));
-    let app = callnotify::app::App::build_with_clock(&cfg, clock.clone())
-        .await
-        .unwrap();
-    let shared = app.shared();
-    let action = shared.live.load().config.rules[0].actions[0].clone();
-    let owed = vec![callnotify::store::NewDelivery {
-        rule: "every_call".into(),
-        action_idx: 0,
-        action,
-        channel_type: Some("slack"),
-    }];
-    let body = serde_json::json!({"sid": "CAinflight", "cachedLeadName": "Maria"});
-    shared
-        .store
-        .insert_call(
-            "CAinflight".into(),
-            "POST_CALL_DATA",
-            body.to_string(),
-            clock.now_ms(),
-            owed,
-        )
-        .await
-        .unwrap();
+    let t = stepped(&slack, ", give_up_after: \"1h\"").await;
+    let (shared, step) = (&t.shared, &t.step);
+    t.store_call("CAinflight").await;
     let sending = tokio::spawn({
         let shared = shared.clone();
         async move { shared.worker.deliver_next().await }
