@@ -516,6 +516,7 @@ fn from_text(
     let mut problems = Vec::new();
     let mut placeholders = Vec::new();
     expand_env(&mut tree, "", env, unset, &mut problems, &mut placeholders);
+    type_settings(&mut tree, "");
     let config = from_tree(path, tree, &placeholders, &mut problems);
     match config {
         Some(mut c) if problems.is_empty() => {
@@ -665,9 +666,9 @@ fn layered(path: &Path, text: &str, env: &BTreeMap<String, String>) -> Result<Va
             config::Environment::with_prefix("CALLNOTIFY")
                 .prefix_separator("_")
                 .separator("__")
-                .try_parsing(true)
-                .list_separator(",")
-                .with_list_parse_key("server.tokens")
+                // Every override is text here, as a `${VAR}` is: `type_settings` reads numbers
+                // and yes/no where a setting holds one, so a password or a token of digits
+                // stays what it was (the crate's own parsing made `000123` the number 123).
                 .source(Some(overrides)),
         )
         .build()
@@ -686,6 +687,12 @@ fn layered(path: &Path, text: &str, env: &BTreeMap<String, String>) -> Result<Va
     if tree.is_null() {
         tree = Value::Object(Default::default());
     }
+    // `CALLNOTIFY_SERVER__TOKENS=tok1,tok2`: the list, from one variable.
+    if let Some(tokens) = tree.pointer_mut("/server/tokens") {
+        if let Value::String(list) = tokens {
+            *tokens = list.split(',').map(|t| Value::String(t.into())).collect();
+        }
+    }
     Ok(tree)
 }
 
@@ -703,7 +710,6 @@ fn expand_env(
     match v {
         Value::String(s) if s.contains('$') => {
             let shape = (unset == Unset::Placeholder).then(|| Shape::of(at));
-            let lone = lone_reference(s);
             let mut stood_in = Vec::new();
             let expanded = expand(s, env, shape, &mut stood_in);
             placeholders.extend(stood_in.into_iter().map(|(var, value)| Placeholder {
@@ -712,8 +718,7 @@ fn expand_env(
                 value,
             }));
             match expanded {
-                Ok(out) if lone => *v = typed(at, out),
-                Ok(out) => *v = Value::String(out),
+                Ok(out) => *s = out,
                 Err(msg) => problems.push(Problem::new(at, msg)),
             }
         }
@@ -737,53 +742,64 @@ fn expand_env(
     }
 }
 
-/// Settings that hold a number or a yes/no, by their key: a `${VAR}` standing alone there
-/// (`port: "${SMTP_PORT}"`) gives its value as a number or a boolean, as YAML would have read
-/// it had it been written in the file. Everywhere else the value stays text, so a password of
-/// digits is still a password.
-const NUMBER_SETTINGS: &[&str] = &[
-    "max_body_bytes",
-    "max_connections",
-    "max_per_second",
-    "burst",
-    "concurrency",
-    "port",
-];
-const YES_NO_SETTINGS: &[&str] = &["watch_config", "stop"];
-
-fn leaf(at: &str) -> &str {
-    at.rsplit('.').next().unwrap_or(at)
+/// What a setting that is not text holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holds {
+    Number,
+    YesNo,
 }
 
-/// Whether `s` is one `${...}` reference and nothing else.
-fn lone_reference(s: &str) -> bool {
-    s.starts_with("${") && s.find('}') == Some(s.len() - 1)
-}
-
-/// The expanded value of a lone reference at `at`: a number or a boolean where the setting
-/// holds one and the value reads as one, text otherwise (whose type error then names it).
-fn typed(at: &str, value: String) -> Value {
-    let key = leaf(at);
-    if NUMBER_SETTINGS.contains(&key) {
-        if let Ok(n) = value.trim().parse::<u64>() {
-            return Value::from(n);
-        }
-        if let Some(n) = value
-            .trim()
-            .parse::<f64>()
-            .ok()
-            .and_then(serde_json::Number::from_f64)
-        {
-            return Value::Number(n);
-        }
-    } else if YES_NO_SETTINGS.contains(&key) {
-        match value.trim() {
-            "true" => return Value::Bool(true),
-            "false" => return Value::Bool(false),
-            _ => {}
-        }
+/// The settings that hold a number or a yes/no, by their place in the file. Rules' conditions
+/// are not among them: a condition compares what it was given.
+fn holds(at: &str) -> Option<Holds> {
+    let parts: Vec<&str> = at.split('.').collect();
+    match parts.as_slice() {
+        ["server", "max_body_bytes" | "max_connections"] => Some(Holds::Number),
+        ["server", "watch_config"] => Some(Holds::YesNo),
+        ["channels", _, "max_per_second" | "burst" | "concurrency"] => Some(Holds::Number),
+        ["channels", _, "smtp", "port"] => Some(Holds::Number),
+        [rule, "stop"] if rule.starts_with("rules[") => Some(Holds::YesNo),
+        _ => None,
     }
-    Value::String(value)
+}
+
+/// YAML reads `port: 587` as a number, but a value from the environment (a `${VAR}`, a
+/// `CALLNOTIFY_*` override) or a quoted one is text. At a setting that holds a number or a
+/// yes/no, text that reads as one is taken as one (`port: "${SMTP_PORT}"` works); everywhere
+/// else text stays text, so a password of digits keeps its leading zeros.
+fn type_settings(v: &mut Value, at: &str) {
+    match v {
+        Value::String(s) => {
+            let text = s.trim();
+            let typed = match holds(at) {
+                Some(Holds::Number) => text.parse::<u64>().map(Value::from).ok().or_else(|| {
+                    let n = text.parse::<f64>().ok()?;
+                    serde_json::Number::from_f64(n).map(Value::Number)
+                }),
+                Some(Holds::YesNo) => text.parse::<bool>().ok().map(Value::Bool),
+                None => None,
+            };
+            if let Some(typed) = typed {
+                *v = typed;
+            }
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                type_settings(item, &format!("{at}[{i}]"));
+            }
+        }
+        Value::Object(map) => {
+            for (k, item) in map.iter_mut() {
+                let path = if at.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{at}.{k}")
+                };
+                type_settings(item, &path);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Expands one string; see [`expand_env`].
@@ -813,9 +829,9 @@ impl Shape {
         };
         if at.starts_with("channels.") && leaf == "webhook_url" {
             Shape::Url
-        } else if NUMBER_SETTINGS.contains(&leaf) {
+        } else if holds(at) == Some(Holds::Number) {
             Shape::Number
-        } else if YES_NO_SETTINGS.contains(&leaf) {
+        } else if holds(at) == Some(Holds::YesNo) {
             Shape::YesNo
         } else if at == "server.listen" || at == "admin.listen" {
             Shape::SocketAddr
@@ -1665,6 +1681,51 @@ rules:
         // check --without-secrets: an unset number setting gets a placeholder that is a number.
         let err_free = load_with(&p, &env(&[]), Unset::Placeholder).unwrap();
         assert_eq!(err_free.server.max_connections, 1);
+
+        // Overrides are read the same way: numbers where a setting holds one, text elsewhere.
+        let e = env(&[
+            ("CONNS", "64"),
+            ("WATCH", "true"),
+            ("SMTP_HOST", "h"),
+            ("SMTP_PORT", "2525"),
+            ("SMTP_PASSWORD", "p"),
+            ("MAIL_CONCURRENCY", "3"),
+            ("STOP", "false"),
+            ("CALLNOTIFY_CHANNELS__MAIL__SMTP__PASSWORD", "000123"),
+            ("CALLNOTIFY_CHANNELS__MAIL__SMTP__PORT", "587"),
+            (
+                "CALLNOTIFY_SERVER__TOKENS",
+                "1234567890123456,0123456789abcdef",
+            ),
+            ("CALLNOTIFY_SERVER__WATCH_CONFIG", "false"),
+        ]);
+        let c = load_with_env(&p, &e).unwrap();
+        let ChannelKind::Email { smtp, .. } = &c.channels["mail"].kind else {
+            panic!("not email")
+        };
+        assert_eq!(smtp.port, 587);
+        assert_eq!(smtp.password.as_ref().unwrap().expose_secret(), "000123");
+        let tokens: Vec<&str> = c.server.tokens.iter().map(|t| t.expose_secret()).collect();
+        assert_eq!(tokens, ["1234567890123456", "0123456789abcdef"]);
+        assert!(!c.server.watch_config);
+    }
+
+    #[test]
+    fn only_settings_that_hold_a_number_or_a_yes_no_are_read_as_one() {
+        let mut tree = serde_json::json!({
+            "server": { "max_connections": " 64 ", "webhook_path": "123" },
+            "channels": { "m": { "smtp": { "port": "25", "password": "007" }, "burst": "x" } },
+            "rules": [{ "stop": "true", "when": { "port": "587", "campaignId": "8812" } }],
+        });
+        type_settings(&mut tree, "");
+        assert_eq!(
+            tree,
+            serde_json::json!({
+                "server": { "max_connections": 64, "webhook_path": "123" },
+                "channels": { "m": { "smtp": { "port": 25, "password": "007" }, "burst": "x" } },
+                "rules": [{ "stop": true, "when": { "port": "587", "campaignId": "8812" } }],
+            })
+        );
     }
 
     #[test]
