@@ -516,7 +516,7 @@ fn from_text(
     let mut problems = Vec::new();
     let mut placeholders = Vec::new();
     expand_env(&mut tree, "", env, unset, &mut problems, &mut placeholders);
-    type_settings(&mut tree, "");
+    type_settings(&mut tree);
     let config = from_tree(path, tree, &placeholders, &mut problems);
     match config {
         Some(mut c) if problems.is_empty() => {
@@ -707,25 +707,35 @@ fn expand_env(
     problems: &mut Vec<Problem>,
     placeholders: &mut Vec<Placeholder>,
 ) {
-    match v {
-        Value::String(s) if s.contains('$') => {
-            let shape = (unset == Unset::Placeholder).then(|| Shape::of(at));
-            let mut stood_in = Vec::new();
-            let expanded = expand(s, env, shape, &mut stood_in);
-            placeholders.extend(stood_in.into_iter().map(|(var, value)| Placeholder {
-                var,
-                at: at.to_string(),
-                value,
-            }));
-            match expanded {
-                Ok(out) => *s = out,
-                Err(msg) => problems.push(Problem::new(at, msg)),
-            }
+    each_string(v, at, &mut |v, at| {
+        let Value::String(s) = v else {
+            return;
+        };
+        if !s.contains('$') {
+            return;
         }
+        let shape = (unset == Unset::Placeholder).then(|| Shape::of(at));
+        let mut stood_in = Vec::new();
+        let expanded = expand(s, env, shape, &mut stood_in);
+        placeholders.extend(stood_in.into_iter().map(|(var, value)| Placeholder {
+            var,
+            at: at.to_string(),
+            value,
+        }));
+        match expanded {
+            Ok(out) => *s = out,
+            Err(msg) => problems.push(Problem::new(at, msg)),
+        }
+    });
+}
+
+/// Calls `f` with every string in the tree and its place (`rules[0].notify[1].to[0]`).
+fn each_string(v: &mut Value, at: &str, f: &mut dyn FnMut(&mut Value, &str)) {
+    match v {
+        Value::String(_) => f(v, at),
         Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
-                let at = format!("{at}[{i}]");
-                expand_env(item, &at, env, unset, problems, placeholders);
+                each_string(item, &format!("{at}[{i}]"), f);
             }
         }
         Value::Object(map) => {
@@ -735,7 +745,7 @@ fn expand_env(
                 } else {
                     format!("{at}.{k}")
                 };
-                expand_env(item, &path, env, unset, problems, placeholders);
+                each_string(item, &path, f);
             }
         }
         _ => {}
@@ -767,39 +777,24 @@ fn holds(at: &str) -> Option<Holds> {
 /// `CALLNOTIFY_*` override) or a quoted one is text. At a setting that holds a number or a
 /// yes/no, text that reads as one is taken as one (`port: "${SMTP_PORT}"` works); everywhere
 /// else text stays text, so a password of digits keeps its leading zeros.
-fn type_settings(v: &mut Value, at: &str) {
-    match v {
-        Value::String(s) => {
-            let text = s.trim();
-            let typed = match holds(at) {
-                Some(Holds::Number) => text.parse::<u64>().map(Value::from).ok().or_else(|| {
-                    let n = text.parse::<f64>().ok()?;
-                    serde_json::Number::from_f64(n).map(Value::Number)
-                }),
-                Some(Holds::YesNo) => text.parse::<bool>().ok().map(Value::Bool),
-                None => None,
-            };
-            if let Some(typed) = typed {
-                *v = typed;
-            }
+fn type_settings(tree: &mut Value) {
+    each_string(tree, "", &mut |v, at| {
+        let Value::String(s) = v else {
+            return;
+        };
+        let text = s.trim();
+        let typed = match holds(at) {
+            Some(Holds::Number) => text.parse::<u64>().map(Value::from).ok().or_else(|| {
+                let n = text.parse::<f64>().ok()?;
+                serde_json::Number::from_f64(n).map(Value::Number)
+            }),
+            Some(Holds::YesNo) => text.parse::<bool>().ok().map(Value::Bool),
+            None => None,
+        };
+        if let Some(typed) = typed {
+            *v = typed;
         }
-        Value::Array(items) => {
-            for (i, item) in items.iter_mut().enumerate() {
-                type_settings(item, &format!("{at}[{i}]"));
-            }
-        }
-        Value::Object(map) => {
-            for (k, item) in map.iter_mut() {
-                let path = if at.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{at}.{k}")
-                };
-                type_settings(item, &path);
-            }
-        }
-        _ => {}
-    }
+    });
 }
 
 /// Expands one string; see [`expand_env`].
@@ -1717,7 +1712,7 @@ rules:
             "channels": { "m": { "smtp": { "port": "25", "password": "007" }, "burst": "x" } },
             "rules": [{ "stop": "true", "when": { "port": "587", "campaignId": "8812" } }],
         });
-        type_settings(&mut tree, "");
+        type_settings(&mut tree);
         assert_eq!(
             tree,
             serde_json::json!({
