@@ -1076,6 +1076,13 @@ fn from_tree(
                     None | Some(Value::Null) => rules::Condition::All(Vec::new()),
                     Some(v) => rules::compile_when(v, &format!("{at}.when"), problems),
                 };
+                for path in when.undocumented_paths() {
+                    warnings.push(format!(
+                        "{at}.when.{path}: `{}` is not one of Air's call fields ({}); the condition holds only if Air sends it",
+                        path.split('.').next().unwrap_or(path),
+                        crate::payload::AIR_FIELDS.join(", ")
+                    ));
+                }
                 if raw.notify.is_empty() {
                     problems.push(Problem::new(
                         format!("{at}.notify"),
@@ -1721,6 +1728,34 @@ rules:
                 "rules": [{ "stop": true, "when": { "port": "587", "campaignId": "8812" } }],
             })
         );
+    }
+
+    #[test]
+    fn a_rule_on_a_field_air_does_not_send_is_warned_about() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), &GOOD.replace("campaignId", "durration"));
+        let e = env(&[
+            ("TOKEN", "0123456789abcdef"),
+            ("URL", "https://hooks.slack.com/services/T/B/X"),
+        ]);
+        let c = load_with_env(&p, &e).unwrap();
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.starts_with("rules[0] (r).when.durration: `durration` is not one")),
+            "{:?}",
+            c.warnings
+        );
+        let c = load_with_env(&write(dir.path(), GOOD), &e).unwrap();
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let (places, _) = refused(
+            &GOOD.replace("campaignId", "campaignID"),
+            &[
+                ("TOKEN", "0123456789abcdef"),
+                ("URL", "https://hooks.slack.com/services/T/B/X"),
+            ],
+        );
+        assert_eq!(places, ["rules[0] (r).when.campaignID"]);
     }
 
     #[test]

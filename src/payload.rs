@@ -10,6 +10,28 @@ use serde_json::{Map, Value};
 /// Longest `sid` accepted; Air's are 34 characters.
 pub const MAX_SID_LEN: usize = 128;
 
+/// Air's documented call fields. A template sees null for any the body left out, so
+/// `{{call.transcript}}` works on every call while `{{call.transcrpt}}` is still an error; a
+/// rule's `when` path that starts elsewhere is a typo or a field Air does not document.
+pub const AIR_FIELDS: &[&str] = &[
+    "sid",
+    "llmAnsweredBy",
+    "promptId",
+    "callRecordingUrl",
+    "fromNumber",
+    "toNumber",
+    "direction",
+    "duration",
+    "campaignId",
+    "cachedLeadName",
+    "transcript",
+    "createdAt",
+    "leadData",
+    "notes",
+    "outcome",
+    "primaryOutcomeAchieved",
+];
+
 /// Which of Air's webhooks a body is; known from the body itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 pub enum EventKind {

@@ -339,26 +339,7 @@ pub fn check_inline(s: &str) -> Result<(), String> {
         .map_err(|e| format!("template does not compile: {e}"))
 }
 
-/// Air's documented call fields; a template sees null for any the body left out, so
-/// `{{call.transcript}}` works on every call while `{{call.transcrpt}}` is still an error.
-pub const AIR_FIELDS: &[&str] = &[
-    "sid",
-    "llmAnsweredBy",
-    "promptId",
-    "callRecordingUrl",
-    "fromNumber",
-    "toNumber",
-    "direction",
-    "duration",
-    "campaignId",
-    "cachedLeadName",
-    "transcript",
-    "createdAt",
-    "leadData",
-    "notes",
-    "outcome",
-    "primaryOutcomeAchieved",
-];
+pub use crate::payload::AIR_FIELDS;
 
 /// The data every template sees, wrapped once for handlebars (rendering with a `&Value` would
 /// deep-copy the whole call, transcript included, for every template).

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::config::Problem;
-use crate::payload::{as_number, Call, EventKind};
+use crate::payload::{as_number, Call, EventKind, AIR_FIELDS};
 
 /// One notification a rule asks for. Stored with each delivery, so a delivery is rendered with
 /// the action it was planned with even if the config changes meanwhile.
@@ -143,6 +143,17 @@ fn compile_entry(key: &str, spec: &Value, at: &str, problems: &mut Vec<Problem>)
         path => {
             if path.is_empty() || path.split('.').any(str::is_empty) {
                 problems.push(Problem::new(at, format!("{path:?} is not a field path")));
+            }
+            // Air's keys are case-sensitive: `campaignID` would never be found, silently.
+            let head = path.split('.').next().unwrap_or(path);
+            if let Some(field) = AIR_FIELDS
+                .iter()
+                .find(|f| **f != head && f.eq_ignore_ascii_case(head))
+            {
+                problems.push(Problem::new(
+                    at,
+                    format!("Air's call has no field `{head}`; did you mean `{field}`? (names are case-sensitive)"),
+                ));
             }
             if spec.as_object().is_some_and(|m| m.is_empty()) {
                 problems.push(Problem::new(
@@ -465,6 +476,26 @@ impl Whole {
 }
 
 impl Condition {
+    /// The paths whose first segment is not one of Air's documented fields: most likely typos
+    /// (`durration`), since such a condition holds only if Air sends the field anyway.
+    pub fn undocumented_paths(&self) -> Vec<&str> {
+        match self {
+            Condition::All(parts) | Condition::Any(parts) => parts
+                .iter()
+                .flat_map(Condition::undocumented_paths)
+                .collect(),
+            Condition::Not(inner) => inner.undocumented_paths(),
+            Condition::Field { path, .. } => {
+                let head = path.split('.').next().unwrap_or(path);
+                if AIR_FIELDS.iter().any(|f| f.eq_ignore_ascii_case(head)) {
+                    Vec::new()
+                } else {
+                    vec![path.as_str()]
+                }
+            }
+        }
+    }
+
     /// Whether the condition holds: the matching path, with no explanation and no allocation.
     pub fn holds(&self, call: &Map<String, Value>) -> bool {
         match self {
@@ -754,6 +785,25 @@ mod tests {
             ]
         );
         assert!(problems[2].message.contains("no condition"), "{problems:?}");
+    }
+
+    #[test]
+    fn a_misspelt_field_is_found_at_load_not_silently_never_matched() {
+        let mut problems = Vec::new();
+        let c = compile_when(
+            &json!({"campaignID": 8812, "any": [{"Duration": {"gt": 60}}],
+                    "durration": {"gte": 60}, "not": {"leadData.source": "x"},
+                    "leaddata.owner": {"exists": true}}),
+            "when",
+            &mut problems,
+        );
+        let found: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(found.len(), 3, "{found:?}");
+        assert!(found[0].starts_with("when.campaignID: ") && found[0].contains("`campaignId`"));
+        assert!(found[1].starts_with("when.any[0].Duration: ") && found[1].contains("`duration`"));
+        assert!(found[2].starts_with("when.leaddata.owner: ") && found[2].contains("`leadData`"));
+        // Names Air does not document at all are not refused, but are named for a warning.
+        assert_eq!(c.undocumented_paths(), ["durration"]);
     }
 
     #[test]
