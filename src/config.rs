@@ -1058,6 +1058,12 @@ fn from_tree(
                     Some(OneOrMany::One(e)) => Some(vec![e]),
                     Some(OneOrMany::Many(es)) => Some(es),
                 };
+                if events.as_ref().is_some_and(Vec::is_empty) {
+                    problems.push(Problem::new(
+                        format!("{at}.event"),
+                        "an empty list matches no call; leave `event` out to match both",
+                    ));
+                }
                 let events = events.map(|es| {
                     es.iter()
                         .filter_map(|e| match crate::payload::EventKind::parse(e) {
@@ -1728,6 +1734,19 @@ rules:
                 "rules": [{ "stop": true, "when": { "port": "587", "campaignId": "8812" } }],
             })
         );
+    }
+
+    #[test]
+    fn a_rule_for_no_event_is_refused() {
+        let yaml = GOOD.replace("    when:", "    event: []\n    when:");
+        let (places, err) = refused(
+            &yaml,
+            &[
+                ("TOKEN", "0123456789abcdef"),
+                ("URL", "https://hooks.slack.com/services/T/B/X"),
+            ],
+        );
+        assert_eq!(places, ["rules[0] (r).event"], "{err}");
     }
 
     #[test]
