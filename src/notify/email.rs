@@ -70,7 +70,17 @@ pub enum SendError {
     /// The message's text went out but no answer to its end came (no reply in time, or the
     /// connection was lost): the server may have taken it.
     Unconfirmed(String),
+    /// Logging in failed (a 535, or no mechanism in common): the channel's credentials, not
+    /// the message. See [`AUTH_PAUSE`].
+    Auth(lettre::transport::smtp::Error),
 }
+
+/// How long a channel's SMTP server is left alone after it refused our login. A wrong or
+/// expired password is the operator's to fix, not the message's: the owed emails wait and go
+/// out once it is fixed and reloaded (up to `give_up_after`), as Postfix defers mail on a
+/// failed login, instead of all going dead. The pause holds every email to that server, so a
+/// backlog does not try to log in once per message (which can lock the account).
+pub const AUTH_PAUSE: Duration = Duration::from_secs(60);
 
 /// A message the server took: its answer, and each recipient it refused for good or could not
 /// be sent (a note per recipient, naming it).
@@ -271,13 +281,20 @@ impl Transport {
         }
     }
 
-    /// TCP with `TCP_NODELAY`, then implicit TLS or STARTTLS as configured, then AUTH.
+    /// TCP with `TCP_NODELAY`, then implicit TLS or STARTTLS as configured, then AUTH (a
+    /// refused login is [`SendError::Auth`]).
     async fn connect(&self) -> Result<AsyncSmtpConnection, SendError> {
         let tcp = tokio::net::TcpStream::connect((self.smtp.host.as_str(), self.smtp.port))
             .await
             .map_err(SendError::Connect)?;
         tcp.set_nodelay(true).map_err(SendError::Connect)?;
-        self.handshake(tcp).await.map_err(SendError::Smtp)
+        let mut conn = self.handshake(tcp).await.map_err(SendError::Smtp)?;
+        if let Some(credentials) = &self.credentials {
+            conn.auth(&[Mechanism::Plain, Mechanism::Login], credentials)
+                .await
+                .map_err(SendError::Auth)?;
+        }
+        Ok(conn)
     }
 
     async fn handshake(
@@ -299,10 +316,6 @@ impl Transport {
         let mut conn = AsyncSmtpConnection::connect_with_transport(stream, &self.hello).await?;
         if let (Some(params), SmtpTls::Starttls) = (&self.tls, self.smtp.tls) {
             conn.starttls(params.clone(), &self.hello).await?;
-        }
-        if let Some(credentials) = &self.credentials {
-            conn.auth(&[Mechanism::Plain, Mechanism::Login], credentials)
-                .await?;
         }
         Ok(conn)
     }
@@ -606,6 +619,17 @@ pub async fn send(
             error: format!("SMTP: {why}"),
         },
         Err(SendError::Build(error)) => Outcome::Permanent { error },
+        Err(SendError::Auth(e)) => Outcome::Retry {
+            after: Some(AUTH_PAUSE),
+            error: excerpt(
+                &format!(
+                    "SMTP: login refused: {}; check the channel's username and password \
+                     (owed emails wait and go out once they are fixed and reloaded)",
+                    error_chain(&e)
+                ),
+                400,
+            ),
+        },
         Err(SendError::Connect(e)) => Outcome::Retry {
             after: None,
             error: excerpt(&format!("SMTP: cannot connect: {e}"), 400),
@@ -841,7 +865,8 @@ mod tests {
     }
 
     /// An SMTP peer on 127.0.0.1 for one connection: EHLO offers `extensions`, RCPT TO is
-    /// answered by `rcpt` (given the address), DATA with 354, anything else with 250. Returns
+    /// answered by `rcpt` (given the address), DATA with 354, AUTH refused with 535 (offer
+    /// `AUTH PLAIN` to be asked), anything else with 250. Returns
     /// every line the client sent, the message's text included, once the client hangs up.
     async fn scripted(
         extensions: &'static [&'static str],
@@ -875,6 +900,8 @@ mod tests {
                 } else if line == "DATA" {
                     in_data = true;
                     "354 go on\r\n".to_string()
+                } else if line.starts_with("AUTH") {
+                    "535 5.7.8 Authentication credentials invalid\r\n".to_string()
                 } else {
                     "250 ok\r\n".to_string()
                 };
@@ -944,6 +971,40 @@ mod tests {
         drop(t);
         let said = server.await.unwrap();
         assert!(!said.iter().any(|l| l == "DATA"), "{said:?}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_login_waits_for_fixed_credentials_instead_of_killing_the_email() {
+        let (addr, server) = scripted(&["AUTH PLAIN LOGIN"], |_| "250 ok").await;
+        let t = transport(&SmtpConfig {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+            tls: SmtpTls::None,
+            username: Some("calls".into()),
+            password: Some("expired".to_string().into()),
+            timeout: Duration::from_secs(10),
+        })
+        .unwrap();
+        let from: Mailbox = "calls@example.com".parse().unwrap();
+        let outcome = send(&t, &from, &parts_to(&["a@example.com"]), &meta()).await;
+        let Outcome::Retry {
+            after: Some(after),
+            error,
+        } = outcome
+        else {
+            panic!("{outcome:?}");
+        };
+        assert_eq!(after, AUTH_PAUSE);
+        assert!(
+            error.contains("login refused") && error.contains("535"),
+            "{error}"
+        );
+        drop(t);
+        let said = server.await.unwrap();
+        assert!(
+            !said.iter().any(|l| l.starts_with("MAIL")),
+            "nothing is sent without a login: {said:?}"
+        );
     }
 
     #[tokio::test]
