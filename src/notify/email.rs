@@ -744,15 +744,7 @@ mod tests {
     async fn a_missing_answer_to_the_end_of_a_message_is_retried_as_possibly_delivered() {
         for hang_up in [false, true] {
             let addr = never_answers_the_end_of_a_message(hang_up).await;
-            let t = transport(&SmtpConfig {
-                host: addr.ip().to_string(),
-                port: addr.port(),
-                tls: SmtpTls::None,
-                username: None,
-                password: None,
-                timeout: Duration::from_millis(500),
-            })
-            .unwrap();
+            let t = plain_with(addr, Duration::from_millis(500), None);
             let from: Mailbox = "calls@example.com".parse().unwrap();
             let parts = EmailParts {
                 to: vec!["a@example.com".into()],
@@ -831,15 +823,7 @@ mod tests {
     #[tokio::test]
     async fn a_bare_cr_in_call_data_cannot_end_the_message_and_smuggle_another() {
         let (addr, server) = lenient_about_line_ends().await;
-        let t = transport(&SmtpConfig {
-            host: addr.ip().to_string(),
-            port: addr.port(),
-            tls: SmtpTls::None,
-            username: None,
-            password: None,
-            timeout: Duration::from_secs(10),
-        })
-        .unwrap();
+        let t = plain(addr);
         let said = "Sure.\r.\r\nMAIL FROM:<ceo@bank.example>\r\nRCPT TO:<a@example.com>\r\n\
                     DATA\r\nSubject: Wire the money\r\n\r\nNow.\r.\r\nNUL\0";
         let parts = EmailParts {
@@ -912,14 +896,24 @@ mod tests {
         (addr, server)
     }
 
+    /// A transport to `addr` without TLS: no login, 10 s timeout.
     fn plain(addr: std::net::SocketAddr) -> Transport {
+        plain_with(addr, Duration::from_secs(10), None)
+    }
+
+    /// A transport to `addr` without TLS, with this timeout and, if given, this login.
+    fn plain_with(
+        addr: std::net::SocketAddr,
+        timeout: Duration,
+        login: Option<(&str, &str)>,
+    ) -> Transport {
         transport(&SmtpConfig {
             host: addr.ip().to_string(),
             port: addr.port(),
             tls: SmtpTls::None,
-            username: None,
-            password: None,
-            timeout: Duration::from_secs(10),
+            username: login.map(|(user, _)| user.to_string()),
+            password: login.map(|(_, password)| password.to_string().into()),
+            timeout,
         })
         .unwrap()
     }
@@ -976,15 +970,7 @@ mod tests {
     #[tokio::test]
     async fn a_refused_login_waits_for_fixed_credentials_instead_of_killing_the_email() {
         let (addr, server) = scripted(&["AUTH PLAIN LOGIN"], |_| "250 ok").await;
-        let t = transport(&SmtpConfig {
-            host: addr.ip().to_string(),
-            port: addr.port(),
-            tls: SmtpTls::None,
-            username: Some("calls".into()),
-            password: Some("expired".to_string().into()),
-            timeout: Duration::from_secs(10),
-        })
-        .unwrap();
+        let t = plain_with(addr, Duration::from_secs(10), Some(("calls", "expired")));
         let from: Mailbox = "calls@example.com".parse().unwrap();
         let outcome = send(&t, &from, &parts_to(&["a@example.com"]), &meta()).await;
         let Outcome::Retry {
@@ -1103,15 +1089,7 @@ mod tests {
     #[tokio::test]
     async fn a_pooled_connection_that_went_silent_costs_one_timeout_not_a_hang() {
         let addr = goes_silent_after_one_message().await;
-        let t = transport(&SmtpConfig {
-            host: addr.ip().to_string(),
-            port: addr.port(),
-            tls: SmtpTls::None,
-            username: None,
-            password: None,
-            timeout: Duration::from_millis(500),
-        })
-        .unwrap();
+        let t = plain_with(addr, Duration::from_millis(500), None);
         let from: Mailbox = "calls@example.com".parse().unwrap();
         let to = ["a@example.com".parse().unwrap()];
         let parts = parts_to(&[]);
