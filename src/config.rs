@@ -1577,6 +1577,19 @@ fn build_quiet(
 mod tests {
     use super::*;
 
+    /// The variables `GOOD` needs.
+    const GOOD_VARS: &[(&str, &str)] = &[
+        ("TOKEN", "0123456789abcdef"),
+        ("URL", "https://hooks.slack.com/services/T/B/X"),
+    ];
+
+    /// `GOOD_VARS` and `extra`.
+    fn good_env(extra: &[(&str, &str)]) -> BTreeMap<String, String> {
+        let mut e = env(GOOD_VARS);
+        e.extend(env(extra));
+        e
+    }
+
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()
@@ -1739,13 +1752,7 @@ rules:
     #[test]
     fn a_rule_for_no_event_is_refused() {
         let yaml = GOOD.replace("    when:", "    event: []\n    when:");
-        let (places, err) = refused(
-            &yaml,
-            &[
-                ("TOKEN", "0123456789abcdef"),
-                ("URL", "https://hooks.slack.com/services/T/B/X"),
-            ],
-        );
+        let (places, err) = refused(&yaml, GOOD_VARS);
         assert_eq!(places, ["rules[0] (r).event"], "{err}");
     }
 
@@ -1753,10 +1760,7 @@ rules:
     fn a_rule_on_a_field_air_does_not_send_is_warned_about() {
         let dir = tempfile::tempdir().unwrap();
         let p = write(dir.path(), &GOOD.replace("campaignId", "durration"));
-        let e = env(&[
-            ("TOKEN", "0123456789abcdef"),
-            ("URL", "https://hooks.slack.com/services/T/B/X"),
-        ]);
+        let e = env(GOOD_VARS);
         let c = load_with_env(&p, &e).unwrap();
         assert!(
             c.warnings
@@ -1767,13 +1771,7 @@ rules:
         );
         let c = load_with_env(&write(dir.path(), GOOD), &e).unwrap();
         assert!(c.warnings.is_empty(), "{:?}", c.warnings);
-        let (places, _) = refused(
-            &GOOD.replace("campaignId", "campaignID"),
-            &[
-                ("TOKEN", "0123456789abcdef"),
-                ("URL", "https://hooks.slack.com/services/T/B/X"),
-            ],
-        );
+        let (places, _) = refused(&GOOD.replace("campaignId", "campaignID"), GOOD_VARS);
         assert_eq!(places, ["rules[0] (r).when.campaignID"]);
     }
 
@@ -1809,11 +1807,7 @@ rules:
         // README: `CALLNOTIFY_NO_RELR=1` for a build; `cargo run` hands it to the binary too.
         let dir = tempfile::tempdir().unwrap();
         let p = write(dir.path(), GOOD);
-        let e = env(&[
-            ("TOKEN", "0123456789abcdef"),
-            ("URL", "https://hooks.slack.com/services/T/B/X"),
-            ("CALLNOTIFY_NO_RELR", "1"),
-        ]);
+        let e = good_env(&[("CALLNOTIFY_NO_RELR", "1")]);
         load_with_env(&p, &e).unwrap();
     }
 
@@ -1821,9 +1815,7 @@ rules:
     fn a_mistyped_override_names_its_environment_variable() {
         let dir = tempfile::tempdir().unwrap();
         let p = write(dir.path(), GOOD);
-        let e = env(&[
-            ("TOKEN", "0123456789abcdef"),
-            ("URL", "https://hooks.slack.com/services/T/B/X"),
+        let e = good_env(&[
             ("CALLNOTIFY_SERVR__LISTEN", "127.0.0.1:9999"),
             ("CALLNOTIFY_SERVER__LISTN", "127.0.0.1:9999"),
         ]);
