@@ -623,6 +623,19 @@ async fn stepped(slack: &FakeSlack, extra: &str) -> Stepped {
 }
 
 impl Stepped {
+    /// The daemon's time now, after checking it caught up with the stepped wall clock.
+    fn caught_up(&self) -> i64 {
+        use callnotify::clock::Clock;
+        use std::sync::atomic::Ordering;
+        let now = self.clock.now_ms();
+        let wall = chrono::Utc::now().timestamp_millis() + self.step.load(Ordering::SeqCst);
+        assert!(
+            (now - wall).abs() < 1000,
+            "the daemon's clock caught up with the stepped wall clock"
+        );
+        now
+    }
+
     /// Stores call `sid`, owing the rule's one Slack message, as received now.
     async fn store_call(&self, sid: &str) {
         use callnotify::clock::Clock;
@@ -653,12 +666,11 @@ impl Stepped {
 /// hour ago or an hour from now: everything the store holds is on one timeline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stepped_system_clock_leaves_retry_waits_as_they_were() {
-    use callnotify::clock::Clock;
     use std::sync::atomic::Ordering;
     let slack = FakeSlack::start().await;
     slack.script([Reply::status(500, "internal_error")]);
     let t = stepped(&slack, "").await;
-    let (shared, clock, step) = (&t.shared, &t.clock, &t.step);
+    let (shared, step) = (&t.shared, &t.step);
     t.store_call("CAretry").await;
     assert!(
         shared.worker.deliver_next().await.is_some(),
@@ -670,11 +682,7 @@ async fn a_stepped_system_clock_leaves_retry_waits_as_they_were() {
     t.store_call("CAbetween").await; // before the daemon has looked at the clock again
     shared.follow_wall_clock().await;
 
-    let now = clock.now_ms();
-    assert!(
-        (now - (chrono::Utc::now().timestamp_millis() - 3_600_000)).abs() < 1000,
-        "the daemon's clock caught up with the stepped wall clock"
-    );
+    let now = t.caught_up();
     let rows = shared.store.list(None, None, 10).await.unwrap();
     let next = |sid: &str| rows.iter().find(|r| r.sid == sid).unwrap().next_attempt_at - now;
     let retry_in = next("CAretry");
@@ -690,12 +698,11 @@ async fn a_stepped_system_clock_leaves_retry_waits_as_they_were() {
 /// the retries it moves, so that the next look at the clock, with the store back, moves both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clock_step_the_store_could_not_follow_is_followed_once_it_can() {
-    use callnotify::clock::Clock;
     use std::sync::atomic::Ordering;
     let slack = FakeSlack::start().await;
     slack.script([Reply::status(500, "internal_error")]);
     let t = stepped(&slack, "").await;
-    let (dir, shared, clock, step) = (&t.dir, &t.shared, &t.clock, &t.step);
+    let (dir, shared, step) = (&t.dir, &t.shared, &t.step);
     t.store_call("CAretry").await;
     assert!(shared.worker.deliver_next().await.is_some());
     assert_eq!(slack.received()[0].answered, 500);
@@ -709,11 +716,7 @@ async fn a_clock_step_the_store_could_not_follow_is_followed_once_it_can() {
     std::fs::rename(&away, &db).unwrap();
     shared.follow_wall_clock().await;
 
-    let now = clock.now_ms();
-    assert!(
-        (now - (chrono::Utc::now().timestamp_millis() - 3_600_000)).abs() < 1000,
-        "the daemon's clock caught up with the stepped wall clock"
-    );
+    let now = t.caught_up();
     let rows = shared.store.list(None, None, 10).await.unwrap();
     let retry_in = rows[0].next_attempt_at - now;
     assert!(
