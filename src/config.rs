@@ -177,7 +177,7 @@ pub struct QuietAlertConfig {
     /// Local business hours (start, end) in `tz`; None means around the clock.
     pub hours: Option<(chrono::NaiveTime, chrono::NaiveTime)>,
     pub days: Vec<chrono::Weekday>,
-    pub tz: chrono_tz::Tz,
+    pub tz: jiff::tz::TimeZone,
 }
 
 #[derive(Debug)]
@@ -1517,15 +1517,15 @@ fn build_quiet(
         }
         Some(_) => {}
     }
-    let tz = match q.timezone.parse::<chrono_tz::Tz>() {
-        Ok(tz) => tz,
-        Err(_) => {
+    let tz = match crate::render::time_zone(&q.timezone) {
+        Some(tz) => tz,
+        None => {
             problems.push(Problem::new(
                 "quiet_alert.timezone",
                 format!("unknown time zone {:?}", q.timezone),
             ));
             ok = false;
-            chrono_tz::UTC
+            jiff::tz::TimeZone::UTC
         }
     };
     let hours = match q.hours.as_deref() {

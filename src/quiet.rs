@@ -9,7 +9,7 @@ use chrono::{Datelike, TimeZone};
 
 use crate::app::Shared;
 use crate::config::QuietAlertConfig;
-use crate::render::duration_human;
+use crate::render::{duration_human, LocalOffset};
 use crate::rules::Action;
 use crate::store::NewDelivery;
 
@@ -47,7 +47,8 @@ pub fn decide(
 
 /// Whether `now_ms` falls in the configured days and hours, in the configured time zone.
 pub fn in_business_hours(cfg: &QuietAlertConfig, now_ms: i64) -> bool {
-    let Some(t) = cfg.tz.timestamp_millis_opt(now_ms).single() else {
+    let offset = LocalOffset::at(&cfg.tz, now_ms).fixed;
+    let Some(t) = offset.timestamp_millis_opt(now_ms).single() else {
         return false;
     };
     if !cfg.days.is_empty() && !cfg.days.contains(&t.weekday()) {
@@ -225,16 +226,18 @@ mod tests {
                 chrono::Weekday::Thu,
                 chrono::Weekday::Fri,
             ],
-            tz: chrono_tz::America::New_York,
+            tz: crate::render::time_zone("America/New_York").unwrap(),
         }
     }
 
     /// 2026-11-23 is a Monday; hh:mm in New York (UTC-5 in November).
     fn ny(day: u32, h: u32, m: u32) -> i64 {
-        chrono_tz::America::New_York
-            .with_ymd_and_hms(2026, 11, day, h, m, 0)
+        jiff::civil::date(2026, 11, day as i8)
+            .at(h as i8, m as i8, 0, 0)
+            .in_tz("America/New_York")
             .unwrap()
-            .timestamp_millis()
+            .timestamp()
+            .as_millisecond()
     }
 
     #[test]

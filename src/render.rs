@@ -286,14 +286,76 @@ fn date_helper(
     let Some(t) = parse_timestamp(&value) else {
         return Ok(());
     };
-    let tz: chrono_tz::Tz = tz_name
-        .parse()
-        .map_err(|_| RenderErrorReason::Other(format!("date: unknown time zone {tz_name:?}")))?;
+    let tz = time_zone(&tz_name)
+        .ok_or_else(|| RenderErrorReason::Other(format!("date: unknown time zone {tz_name:?}")))?;
+    let zone = LocalOffset::at(&tz, t.timestamp_millis());
+    let local = t.with_timezone(&zone.fixed).naive_local();
+    let items = chrono::format::StrftimeItems::new(&fmt);
     let mut s = String::new();
     use std::fmt::Write;
-    write!(s, "{}", t.with_timezone(&tz).format(&fmt))
+    let shown = chrono::format::DelayedFormat::new_with_offset(
+        Some(local.date()),
+        Some(local.time()),
+        &zone,
+        items,
+    );
+    write!(s, "{shown}")
         .map_err(|_| RenderErrorReason::Other(format!("date: bad format {fmt:?}")))?;
     write_escaped(r, rc, out, &s)
+}
+
+/// An IANA time zone by name (`Europe/Berlin`, `UTC`), from the system's zoneinfo database (kept
+/// up to date by the OS), else from the copy built into the binary: a slim container has no
+/// zoneinfo, and some systems leave out old names such as `US/Eastern`. `UTC` needs neither, so
+/// the shipped templates load no database.
+///
+/// The built-in copy is TZif bytes read on demand; chrono-tz, used before, compiled every
+/// transition into pointer-bearing statics that cost 1.4 MB of private memory in every process.
+pub fn time_zone(name: &str) -> Option<jiff::tz::TimeZone> {
+    time_zone_in(jiff::tz::db(), name)
+}
+
+fn time_zone_in(system: &jiff::tz::TimeZoneDatabase, name: &str) -> Option<jiff::tz::TimeZone> {
+    if name.eq_ignore_ascii_case("UTC") {
+        return Some(jiff::tz::TimeZone::UTC);
+    }
+    system
+        .get(name)
+        .or_else(|_| jiff::tz::TimeZoneDatabase::bundled().get(name))
+        .ok()
+}
+
+/// A zone's offset from UTC at one instant, with its abbreviation (`CET`, `EDT`), which is what
+/// `%Z` prints.
+#[derive(Debug, Clone)]
+pub struct LocalOffset {
+    pub fixed: chrono::FixedOffset,
+    abbreviation: String,
+}
+
+impl LocalOffset {
+    pub fn at(tz: &jiff::tz::TimeZone, unix_ms: i64) -> LocalOffset {
+        let instant =
+            jiff::Timestamp::from_millisecond(unix_ms).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+        let info = tz.to_offset_info(instant);
+        LocalOffset {
+            fixed: chrono::FixedOffset::east_opt(info.offset().seconds())
+                .unwrap_or_else(|| chrono::FixedOffset::east_opt(0).expect("zero is an offset")),
+            abbreviation: info.abbreviation().to_owned(),
+        }
+    }
+}
+
+impl chrono::Offset for LocalOffset {
+    fn fix(&self) -> chrono::FixedOffset {
+        self.fixed
+    }
+}
+
+impl std::fmt::Display for LocalOffset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.abbreviation)
+    }
 }
 
 /// Writes helper output through the registry's escaping, as `{{value}}` would be.
@@ -873,6 +935,17 @@ mod tests {
         assert!(err.0.contains("lead_nmae"), "{err}");
     }
 
+    /// Template `name` rendered for the log channel with the fixture call.
+    fn log_text(r: &Renderer, name: &str) -> String {
+        match r
+            .render("log", &action(name), &context(&fixture_call(), "r"))
+            .unwrap()
+        {
+            Message::Log { text } => text,
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn helpers_cover_what_template_authors_need() {
         let mut r = Renderer::empty();
@@ -883,16 +956,50 @@ mod tests {
              {{date call.createdAt \"%Y-%m-%d %H:%M\" \"America/New_York\"}}|{{last_lines call.transcript 1}}",
         )
         .unwrap();
-        let Message::Log { text } = r
-            .render("log", &action("l"), &context(&fixture_call(), "r"))
-            .unwrap()
-        else {
-            panic!()
-        };
+        let text = log_text(&r, "l");
         assert_eq!(
             text,
             "3m 07s|MARIA GONZALEZ|abc|Maria…|n/a|8812|2024-03-05 11:40|BOT: Which one works best for you?\""
         );
+    }
+
+    #[test]
+    fn date_names_the_zone_by_its_abbreviation_in_summer_and_winter() {
+        let mut r = Renderer::empty();
+        r.register(
+            "l",
+            "{{date \"2024-07-01T12:00:00Z\" \"%H:%M %Z\" \"Europe/Berlin\"}}|\
+             {{date \"2024-01-01T12:00:00Z\" \"%H:%M %Z\" \"Europe/Berlin\"}}|\
+             {{date \"2024-07-01T12:00:00Z\" \"%H:%M %Z %z\" \"America/New_York\"}}|\
+             {{date \"2024-07-01 12:00:00+00\" \"%H:%M %Z\" \"utc\"}}",
+        )
+        .unwrap();
+        let text = log_text(&r, "l");
+        assert_eq!(text, "14:00 CEST|13:00 CET|08:00 EDT -0400|12:00 UTC");
+
+        r.register("bad", "{{date call.createdAt \"%H\" \"Europe/Nowhere\"}}")
+            .unwrap();
+        let err = r
+            .render("log", &action("bad"), &context(&fixture_call(), "r"))
+            .unwrap_err();
+        assert!(
+            err.0.contains("unknown time zone \"Europe/Nowhere\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_zone_the_system_database_lacks_comes_from_the_built_in_copy() {
+        let none = jiff::tz::TimeZoneDatabase::none();
+        let berlin = time_zone_in(&none, "Europe/Berlin").expect("built in");
+        let july = LocalOffset::at(&berlin, 1_719_835_200_000); // 2024-07-01T12:00:00Z
+        assert_eq!(
+            (july.fixed.local_minus_utc(), july.to_string()),
+            (7200, "CEST".into())
+        );
+        // An old alias, as some systems no longer install them.
+        assert!(time_zone_in(&none, "US/Eastern").is_some());
+        assert!(time_zone_in(&none, "Europe/Nowhere").is_none());
     }
 
     #[test]
