@@ -110,7 +110,7 @@ where
         return r;
     }
     match path {
-        _ if is_webhook => ingest(&shared, &live, &headers, body).await,
+        _ if is_webhook => ingest(Arc::clone(&shared), &live, &headers, body).await,
         "/healthz" => ok_json(json!({"status": "ok"})),
         "/readyz" => ready(&shared).await,
         "/metrics" => {
@@ -241,7 +241,7 @@ where
         .map_err(|_| BodyError::Timeout)?
 }
 
-async fn ingest<S, B>(shared: &Shared, live: &Live, headers: &HeaderMap, body: S) -> Response
+async fn ingest<S, B>(shared: Arc<Shared>, live: &Live, headers: &HeaderMap, body: S) -> Response
 where
     S: Stream<Item = Result<B, warp::Error>> + Unpin,
     B: Buf,
@@ -334,35 +334,36 @@ where
     let now = shared.clock.now_ms();
     let sid = call.sid.clone();
     let event = call.event.as_str();
-    let rule_names: Vec<&str> = matched.iter().map(|r| r.name.as_str()).collect();
-    match shared
-        .store
-        .insert_call(sid.clone(), event, call.raw_json(), now, owed)
-        .await
-    {
-        Ok(Inserted::Accepted { deliveries, .. }) => {
-            metrics::call_received("accepted");
-            metrics::last_call_at(now);
-            shared.note_call(now);
-            for r in &rule_names {
-                metrics::rule_matched(r);
-            }
-            if deliveries > 0 {
-                shared.worker.wake();
-            }
-            tracing::info!(sid = %sid, event, rules = ?rule_names, deliveries, "call accepted");
-            ok_json(
-                json!({"status": "accepted", "sid": sid, "event": event, "rules": rule_names, "notifications": deliveries}),
-            )
-        }
+    let rule_names: Vec<String> = matched.iter().map(|r| r.name.clone()).collect();
+    // The commit and what follows it (metrics, the log line, waking delivery) run as a task of
+    // their own: a client that hangs up while its commit is in flight drops this handler, but
+    // the call is stored all the same and must be counted, logged and delivered like any other.
+    let body = call.raw_json();
+    let commit = tokio::spawn(async move {
+        let inserted = shared
+            .store
+            .insert_call(sid.clone(), event, body, now, owed)
+            .await;
+        note_outcome(&shared, &inserted, &sid, event, &rule_names, now);
+        (inserted, sid, rule_names)
+    });
+    let Ok((inserted, sid, rule_names)) = commit.await else {
+        // The task panicked or the runtime is stopping; whether the call was stored is unknown,
+        // and Air's retry is answered `duplicate` if it was.
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            "the call could not be stored; please retry",
+        );
+    };
+    match inserted {
+        Ok(Inserted::Accepted { deliveries, .. }) => ok_json(
+            json!({"status": "accepted", "sid": sid, "event": event, "rules": rule_names, "notifications": deliveries}),
+        ),
         Ok(Inserted::Duplicate) => {
-            metrics::call_received("duplicate");
-            tracing::info!(sid = %sid, event, "duplicate call ignored");
             ok_json(json!({"status": "duplicate", "sid": sid, "event": event, "notifications": 0}))
         }
-        Err(e) => {
-            metrics::call_received("unavailable");
-            tracing::error!(sid = %sid, error = %e, "cannot store the call; answering 503");
+        Err(_) => {
             let mut r = error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store_unavailable",
@@ -371,6 +372,39 @@ where
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             r
+        }
+    }
+}
+
+/// Counts and logs a stored (or refused) call, and wakes delivery for what it owes.
+fn note_outcome(
+    shared: &Shared,
+    inserted: &Result<Inserted, crate::store::StoreError>,
+    sid: &str,
+    event: &str,
+    rule_names: &[String],
+    now: i64,
+) {
+    match inserted {
+        Ok(Inserted::Accepted { deliveries, .. }) => {
+            metrics::call_received("accepted");
+            metrics::last_call_at(now);
+            shared.note_call(now);
+            for r in rule_names {
+                metrics::rule_matched(r);
+            }
+            if *deliveries > 0 {
+                shared.worker.wake();
+            }
+            tracing::info!(sid = %sid, event, rules = ?rule_names, deliveries, "call accepted");
+        }
+        Ok(Inserted::Duplicate) => {
+            metrics::call_received("duplicate");
+            tracing::info!(sid = %sid, event, "duplicate call ignored");
+        }
+        Err(e) => {
+            metrics::call_received("unavailable");
+            tracing::error!(sid = %sid, error = %e, "cannot store the call; answering 503");
         }
     }
 }

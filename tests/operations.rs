@@ -40,6 +40,15 @@ async fn get(url: &str) -> (u16, String) {
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
+/// `/metrics` as text, read without the async runtime (for `eventually`).
+fn scrape(d: &Daemon) -> Option<String> {
+    let out = std::process::Command::new("curl")
+        .args(["-s", &d.url("/metrics")])
+        .output()
+        .ok()?;
+    Some(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
 fn metric(text: &str, name_and_labels: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
@@ -71,11 +80,7 @@ async fn metrics_counters_move_with_calls_and_deliveries() {
     post(&d.url("/webhooks/air"), "{}", Some(TOKEN)).await;
     slack.wait_accepted(3, WAIT).await;
     let text = eventually("delivery metrics", WAIT, || {
-        let t = std::process::Command::new("curl")
-            .args(["-s", &d.url("/metrics")])
-            .output()
-            .ok()?;
-        let t = String::from_utf8_lossy(&t.stdout).to_string();
+        let t = scrape(&d)?;
         (metric(
             &t,
             r#"callnotify_deliveries_total{channel="sales",outcome="done"}"#,
@@ -126,6 +131,57 @@ async fn metrics_counters_move_with_calls_and_deliveries() {
         3.0
     );
     assert!(metric(&text, "callnotify_last_call_received_timestamp_seconds") > 1.7e9);
+}
+
+/// A client that hangs up while its call is being committed drops the request's handler, but the
+/// call is stored (Air's retry would be answered `duplicate`), so it must be counted, logged and
+/// delivered like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_client_hung_up_during_the_commit_is_counted_logged_and_delivered() {
+    use tokio::io::AsyncWriteExt;
+    let slack = FakeSlack::start().await;
+    let d = Daemon::start(&config(&slack, ""));
+    let body = with_sid(FIXTURE, "CAhungup");
+    let request = format!(
+        "POST /webhooks/air HTTP/1.1\r\nHost: callnotify\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // The commit waits behind another process's write lock while the client gives up; the
+    // lock goes before the daemon's busy timeout (5 s) would refuse the call.
+    let lock = WriteLock::take(&d.dir.join("store.db"));
+    let addr = d.url("").trim_start_matches("http://").to_string();
+    let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+    client.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lock.release();
+
+    let sent = slack.wait_accepted(1, WAIT).await;
+    assert!(
+        sent[0].to_string().contains("Call with Tyler"),
+        "{}",
+        sent[0]
+    );
+    let text = eventually("the call counted", WAIT, || {
+        let t = scrape(&d)?;
+        (metric(&t, r#"callnotify_calls_received_total{result="accepted"}"#) == 1.0).then_some(t)
+    })
+    .await;
+    assert_eq!(
+        metric(
+            &text,
+            r#"callnotify_rules_matched_total{rule="every_call"}"#
+        ),
+        1.0
+    );
+    let logs = d.logs();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("call accepted") && l.contains("CAhungup")),
+        "{logs}"
+    );
 }
 
 /// The series an operator alerts on are there from the start, and the last call's time

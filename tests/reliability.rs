@@ -845,31 +845,14 @@ async fn store_unavailable_answers_503() {
     let d = Daemon::start(&slack_only(tpl.path(), &slack, FAST));
     accept(&d, "CAbefore").await;
     // Another process takes SQLite's write lock and holds it: the store cannot commit.
-    let mut locker = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import sqlite3, sys\nc = sqlite3.connect(sys.argv[1], isolation_level=None)\nc.execute('BEGIN IMMEDIATE')\nprint('LOCKED', flush=True)\nsys.stdin.read()\n",
-        ])
-        .arg(d.dir.join("store.db"))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(locker.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "LOCKED");
+    let locker = WriteLock::take(&d.dir.join("store.db"));
     let (status, body) = d.post(&call("CAlocked")).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"], "store_unavailable", "{body}");
     let ready = http().get(d.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status().as_u16(), 503);
 
-    drop(locker.stdin.take());
-    let _ = locker.wait();
+    locker.release();
     // Nothing was half-written: the refused call is not there, and a retry by the sender works.
     assert!(d.deliveries(None).iter().all(|r| r["sid"] != "CAlocked"));
     accept(&d, "CAlocked").await;

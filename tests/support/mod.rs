@@ -554,3 +554,40 @@ impl Drop for HttpsPeer {
         let _ = self.child.wait();
     }
 }
+
+/// Another process holding SQLite's write lock on a store, as a backup tool or a stray `sqlite3`
+/// shell can: the daemon's commits wait (up to its busy timeout) until it is released.
+pub struct WriteLock(Child);
+
+impl WriteLock {
+    pub fn take(db: &Path) -> WriteLock {
+        let mut locker = Command::new("python3")
+            .args([
+                "-c",
+                "import sqlite3, sys\nc = sqlite3.connect(sys.argv[1], isolation_level=None)\nc.execute('BEGIN IMMEDIATE')\nprint('LOCKED', flush=True)\nsys.stdin.read()\n",
+            ])
+            .arg(db)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(locker.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "LOCKED");
+        WriteLock(locker)
+    }
+
+    pub fn release(mut self) {
+        drop(self.0.stdin.take());
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for WriteLock {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
