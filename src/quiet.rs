@@ -47,8 +47,10 @@ pub fn decide(
 
 /// Whether `now_ms` falls in the configured days and hours, in the configured time zone.
 pub fn in_business_hours(cfg: &QuietAlertConfig, now_ms: i64) -> bool {
-    let offset = LocalOffset::at(&cfg.tz, now_ms).fixed;
-    let Some(t) = offset.timestamp_millis_opt(now_ms).single() else {
+    let Some(zone) = LocalOffset::at(&cfg.tz, now_ms) else {
+        return false;
+    };
+    let Some(t) = zone.fixed.timestamp_millis_opt(now_ms).single() else {
         return false;
     };
     if !cfg.days.is_empty() && !cfg.days.contains(&t.weekday()) {

@@ -263,7 +263,8 @@ fn default_helper(
     write_escaped(r, rc, out, &text)
 }
 
-/// `{{date created_at "%Y-%m-%d %H:%M %Z" "Europe/Berlin"}}`; empty for a missing date.
+/// `{{date created_at "%Y-%m-%d %H:%M %Z" "Europe/Berlin"}}`; empty for a missing date, or one
+/// outside the years -9999..=9999.
 fn date_helper(
     h: &Helper<'_>,
     r: &Handlebars<'_>,
@@ -288,8 +289,13 @@ fn date_helper(
     };
     let tz = time_zone(&tz_name)
         .ok_or_else(|| RenderErrorReason::Other(format!("date: unknown time zone {tz_name:?}")))?;
-    let zone = LocalOffset::at(&tz, t.timestamp_millis());
-    let local = t.with_timezone(&zone.fixed).naive_local();
+    // Outside the zone database's years the date is as unreadable as a malformed one.
+    let Some(zone) = LocalOffset::at(&tz, t.timestamp_millis()) else {
+        return Ok(());
+    };
+    let Some(local) = t.naive_utc().checked_add_offset(zone.fixed) else {
+        return Ok(());
+    };
     let items = chrono::format::StrftimeItems::new(&fmt);
     let mut s = String::new();
     use std::fmt::Write;
@@ -334,15 +340,14 @@ pub struct LocalOffset {
 }
 
 impl LocalOffset {
-    pub fn at(tz: &jiff::tz::TimeZone, unix_ms: i64) -> LocalOffset {
-        let instant =
-            jiff::Timestamp::from_millisecond(unix_ms).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+    /// None outside the years jiff knows (-9999..=9999); chrono reads dates far beyond them.
+    pub fn at(tz: &jiff::tz::TimeZone, unix_ms: i64) -> Option<LocalOffset> {
+        let instant = jiff::Timestamp::from_millisecond(unix_ms).ok()?;
         let info = tz.to_offset_info(instant);
-        LocalOffset {
-            fixed: chrono::FixedOffset::east_opt(info.offset().seconds())
-                .unwrap_or_else(|| chrono::FixedOffset::east_opt(0).expect("zero is an offset")),
+        Some(LocalOffset {
+            fixed: chrono::FixedOffset::east_opt(info.offset().seconds())?,
             abbreviation: info.abbreviation().to_owned(),
-        }
+        })
     }
 }
 
@@ -989,10 +994,25 @@ mod tests {
     }
 
     #[test]
+    fn a_date_at_the_end_of_chronos_range_renders_empty_instead_of_panicking() {
+        // The call's createdAt is the caller's: chrono reads years up to 262142, jiff's zones
+        // know -9999..=9999. East of UTC the local time would pass chrono's end.
+        let mut r = Renderer::empty();
+        r.register(
+            "l",
+            "[{{date \"+262142-12-31T23:59:59Z\" \"%Y %H %Z\" \"Europe/Berlin\"}}]\
+             [{{date \"+20000-07-01T12:00:00Z\" \"%H %Z\" \"America/New_York\"}}]\
+             [{{date \"9999-12-30T20:00:00Z\" \"%Y-%m-%d %H %Z\" \"Asia/Tokyo\"}}]",
+        )
+        .unwrap();
+        assert_eq!(log_text(&r, "l"), "[][][9999-12-31 05 JST]");
+    }
+
+    #[test]
     fn a_zone_the_system_database_lacks_comes_from_the_built_in_copy() {
         let none = jiff::tz::TimeZoneDatabase::none();
         let berlin = time_zone_in(&none, "Europe/Berlin").expect("built in");
-        let july = LocalOffset::at(&berlin, 1_719_835_200_000); // 2024-07-01T12:00:00Z
+        let july = LocalOffset::at(&berlin, 1_719_835_200_000).unwrap(); // 2024-07-01T12:00:00Z
         assert_eq!(
             (july.fixed.local_minus_utc(), july.to_string()),
             (7200, "CEST".into())
