@@ -310,10 +310,15 @@ fn date_helper(
     write_escaped(r, rc, out, &s)
 }
 
-/// An IANA time zone by name (`Europe/Berlin`, `UTC`), from the system's zoneinfo database (kept
-/// up to date by the OS), else from the copy built into the binary: a slim container has no
-/// zoneinfo, and some systems leave out old names such as `US/Eastern`. `UTC` needs neither, so
-/// the shipped templates load no database.
+/// An IANA time zone by name in any case (`Europe/Berlin`, `utc`), from the system's zoneinfo
+/// database (kept up to date by the OS), else from the copy built into the binary: a slim
+/// container has no zoneinfo, and some systems leave out old names such as `US/Eastern`. `UTC`
+/// needs neither, so the shipped templates load no database.
+///
+/// Only names the built-in copy knows are zones, wherever the data comes from: the same names
+/// pass `check` on every host, as with chrono-tz. A zoneinfo directory also holds files that are
+/// not zones one names (`localtime` is the host's own zone, `posixrules`, `zone.tab`), and the
+/// name can come from call data. jiff's own `Etc/Unknown` (UTC) is not an IANA zone either.
 ///
 /// The built-in copy is TZif bytes read on demand; chrono-tz, used before, compiled every
 /// transition into pointer-bearing statics that cost 1.4 MB of private memory in every process.
@@ -325,10 +330,26 @@ fn time_zone_in(system: &jiff::tz::TimeZoneDatabase, name: &str) -> Option<jiff:
     if name.eq_ignore_ascii_case("UTC") {
         return Some(jiff::tz::TimeZone::UTC);
     }
+    if !is_built_in_zone_name(name) {
+        return None;
+    }
     system
         .get(name)
         .or_else(|_| jiff::tz::TimeZoneDatabase::bundled().get(name))
         .ok()
+}
+
+fn is_built_in_zone_name(name: &str) -> bool {
+    static NAMES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let names = NAMES.get_or_init(|| {
+        let mut names: Vec<String> = jiff::tz::TimeZoneDatabase::bundled()
+            .available()
+            .map(|n| n.as_str().to_ascii_lowercase())
+            .collect();
+        names.sort_unstable();
+        names
+    });
+    names.binary_search(&name.to_ascii_lowercase()).is_ok()
 }
 
 /// A zone's offset from UTC at one instant, with its abbreviation (`CET`, `EDT`), which is what
@@ -1020,6 +1041,53 @@ mod tests {
         // An old alias, as some systems no longer install them.
         assert!(time_zone_in(&none, "US/Eastern").is_some());
         assert!(time_zone_in(&none, "Europe/Nowhere").is_none());
+    }
+
+    /// A one-type TZif file: always `utoff` seconds east of UTC, called `abbr` (three letters).
+    fn tzif(utoff: i32, abbr: &str) -> Vec<u8> {
+        let mut b = b"TZif\0".to_vec(); // version 1: no 64-bit block, no footer
+        b.extend([0; 15]);
+        for count in [0u32, 0, 0, 0, 1, 4] {
+            b.extend(count.to_be_bytes());
+        }
+        b.extend(utoff.to_be_bytes());
+        b.extend([0, 0]);
+        b.extend(abbr.as_bytes());
+        b.push(0);
+        b
+    }
+
+    #[test]
+    fn only_iana_names_are_zones_whatever_the_system_directory_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("Europe")).unwrap();
+        // Newer rules from the system win over the built-in copy for a real name ...
+        std::fs::write(dir.path().join("Europe/Berlin"), tzif(3600, "SYS")).unwrap();
+        // ... but these are files of a zoneinfo directory, not zones: `localtime` is the host's
+        // own zone, and neither exists in a container without tzdata, where `check` would fail.
+        std::fs::write(dir.path().join("localtime"), tzif(7200, "LOC")).unwrap();
+        std::fs::write(dir.path().join("posixrules"), tzif(7200, "LOC")).unwrap();
+        std::fs::write(
+            dir.path().join("zone.tab"),
+            "DE\t+5230+01322\tEurope/Berlin\n",
+        )
+        .unwrap();
+        let system = jiff::tz::TimeZoneDatabase::from_dir(dir.path()).unwrap();
+
+        let berlin = time_zone_in(&system, "europe/berlin").expect("any case");
+        assert_eq!(LocalOffset::at(&berlin, 0).unwrap().to_string(), "SYS");
+        for name in [
+            "localtime",
+            "posixrules",
+            "zone.tab",
+            "Etc/Unknown",
+            "",
+            "../Europe/Berlin",
+        ] {
+            assert!(time_zone_in(&system, name).is_none(), "{name:?}");
+        }
+        let tokyo = time_zone_in(&system, "Asia/Tokyo").expect("built in");
+        assert_eq!(LocalOffset::at(&tokyo, 0).unwrap().to_string(), "JST");
     }
 
     #[test]
