@@ -57,7 +57,9 @@ pub fn samples() -> Vec<(&'static str, Call)> {
 
 /// What Slack would reject in a body (after [`notify::slack::fit`]).
 pub fn slack_rejects(body: &Value) -> Vec<String> {
-    use notify::slack::{MAX_BLOCKS, MAX_FIELD_CHARS, MAX_HEADER_CHARS, MAX_SECTION_CHARS};
+    use notify::slack::{
+        MAX_BLOCKS, MAX_FIELDS, MAX_FIELD_CHARS, MAX_HEADER_CHARS, MAX_SECTION_CHARS,
+    };
     let mut out = Vec::new();
     let text = body.get("text").and_then(Value::as_str).unwrap_or_default();
     let blocks = body.get("blocks").and_then(Value::as_array);
@@ -134,8 +136,11 @@ pub fn slack_rejects(body: &Value) -> Vec<String> {
             ));
         }
         if let Some(fields) = b.get("fields").and_then(Value::as_array) {
-            if fields.len() > 10 {
-                out.push(format!("block {i}: {} fields (at most 10)", fields.len()));
+            if fields.len() > MAX_FIELDS {
+                out.push(format!(
+                    "block {i}: {} fields (at most {MAX_FIELDS})",
+                    fields.len()
+                ));
             }
             for (j, f) in fields.iter().enumerate() {
                 let n = f
@@ -160,6 +165,33 @@ pub fn render_action(
     action: &Action,
     call: &Call,
 ) -> Result<Message, String> {
+    render_fitted(config, rule, action, call, notify::slack::fit)
+}
+
+/// Renders one action for `check`: as sent, except that a section keeps every field the
+/// template wrote, so that more than 10 is reported rather than quietly cut.
+fn render_for_check(
+    config: &Config,
+    rule: &str,
+    action: &Action,
+    call: &Call,
+) -> Result<Message, String> {
+    render_fitted(
+        config,
+        rule,
+        action,
+        call,
+        notify::slack::fit_keeping_fields,
+    )
+}
+
+fn render_fitted(
+    config: &Config,
+    rule: &str,
+    action: &Action,
+    call: &Call,
+    fit: fn(&mut Value) -> usize,
+) -> Result<Message, String> {
     let channel = config
         .channels
         .get(&action.channel)
@@ -170,7 +202,7 @@ pub fn render_action(
         .render(channel.kind.type_name(), action, &ctx)
         .map_err(|e| e.to_string())?;
     if let Message::Slack { body } = &mut msg {
-        notify::slack::fit(body);
+        fit(body);
     }
     Ok(msg)
 }
@@ -208,7 +240,7 @@ fn check_report(config: &Config) -> (Vec<String>, Vec<Problem>) {
             );
             let mut found: Vec<(&str, String)> = Vec::new();
             for (sample, call) in &samples {
-                match render_action(config, &rule.name, action, call) {
+                match render_for_check(config, &rule.name, action, call) {
                     Err(e) => found.push((sample, e.to_string())),
                     Ok(Message::Slack { body }) => {
                         for r in slack_rejects(&body) {
@@ -280,7 +312,7 @@ fn quiet_alert_problems(config: &Config, q: &crate::config::QuietAlertConfig) ->
         let rendered = serde_json::from_value(body)
             .map_err(|e| e.to_string())
             .and_then(|raw| payload::from_call_object(raw).map_err(|e| e.to_string()))
-            .and_then(|call| render_action(config, "quiet_alert", &action, &call));
+            .and_then(|call| render_for_check(config, "quiet_alert", &action, &call));
         match rendered {
             Err(e) => problems.push(Problem::new(&at, e)),
             Ok(Message::Slack { body }) => {

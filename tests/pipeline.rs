@@ -539,6 +539,69 @@ rules:
 }
 
 #[test]
+fn check_names_a_section_with_more_than_ten_fields_that_delivery_would_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("t/slack")).unwrap();
+    let fields: Vec<String> = (1..=12)
+        .map(|i| format!(r#"{{"type": "mrkdwn", "text": "*F{i}*\n{{{{call.sid}}}}"}}"#))
+        .collect();
+    std::fs::write(
+        dir.path().join("t/slack/many.json.hbs"),
+        format!(
+            r#"{{"blocks": [{{"type": "section", "fields": [{}]}}]}}"#,
+            fields.join(", ")
+        ),
+    )
+    .unwrap();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+templates_dir: "{}"
+server: {{ tokens: [] }}
+channels:
+  s: {{ type: slack, webhook_url: "https://hooks.slack.com/x" }}
+rules:
+  - name: many
+    notify: [{{ channel: s, template: slack/many }}]
+"#,
+            dir.path().join("t").display()
+        ),
+    )
+    .unwrap();
+    let out = check_config(&cfg);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("Slack would reject this: block 0: 12 fields (at most 10)"),
+        "{stdout}"
+    );
+
+    // What would be sent keeps the first 10 and says so: Slack takes it.
+    let call = dir.path().join("call.json");
+    std::fs::write(&call, FIXTURE).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"))
+        .arg("--config")
+        .arg(&cfg)
+        .args(["render", "--json"])
+        .arg(&call)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let message = &report["notifications"][0]["message"];
+    assert_eq!(message["rejects"], serde_json::json!([]), "{stdout}");
+    let blocks = message["body"]["blocks"].as_array().unwrap();
+    assert_eq!(blocks[0]["fields"].as_array().unwrap().len(), 10);
+    assert_eq!(
+        blocks[1]["elements"][0]["text"],
+        "… 2 more fields not shown"
+    );
+}
+
+#[test]
 fn check_renders_the_quiet_alert_and_checks_its_recipients() {
     let dir = tempfile::tempdir().unwrap();
     let tpl = dir.path().join("t");

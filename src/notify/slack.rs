@@ -82,13 +82,25 @@ pub const MAX_SECTION_CHARS: usize = 3000;
 pub const MAX_FIELD_CHARS: usize = 2000;
 pub const MAX_HEADER_CHARS: usize = 150;
 pub const MAX_BLOCKS: usize = 50;
+pub const MAX_FIELDS: usize = 10;
 pub const MAX_TEXT_CHARS: usize = 35_000;
 
 /// Makes a body fit Slack's limits instead of being rejected: long sections are split at line
-/// boundaries into several, headers and section fields are shortened (ending in "…"), and what
-/// still does not fit is cut with a visible "… truncated, N more lines" marker. Returns how many
-/// cuts were made.
+/// boundaries into several, headers and section fields are shortened (ending in "…"), a
+/// section's fields past the 10th are left out with a "… N more fields not shown" line after
+/// it, and what still does not fit is cut with a visible "… truncated, N more lines" marker.
+/// Returns how many cuts were made.
 pub fn fit(body: &mut Value) -> usize {
+    fit_with(body, true)
+}
+
+/// [`fit`], except that sections keep all their fields: what `check` looks at, so that a
+/// template that itself writes more than 10 fields in a section is still named there.
+pub fn fit_keeping_fields(body: &mut Value) -> usize {
+    fit_with(body, false)
+}
+
+fn fit_with(body: &mut Value, cap_fields: bool) -> usize {
     let mut cuts = 0;
     if let Some(Value::String(text)) = body.get_mut("text") {
         if let Some((kept, dropped)) = cut_lines(text, MAX_TEXT_CHARS) {
@@ -187,6 +199,9 @@ pub fn fit(body: &mut Value) -> usize {
         }
     });
     cuts += before - out.len();
+    if cap_fields {
+        out = drop_extra_fields(out, &mut cuts);
+    }
     if out.len() > MAX_BLOCKS {
         let rest = out.split_off(MAX_BLOCKS - 1);
         let lines: usize = rest
@@ -205,6 +220,34 @@ pub fn fit(body: &mut Value) -> usize {
     }
     *blocks = out;
     cuts
+}
+
+/// Keeps a section's first [`MAX_FIELDS`] fields (Slack refuses more with invalid_blocks) and
+/// says how many were left out in a context block right after it, so the kept fields stay as
+/// the template wrote them.
+fn drop_extra_fields(blocks: Vec<Value>, cuts: &mut usize) -> Vec<Value> {
+    let mut out = Vec::with_capacity(blocks.len());
+    for mut block in blocks {
+        let section = block.get("type").and_then(Value::as_str) == Some("section");
+        let dropped = match block.get_mut("fields") {
+            Some(Value::Array(fields)) if section && fields.len() > MAX_FIELDS => {
+                let n = fields.len() - MAX_FIELDS;
+                fields.truncate(MAX_FIELDS);
+                n
+            }
+            _ => 0,
+        };
+        out.push(block);
+        if dropped > 0 {
+            let what = if dropped == 1 { "field" } else { "fields" };
+            out.push(serde_json::json!({
+                "type": "context",
+                "elements": [{"type": "mrkdwn", "text": format!("… {dropped} more {what} not shown")}]
+            }));
+            *cuts += 1;
+        }
+    }
+    out
 }
 
 /// Cuts a field's text longer than `max` characters to a prefix ending in "…", `max` in all.
@@ -417,6 +460,79 @@ mod tests {
         assert!(field.ends_with("&amp;…"), "{}", &field[field.len() - 20..]);
         assert_eq!(body["blocks"][0]["fields"][1]["text"], "*Duration*\n44s");
         assert!(crate::commands::slack_rejects(&body).is_empty(), "{body}");
+    }
+
+    #[test]
+    fn a_section_keeps_its_first_ten_fields_and_says_how_many_more() {
+        // A template that writes 12 fields: Slack refused the section with invalid_blocks.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("slack")).unwrap();
+        let fields: Vec<String> = (1..=12)
+            .map(|i| format!(r#"{{"type": "mrkdwn", "text": "*F{i}*\n{{{{call.sid}}}}"}}"#))
+            .collect();
+        std::fs::write(
+            dir.path().join("slack/many.json.hbs"),
+            format!(
+                r#"{{"blocks": [{{"type": "section", "fields": [{}]}}, {{"type": "divider"}}]}}"#,
+                fields.join(", ")
+            ),
+        )
+        .unwrap();
+        let renderer = crate::render::Renderer::load(dir.path()).unwrap();
+        let payload = serde_json::json!({"call": {"sid": "CAmany", "duration": 61}});
+        let call = crate::payload::parse(payload.to_string().as_bytes()).unwrap();
+        let action = crate::rules::Action {
+            channel: "c".into(),
+            template: "slack/many".into(),
+            to: vec![],
+            subject: None,
+        };
+        let ctx = crate::render::context(&call, "r");
+        let crate::render::Message::Slack { mut body } =
+            renderer.render("slack", &action, &ctx).unwrap()
+        else {
+            panic!("not a Slack message")
+        };
+        assert_eq!(body["blocks"][0]["fields"].as_array().unwrap().len(), 12);
+
+        // What check looks at keeps them all, so check still names the template's mistake.
+        let mut kept = body.clone();
+        assert_eq!(fit_keeping_fields(&mut kept), 0);
+        assert_eq!(
+            crate::commands::slack_rejects(&kept),
+            ["block 0: 12 fields (at most 10)"]
+        );
+
+        assert_eq!(fit(&mut body), 1);
+        let blocks = body["blocks"].as_array().unwrap();
+        let texts: Vec<&str> = blocks[0]["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["text"].as_str().unwrap())
+            .collect();
+        let want: Vec<String> = (1..=10).map(|i| format!("*F{i}*\nCAmany")).collect();
+        assert_eq!(texts, want);
+        assert_eq!(
+            blocks[1],
+            serde_json::json!({"type": "context", "elements": [
+                {"type": "mrkdwn", "text": "… 2 more fields not shown"}
+            ]})
+        );
+        assert_eq!(blocks[2], serde_json::json!({"type": "divider"}));
+        assert!(crate::commands::slack_rejects(&body).is_empty(), "{body}");
+
+        // Blank fields, which are left out anyway, do not count; 11 says "1 more field".
+        let field = |t: &str| serde_json::json!({"type": "mrkdwn", "text": t});
+        let mut fields: Vec<Value> = (0..11).map(|i| field(&format!("f{i}"))).collect();
+        fields.push(field(" "));
+        let mut body = serde_json::json!({"blocks": [{"type": "section", "fields": fields}]});
+        assert_eq!(fit(&mut body), 1);
+        assert_eq!(body["blocks"][0]["fields"].as_array().unwrap().len(), 10);
+        assert_eq!(
+            body["blocks"][1]["elements"][0]["text"],
+            "… 1 more field not shown"
+        );
     }
 
     #[test]
