@@ -1331,12 +1331,19 @@ fn build_channel(
                     format!("not a URL ({e})"),
                 )),
             }
+            // An empty bucket would never send; quietly reading 0 as 1 hid the mistake.
+            if burst == Some(0) {
+                problems.push(Problem::new(
+                    format!("{at}.burst"),
+                    "must be at least 1 (messages sent at once before pacing starts)",
+                ));
+            }
             (
                 ChannelKind::Slack {
                     webhook_url: SecretString::from(webhook_url),
                 },
                 check_rate(max_per_second, 1.0, problems),
-                burst.unwrap_or(3).max(1),
+                burst.unwrap_or(3),
                 concurrency.unwrap_or(1),
             )
         }
@@ -1896,6 +1903,24 @@ rules: []
             "{err}"
         );
         assert!(err.to_string().contains("200ms is too short"), "{err}");
+    }
+
+    #[test]
+    fn a_burst_of_zero_is_refused_not_read_as_one() {
+        let yaml = GOOD.replace(
+            r#"webhook_url: "${URL}" }"#,
+            r#"webhook_url: "${URL}", burst: 0 }"#,
+        );
+        let (places, err) = refused(&yaml, GOOD_VARS);
+        assert_eq!(places, ["channels.s.burst"], "{err}");
+        assert!(err.to_string().contains("must be at least 1"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = GOOD.replace(
+            r#"webhook_url: "${URL}" }"#,
+            r#"webhook_url: "${URL}", burst: 1 }"#,
+        );
+        let c = load_with_env(&write(dir.path(), &yaml), &env(GOOD_VARS)).unwrap();
+        assert_eq!(c.channels["s"].burst, 1);
     }
 
     #[test]
