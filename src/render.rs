@@ -215,19 +215,25 @@ fn value_text(v: &Value) -> String {
 }
 
 /// `{{duration call.duration}}`: seconds as "3m 07s". Without an argument, `{{duration}}` is the
-/// `duration` variable (the call's seconds), which the helper's name would otherwise hide.
-fn duration_helper(
-    h: &Helper<'_>,
-    r: &Handlebars<'_>,
-    ctx: &Context,
-    rc: &mut RenderContext<'_, '_>,
+/// `duration` variable, which the helper's name would otherwise hide: read where it stands, as
+/// any variable is (a leg's own inside `{{#each legs}}`), and the call's seconds at the top level
+/// or in a block that has no `duration`.
+fn duration_helper<'reg, 'rc>(
+    h: &Helper<'rc>,
+    r: &'reg Handlebars<'reg>,
+    ctx: &'rc Context,
+    rc: &mut RenderContext<'reg, 'rc>,
     out: &mut dyn Output,
 ) -> HelperResult {
     let text = match h.param(0) {
         Some(p) => crate::payload::as_number(p.value())
             .map(duration_human)
             .unwrap_or_default(),
-        None => value_text(&ctx.data()["duration"]),
+        // An error here is a block over an array of arrays, where "duration" is no index.
+        None => match rc.evaluate(ctx, "duration") {
+            Ok(own) if !own.is_missing() => value_text(own.as_json()),
+            _ => value_text(&ctx.data()["duration"]),
+        },
     };
     write_escaped(r, rc, out, &text)
 }
@@ -831,6 +837,34 @@ mod tests {
         assert_eq!(render(&call), "2.5 / 3m 07s / 3s");
         call.duration = None;
         assert_eq!(render(&call), " / 3m 07s / unknown");
+    }
+
+    #[test]
+    fn duration_in_a_block_is_the_blocks_own() {
+        let mut r = Renderer::empty();
+        r.register(
+            "d",
+            "{{#each call.leadData.legs}}{{duration}} {{/each}}\
+             | {{#with call.leadData.transfer}}{{duration}}{{/with}} \
+             | {{#each call.leadData.tags}}{{duration}} {{/each}}\
+             | {{#each call.leadData.grid}}{{duration}} {{/each}}\
+             | {{duration}}",
+        )
+        .unwrap();
+        let mut call = fixture_call();
+        let lead_data = serde_json::json!({
+            "legs": [{"duration": 30}, {"duration": 157.5}, {"duration": null}, {}],
+            "transfer": {"duration": 12},
+            "tags": ["a"],
+            "grid": [[1]],
+        });
+        call.raw.insert("leadData".into(), lead_data);
+        let text = match r.render("log", &action("d"), &context(&call, "r")) {
+            Ok(Message::Log { text }) => text,
+            other => panic!("{other:?}"),
+        };
+        // A leg without one, a string and an array have no `duration`: the call's is read.
+        assert_eq!(text, "30 157.5  187 | 12 | 187 | 187 | 187");
     }
 
     #[test]
