@@ -1924,6 +1924,23 @@ rules: []
     }
 
     #[test]
+    fn a_log_channel_takes_max_per_second_and_concurrency() {
+        // Both work on a log channel (its own pacing bucket, its own lane): no warning.
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = GOOD.replace(
+            "channels:\n",
+            "channels:\n  console: { type: log, max_per_second: 2, concurrency: 3 }\n",
+        );
+        let c = load_with_env(&write(dir.path(), &yaml), &env(GOOD_VARS)).unwrap();
+        let log = &c.channels["console"];
+        assert_eq!(
+            (log.max_per_second, log.burst, log.concurrency),
+            (2.0, 1, 3)
+        );
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    }
+
+    #[test]
     fn ten_years_is_accepted_as_never_giving_up() {
         let dir = tempfile::tempdir().unwrap();
         let p = write(

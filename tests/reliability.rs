@@ -672,6 +672,40 @@ async fn a_burst_of_50_reaches_a_paced_channel_in_order_without_429() {
 }
 
 #[tokio::test]
+async fn a_log_channel_is_paced_by_its_max_per_second() {
+    let tpl = templates();
+    let channels = "  console: { type: log, file: \"{dir}/notifications.jsonl\", max_per_second: 5, concurrency: 2 }\n";
+    let d = Daemon::start(&config(
+        tpl.path(),
+        FAST,
+        channels,
+        "[{ channel: console, template: log/sid }]",
+    ));
+    for i in 0..6 {
+        accept(&d, &format!("CAlogpace{i}")).await;
+    }
+    let rows = d.wait_settled(WAIT).await;
+    assert!(
+        rows.len() == 6 && rows.iter().all(|r| r["status"] == "done"),
+        "{rows:?}"
+    );
+    let log = std::fs::read_to_string(d.dir.join("notifications.jsonl")).unwrap();
+    let mut at: Vec<chrono::DateTime<chrono::FixedOffset>> = log
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            chrono::DateTime::parse_from_rfc3339(v["at"].as_str().unwrap()).unwrap()
+        })
+        .collect();
+    at.sort();
+    assert_eq!(at.len(), 6, "{log}");
+    // A log channel's bucket holds one: six writes at 5 per second span at least 1 s (less
+    // 100 ms for timer jitter). Unpaced, they land in well under that.
+    let span = (at[5] - at[0]).num_milliseconds();
+    assert!(span >= 900, "six writes within {span} ms");
+}
+
+#[tokio::test]
 async fn a_slow_destination_does_not_delay_another_channel() {
     let tpl = templates();
     let slow = FakeSlack::start().await;
