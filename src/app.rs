@@ -12,6 +12,7 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::clock::{SharedClock, SteadyClock};
 use crate::config::{self, Config, ConfigError};
@@ -50,6 +51,9 @@ pub struct Shared {
     shutting_down: AtomicBool,
     /// The last good readiness probe.
     pub ready: crate::server::ReadyCache,
+    /// Webhook commits and their bookkeeping, which outlive a client that hangs up: shutdown
+    /// waits for them as it does for open requests.
+    pub commits: TaskTracker,
     /// Held while the daemon runs: no second daemon on this store.
     _store_lock: DaemonLock,
 }
@@ -263,6 +267,7 @@ impl App {
             last_call_ms: AtomicI64::new(last),
             shutting_down: AtomicBool::new(false),
             ready: Default::default(),
+            commits: TaskTracker::new(),
             _store_lock: store_lock,
         });
         Ok(App {
@@ -343,6 +348,9 @@ impl App {
             for s in servers {
                 let _ = s.await;
             }
+            // No request is open any more, so no commit starts after this.
+            shared.commits.close();
+            shared.commits.wait().await;
             let _ = worker.await;
         })
         .await;

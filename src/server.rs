@@ -339,7 +339,9 @@ where
     // their own: a client that hangs up while its commit is in flight drops this handler, but
     // the call is stored all the same and must be counted, logged and delivered like any other.
     let body = call.raw_json();
-    let commit = tokio::spawn(async move {
+    // Tracked, so that shutdown waits for it even when its client is gone.
+    let commits = shared.commits.clone();
+    let commit = commits.spawn(async move {
         let inserted = shared
             .store
             .insert_call(sid.clone(), event, body, now, owed)

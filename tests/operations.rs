@@ -184,6 +184,48 @@ async fn a_call_whose_client_hung_up_during_the_commit_is_counted_logged_and_del
     );
 }
 
+/// SIGTERM while a call whose client hung up is still being committed: shutdown waits for that
+/// commit's bookkeeping, so the call is logged and its time is what the next start reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_the_commit_of_a_call_whose_client_hung_up() {
+    use tokio::io::AsyncWriteExt;
+    let slack = FakeSlack::start().await;
+    let mut d = Daemon::start(&config(&slack, ""));
+    let body = with_sid(FIXTURE, "CAhungupstop");
+    let request = format!(
+        "POST /webhooks/air HTTP/1.1\r\nHost: callnotify\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let lock = WriteLock::take(&d.dir.join("store.db"));
+    let addr = d.url("").trim_start_matches("http://").to_string();
+    let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+    client.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The daemon stops while the commit waits for the lock (well within its busy timeout).
+    d.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    lock.release();
+    assert_eq!(tokio::task::block_in_place(|| d.terminate()), Some(0));
+    let logs = d.logs();
+    let accepted = logs
+        .lines()
+        .position(|l| l.contains("call accepted") && l.contains("CAhungupstop"));
+    let stopped = logs.lines().position(|l| l.contains("\"stopped\""));
+    assert!(
+        accepted.is_some() && accepted < stopped,
+        "accepted at {accepted:?}, stopped at {stopped:?}:\n{logs}"
+    );
+
+    tokio::task::block_in_place(|| d.spawn());
+    let (_, text) = get(&d.url("/metrics")).await;
+    let last = metric(&text, "callnotify_last_call_received_timestamp_seconds");
+    assert!(last > 1.7e9, "{text}");
+    slack.wait_accepted(1, WAIT).await;
+}
+
 /// The series an operator alerts on are there from the start, and the last call's time
 /// survives a restart (the README's "no calls lately" alert must not go blind after a deploy).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
