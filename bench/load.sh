@@ -37,7 +37,7 @@ command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2
 
 echo "== building (cargo build --release --examples --bins)" >&2
 cargo build --release --examples --bins >&2
-BIN="$ROOT/target/release"
+BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release" # where cargo just built
 
 TMP=$(mktemp -d)
 PIDS=()
