@@ -567,6 +567,23 @@ pub fn format_deliveries(rows: &[DeliveryRow]) -> String {
 /// directory, and "(no deliveries)" from the wrong directory would be a lie. Works while the
 /// daemon runs.
 pub fn open_store(store: &StoreConfig) -> anyhow::Result<Store> {
+    must_exist(store)?;
+    Ok(Store::open_with(&store.path, store.synchronous)?)
+}
+
+/// `deliveries list`: reads the daemon's existing store without taking its write lock (see
+/// [`crate::store::list_at`]).
+pub fn list_deliveries(
+    store: &StoreConfig,
+    status: Option<&str>,
+    sid: Option<&str>,
+    limit: usize,
+) -> anyhow::Result<Vec<DeliveryRow>> {
+    must_exist(store)?;
+    Ok(crate::store::list_at(&store.path, status, sid, limit)?)
+}
+
+fn must_exist(store: &StoreConfig) -> anyhow::Result<()> {
     if !store.path.exists() {
         let cwd = std::env::current_dir()
             .map(|d| format!(" (relative paths are taken from {})", d.display()))
@@ -576,7 +593,7 @@ pub fn open_store(store: &StoreConfig) -> anyhow::Result<Store> {
             store.path.display()
         );
     }
-    Ok(Store::open_with(&store.path, store.synchronous)?)
+    Ok(())
 }
 
 /// `callnotify send-test`: renders a sample (or the given payload) for a channel with the first

@@ -267,14 +267,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Deliveries(d) => {
-            let store = match config::load_store(&cli.config) {
-                Ok(s) => commands::open_store(&s)?,
+            let store_config = match config::load_store(&cli.config) {
+                Ok(s) => s,
                 Err(e) => {
                     eprintln!("{e}");
                     return Ok(ExitCode::from(1));
                 }
             };
-            let rt = runtime()?;
             match d {
                 Deliveries::List {
                     status,
@@ -282,7 +281,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     limit,
                     json,
                 } => {
-                    let rows = rt.block_on(store.list(status, sid, limit as usize))?;
+                    let rows = commands::list_deliveries(
+                        &store_config,
+                        status.as_deref(),
+                        sid.as_deref(),
+                        limit as usize,
+                    )?;
                     if json {
                         for r in rows {
                             println!("{}", serde_json::to_string(&r)?);
@@ -296,6 +300,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         eprintln!("name delivery ids, or --all-dead");
                         return Ok(ExitCode::from(2));
                     }
+                    let store = commands::open_store(&store_config)?;
+                    let rt = runtime()?;
                     let (n, not_dead) =
                         rt.block_on(store.retry_dead(ids, chrono::Utc::now().timestamp_millis()))?;
                     println!(

@@ -537,32 +537,8 @@ impl Store {
         sid: Option<String>,
         limit: usize,
     ) -> Result<Vec<DeliveryRow>, StoreError> {
-        self.run(move |conn| {
-            let mut stmt = conn.prepare(
-                "SELECT d.id, c.sid, c.event, d.rule, d.channel, d.status, d.attempts, d.next_attempt_at,
-                        d.created_at, d.updated_at, d.last_error
-                 FROM deliveries d JOIN calls c ON c.id = d.call_id
-                 WHERE (?1 IS NULL OR d.status = ?1) AND (?2 IS NULL OR c.sid = ?2)
-                 ORDER BY d.id DESC LIMIT ?3",
-            )?;
-            let rows = stmt.query_map(params![status, sid, limit as i64], |r| {
-                Ok(DeliveryRow {
-                    id: r.get(0)?,
-                    sid: r.get(1)?,
-                    event: r.get(2)?,
-                    rule: r.get(3)?,
-                    channel: r.get(4)?,
-                    status: r.get(5)?,
-                    attempts: r.get(6)?,
-                    next_attempt_at: r.get(7)?,
-                    created_at: r.get(8)?,
-                    updated_at: r.get(9)?,
-                    last_error: r.get(10)?,
-                })
-            })?;
-            rows.collect()
-        })
-        .await
+        self.run(move |conn| list(conn, status.as_deref(), sid.as_deref(), limit))
+            .await
     }
 
     /// Puts dead deliveries back in the queue, due now, with a fresh retry window. `ids` empty
@@ -906,6 +882,60 @@ fn prune_some(
         n += delete.execute(params![id])?;
     }
     Ok((n, old.last().copied()))
+}
+
+/// Lists deliveries, newest first, on a connection of its own to the store at `path`, for
+/// `deliveries list` beside the running daemon. A plain read in WAL mode takes no lock the
+/// daemon's commits wait for; going through [`Store`] would run it inside a write transaction,
+/// and on a large store a scan by sid or status (seconds with a cold cache) would hold every
+/// webhook until the daemon's busy timeout answered them 503.
+pub fn list_at(
+    path: &Path,
+    status: Option<&str>,
+    sid: Option<&str>,
+    limit: usize,
+) -> Result<Vec<DeliveryRow>, StoreError> {
+    let open_err = |e: rusqlite::Error| StoreError::Open {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    let flags =
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(open_err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(open_err)?;
+    Ok(list(&conn, status, sid, limit)?)
+}
+
+fn list(
+    conn: &Connection,
+    status: Option<&str>,
+    sid: Option<&str>,
+    limit: usize,
+) -> rusqlite::Result<Vec<DeliveryRow>> {
+    let mut stmt = conn.prepare(
+        "SELECT d.id, c.sid, c.event, d.rule, d.channel, d.status, d.attempts, d.next_attempt_at,
+                d.created_at, d.updated_at, d.last_error
+         FROM deliveries d JOIN calls c ON c.id = d.call_id
+         WHERE (?1 IS NULL OR d.status = ?1) AND (?2 IS NULL OR c.sid = ?2)
+         ORDER BY d.id DESC LIMIT ?3",
+    )?;
+    let rows = stmt.query_map(params![status, sid, limit as i64], |r| {
+        Ok(DeliveryRow {
+            id: r.get(0)?,
+            sid: r.get(1)?,
+            event: r.get(2)?,
+            rule: r.get(3)?,
+            channel: r.get(4)?,
+            status: r.get(5)?,
+            attempts: r.get(6)?,
+            next_attempt_at: r.get(7)?,
+            created_at: r.get(8)?,
+            updated_at: r.get(9)?,
+            last_error: r.get(10)?,
+        })
+    })?;
+    rows.collect()
 }
 
 fn stats(conn: &Connection) -> rusqlite::Result<Stats> {

@@ -445,6 +445,27 @@ async fn deliveries_commands_need_only_the_store_and_refuse_one_that_is_not_ther
     assert!(!d.dir.join("missing").exists());
 }
 
+/// `deliveries list` beside the daemon is a read and takes no write lock: under one, a listing
+/// on a large store (a scan by sid or status takes seconds with a cold cache) held every webhook
+/// until the daemon's busy timeout answered Air 503. So it works while a writer holds the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_list_takes_no_write_lock_beside_the_daemon() {
+    let slack = FakeSlack::start().await;
+    let d = Daemon::start(&config(&slack, ""));
+    assert_eq!(d.post(FIXTURE).await.0, 200);
+    slack.wait_accepted(1, WAIT).await;
+    d.wait_settled(WAIT).await;
+    let lock = WriteLock::take(&d.dir.join("store.db"));
+    let out = d.cli(&["deliveries", "list", "--json", "--status", "done"]);
+    lock.release();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_test_sends_to_slack_and_smtp_and_reports_the_answer() {
     let slack = FakeSlack::start().await;
