@@ -247,7 +247,7 @@ impl App {
             None => None,
         };
         let live = Arc::new(ArcSwap::from_pointee(Live::new(config)?));
-        let worker = Worker::new(store.clone(), live.clone(), clock.clone());
+        let worker = Worker::new(store.clone(), live.clone(), clock.clone(), config_path);
         let last = store
             .get_meta("last_call_at".into())
             .await

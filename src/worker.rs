@@ -157,6 +157,9 @@ pub struct Worker {
     /// sent to them before this instant, not only the rate-limited message.
     paused: Mutex<Pauses>,
     wake: watch::Sender<u64>,
+    /// The replay command a dead delivery's log line names, with the daemon's own `--config`:
+    /// the default one, from an operator's shell, is another store or none.
+    replay: String,
 }
 
 impl Worker {
@@ -164,7 +167,17 @@ impl Worker {
         store: Store,
         live: Arc<arc_swap::ArcSwap<Live>>,
         clock: SharedClock,
+        config_path: &std::path::Path,
     ) -> Arc<Worker> {
+        let path = config_path.display().to_string();
+        let quoted = if path
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+:@%,=".contains(c))
+        {
+            path
+        } else {
+            format!("'{}'", path.replace('\'', r"'\''"))
+        };
         Arc::new(Worker {
             store,
             live,
@@ -172,6 +185,7 @@ impl Worker {
             pacers: Mutex::new(HashMap::new()),
             paused: Mutex::new(Pauses::default()),
             wake: watch::channel(0).0,
+            replay: format!("callnotify deliveries retry --config {quoted}"),
         })
     }
 
@@ -388,7 +402,7 @@ impl Worker {
                     tracing::warn!(outcome = label, latency_ms, error = detail.as_deref().unwrap_or(""), retry_in = %humantime::format_duration(wait), "delivery failed; will retry");
                 }
                 Recorded::Dead => {
-                    tracing::error!(outcome = label, latency_ms, error = detail.as_deref().unwrap_or(""), "delivery is dead; replay with `callnotify deliveries retry {}`", d.id);
+                    tracing::error!(outcome = label, latency_ms, error = detail.as_deref().unwrap_or(""), "delivery is dead; replay with `{} {}`", self.replay, d.id);
                 }
             }
             let done = Attempt { id: d.id, attempt, at: now, outcome: recorded.clone(), latency_ms, detail };

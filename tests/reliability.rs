@@ -464,6 +464,49 @@ async fn dead_deliveries_are_listed_and_replayed_with_the_cli() {
     assert_eq!(slack.accepted().len(), 3, "nothing was sent again");
 }
 
+/// The log line of a dead delivery names the command that replays it, and that command works
+/// as written from an operator's shell: it names the daemon's config (a daemon run with
+/// `--config /etc/callnotify/callnotify.yaml`, as the shipped unit does, is not reached through
+/// the default `config/callnotify.yaml`).
+#[tokio::test]
+async fn the_replay_command_a_dead_delivery_logs_works_as_written_from_elsewhere() {
+    let tpl = templates();
+    let slack = FakeSlack::start().await;
+    slack.set_default(Reply::status(404, "no_service"));
+    let d = Daemon::start(&slack_only(tpl.path(), &slack, FAST));
+    accept(&d, "CAlogged").await;
+    d.wait_settled(WAIT).await;
+    let logs = d.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("delivery is dead"))
+        .unwrap_or_else(|| panic!("no dead delivery logged:\n{logs}"));
+    let message: Value = serde_json::from_str(line).unwrap();
+    let message = message["message"]
+        .as_str()
+        .or(message["fields"]["message"].as_str())
+        .unwrap_or(line);
+    let command = message.split('`').nth(1).expect("a command in backquotes");
+    let words: Vec<&str> = command.split_whitespace().collect();
+    assert_eq!(words[0], "callnotify", "{message}");
+
+    slack.set_default(Reply::ok());
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"))
+        .args(&words[1..])
+        .current_dir(elsewhere.path())
+        .env_remove("CALLNOTIFY_CONFIG")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "`{command}`: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = slack.wait_accepted(1, WAIT).await;
+    assert_eq!(sid_of(&got[0]), "CAlogged");
+}
+
 /// A daemon on channel `sales` whose Slack answers 500: it takes `sid`, fails its first attempt,
 /// schedules the retry `retry` later and is stopped with that retry owed.
 async fn stopped_owing_a_retry(
