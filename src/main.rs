@@ -309,8 +309,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         if n == 1 { "y" } else { "ies" }
                     );
                     if !not_dead.is_empty() {
-                        for id in not_dead {
-                            eprintln!("delivery {id} was not requeued: there is no such delivery, or it is not dead (see `deliveries list`)");
+                        for (id, status) in not_dead {
+                            let why = match status.as_deref() {
+                                None => "there is no such delivery".to_string(),
+                                Some("done") => "it is done, not dead: it was delivered".into(),
+                                Some(s) => format!("it is {s}, not dead: it is still being tried (see `deliveries list --status {s}`)"),
+                            };
+                            eprintln!("delivery {id} was not requeued: {why}");
                         }
                         return Ok(ExitCode::from(1));
                     }

@@ -543,13 +543,13 @@ impl Store {
 
     /// Puts dead deliveries back in the queue, due now, with a fresh retry window. `ids` empty
     /// means every dead delivery. Returns how many were requeued.
-    /// Of the `ids` given, those that were not requeued (no such delivery, or not dead) come
-    /// back in the second place.
+    /// Of the `ids` given, those that were not requeued come back in the second place, each
+    /// with its status (None: no such delivery).
     pub async fn retry_dead(
         &self,
         ids: Vec<i64>,
         now: i64,
-    ) -> Result<(usize, Vec<i64>), StoreError> {
+    ) -> Result<(usize, Vec<(i64, Option<String>)>), StoreError> {
         self.run(move |conn| {
             let sql =
                 "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?1,
@@ -559,11 +559,13 @@ impl Store {
                 return Ok((conn.execute(sql, params![now])?, Vec::new()));
             }
             let mut stmt = conn.prepare(&format!("{sql} AND id = ?2"))?;
+            let mut status = conn.prepare("SELECT status FROM deliveries WHERE id = ?1")?;
             let mut n = 0;
             let mut not_dead = Vec::new();
             for id in &ids {
                 match stmt.execute(params![now, id])? {
-                    0 => not_dead.push(*id),
+                    0 => not_dead
+                        .push((*id, status.query_row(params![id], |r| r.get(0)).optional()?)),
                     k => n += k,
                 }
             }
@@ -1292,11 +1294,11 @@ mod tests {
         let id = dead[0].id;
         assert_eq!(
             store.retry_dead(vec![id, 999], 200).await.unwrap(),
-            (1, vec![999])
+            (1, vec![(999, None)])
         );
         assert_eq!(
             store.retry_dead(vec![id], 200).await.unwrap(),
-            (0, vec![id])
+            (0, vec![(id, Some("pending".into()))])
         );
         assert_eq!(store.retry_dead(vec![], 200).await.unwrap(), (0, vec![]));
         let c = store.claim("c".into(), 200, 1).await.unwrap().remove(0);

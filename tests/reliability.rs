@@ -452,13 +452,14 @@ async fn dead_deliveries_are_listed_and_replayed_with_the_cli() {
     let sids: HashSet<String> = slack.accepted().iter().map(sid_of).collect();
     assert_eq!(sids.len(), 3);
 
-    // Naming a delivery that is not dead (done, or no such id) says so and exits 1.
+    // Naming a delivery that is not dead (done, or no such id) says which and exits 1.
     let out = d.cli(&["deliveries", "retry", &id, "999999"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains(&format!("delivery {id} was not requeued"))
-            && err.contains("delivery 999999 was not requeued"),
+        err.contains(&format!(
+            "delivery {id} was not requeued: it is done, not dead: it was delivered"
+        )) && err.contains("delivery 999999 was not requeued: there is no such delivery"),
         "{err}"
     );
     assert_eq!(slack.accepted().len(), 3, "nothing was sent again");
