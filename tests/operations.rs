@@ -133,22 +133,17 @@ async fn metrics_counters_move_with_calls_and_deliveries() {
     assert!(metric(&text, "callnotify_last_call_received_timestamp_seconds") > 1.7e9);
 }
 
-/// A client that hangs up while its call is being committed drops the request's handler, but the
-/// call is stored (Air's retry would be answered `duplicate`), so it must be counted, logged and
-/// delivered like any other.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_call_whose_client_hung_up_during_the_commit_is_counted_logged_and_delivered() {
+/// Posts a call while another process holds the store's write lock, and hangs up while its
+/// commit waits. The caller releases the lock, within the daemon's busy timeout (5 s), which
+/// would otherwise refuse the call.
+async fn hang_up_during_commit(d: &Daemon, sid: &str) -> WriteLock {
     use tokio::io::AsyncWriteExt;
-    let slack = FakeSlack::start().await;
-    let d = Daemon::start(&config(&slack, ""));
-    let body = with_sid(FIXTURE, "CAhungup");
+    let body = with_sid(FIXTURE, sid);
     let request = format!(
         "POST /webhooks/air HTTP/1.1\r\nHost: callnotify\r\nAuthorization: Bearer {TOKEN}\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    // The commit waits behind another process's write lock while the client gives up; the
-    // lock goes before the daemon's busy timeout (5 s) would refuse the call.
     let lock = WriteLock::take(&d.dir.join("store.db"));
     let addr = d.url("").trim_start_matches("http://").to_string();
     let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -156,7 +151,17 @@ async fn a_call_whose_client_hung_up_during_the_commit_is_counted_logged_and_del
     tokio::time::sleep(Duration::from_millis(1000)).await;
     drop(client);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    lock.release();
+    lock
+}
+
+/// A client that hangs up while its call is being committed drops the request's handler, but the
+/// call is stored (Air's retry would be answered `duplicate`), so it must be counted, logged and
+/// delivered like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_client_hung_up_during_the_commit_is_counted_logged_and_delivered() {
+    let slack = FakeSlack::start().await;
+    let d = Daemon::start(&config(&slack, ""));
+    hang_up_during_commit(&d, "CAhungup").await.release();
 
     let sent = slack.wait_accepted(1, WAIT).await;
     assert!(
@@ -188,22 +193,9 @@ async fn a_call_whose_client_hung_up_during_the_commit_is_counted_logged_and_del
 /// commit's bookkeeping, so the call is logged and its time is what the next start reads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_waits_for_the_commit_of_a_call_whose_client_hung_up() {
-    use tokio::io::AsyncWriteExt;
     let slack = FakeSlack::start().await;
     let mut d = Daemon::start(&config(&slack, ""));
-    let body = with_sid(FIXTURE, "CAhungupstop");
-    let request = format!(
-        "POST /webhooks/air HTTP/1.1\r\nHost: callnotify\r\nAuthorization: Bearer {TOKEN}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let lock = WriteLock::take(&d.dir.join("store.db"));
-    let addr = d.url("").trim_start_matches("http://").to_string();
-    let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
-    client.write_all(request.as_bytes()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    drop(client);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let lock = hang_up_during_commit(&d, "CAhungupstop").await;
     // The daemon stops while the commit waits for the lock (well within its busy timeout).
     d.signal("TERM");
     tokio::time::sleep(Duration::from_millis(500)).await;

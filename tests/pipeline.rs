@@ -459,6 +459,29 @@ fn check_config(cfg: &std::path::Path) -> std::process::Output {
         .unwrap()
 }
 
+/// `callnotify render` of the fixture call (given on stdin) with the config `cfg`.
+fn render_fixture(cfg: &std::path::Path, flags: &[&str]) -> std::process::Output {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"))
+        .arg("--config")
+        .arg(cfg)
+        .arg("render")
+        .args(flags)
+        .arg("-")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(FIXTURE.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_lists_every_problem_and_exits_1() {
     let dir = tempfile::tempdir().unwrap();
@@ -519,15 +542,7 @@ rules:
         "{stdout}"
     );
     // The dry run of a call that meets the typo fails the same way, for scripts and CI.
-    let call = dir.path().join("call.json");
-    std::fs::write(&call, FIXTURE).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"))
-        .arg("--config")
-        .arg(&cfg)
-        .arg("render")
-        .arg(&call)
-        .output()
-        .unwrap();
+    let out = render_fixture(&cfg, &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(
@@ -579,15 +594,7 @@ rules:
     );
 
     // What would be sent keeps the first 10 and says so: Slack takes it.
-    let call = dir.path().join("call.json");
-    std::fs::write(&call, FIXTURE).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"))
-        .arg("--config")
-        .arg(&cfg)
-        .args(["render", "--json"])
-        .arg(&call)
-        .output()
-        .unwrap();
+    let out = render_fixture(&cfg, &["--json"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();

@@ -351,6 +351,22 @@ fn cut_lines(text: &str, max: usize) -> Option<(String, usize)> {
 mod tests {
     use super::*;
 
+    /// The Slack body `template` (under `templates_dir`) renders for `payload`, before `fit`.
+    fn render_slack(templates_dir: &std::path::Path, template: &str, payload: &Value) -> Value {
+        let renderer = crate::render::Renderer::load(templates_dir).unwrap();
+        let call = crate::payload::parse(payload.to_string().as_bytes()).unwrap();
+        let action = crate::rules::Action {
+            channel: "c".into(),
+            template: template.into(),
+            to: vec![],
+            subject: None,
+        };
+        let ctx = crate::render::context(&call, "r");
+        match renderer.render("slack", &action, &ctx).unwrap() {
+            crate::render::Message::Slack { body } => body,
+            other => panic!("not a Slack message: {other:?}"),
+        }
+    }
     #[test]
     fn no_text_object_is_left_empty() {
         // A split whose tail is only newlines, and a hard split that leaves just "\n".
@@ -419,23 +435,10 @@ mod tests {
         // The shipped summary template with a 5,000-character campaign id: Slack refused the
         // 5,011-character field with invalid_blocks.
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("templates");
-        let renderer = crate::render::Renderer::load(&dir).unwrap();
         let payload = serde_json::json!({"call": {
             "sid": "CAfield", "duration": 61, "campaignId": "8".repeat(5000),
         }});
-        let call = crate::payload::parse(payload.to_string().as_bytes()).unwrap();
-        let action = crate::rules::Action {
-            channel: "c".into(),
-            template: "slack/summary".into(),
-            to: vec![],
-            subject: None,
-        };
-        let ctx = crate::render::context(&call, "r");
-        let crate::render::Message::Slack { mut body } =
-            renderer.render("slack", &action, &ctx).unwrap()
-        else {
-            panic!("not a Slack message")
-        };
+        let mut body = render_slack(&dir, "slack/summary", &payload);
         let rejects = crate::commands::slack_rejects(&body);
         assert_eq!(
             rejects,
@@ -478,21 +481,8 @@ mod tests {
             ),
         )
         .unwrap();
-        let renderer = crate::render::Renderer::load(dir.path()).unwrap();
         let payload = serde_json::json!({"call": {"sid": "CAmany", "duration": 61}});
-        let call = crate::payload::parse(payload.to_string().as_bytes()).unwrap();
-        let action = crate::rules::Action {
-            channel: "c".into(),
-            template: "slack/many".into(),
-            to: vec![],
-            subject: None,
-        };
-        let ctx = crate::render::context(&call, "r");
-        let crate::render::Message::Slack { mut body } =
-            renderer.render("slack", &action, &ctx).unwrap()
-        else {
-            panic!("not a Slack message")
-        };
+        let mut body = render_slack(dir.path(), "slack/many", &payload);
         assert_eq!(body["blocks"][0]["fields"].as_array().unwrap().len(), 12);
 
         // What check looks at keeps them all, so check still names the template's mistake.
