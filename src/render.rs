@@ -317,8 +317,9 @@ fn date_helper(
 }
 
 /// An IANA time zone by name in any case (`Europe/Berlin`, `utc`), from the system's zoneinfo
-/// database (kept up to date by the OS), else from the copy built into the binary: a slim
-/// container has no zoneinfo, and some systems leave out old names such as `US/Eastern`. `UTC`
+/// database (kept up to date by the OS), else from the copy built into the binary: a minimal
+/// image (distroless, scratch) has no zoneinfo, and some systems leave out old names such as
+/// `US/Eastern`. `UTC`
 /// needs neither, so the shipped templates load no database.
 ///
 /// Only names the built-in copy knows are zones, wherever the data comes from: the same names
