@@ -451,6 +451,24 @@ async fn check_passes_on_the_shipped_configs() {
 }
 
 /// `callnotify check --config PATH`, run to the end.
+/// A temporary folder with `templates` (path under `t/`, text) and a config `c.yaml` holding
+/// `yaml`, in which `DIR` stands for the folder. Returns the folder and the config's path.
+fn one_off_config(
+    templates: &[(&str, &str)],
+    yaml: &str,
+) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in templates {
+        let path = dir.path().join("t").join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    let cfg = dir.path().join("c.yaml");
+    let dir_text = dir.path().display().to_string();
+    std::fs::write(&cfg, yaml.replace("DIR", &dir_text)).unwrap();
+    (dir, cfg)
+}
+
 fn check_config(cfg: &std::path::Path) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"))
         .args(["check", "--config"])
@@ -484,32 +502,24 @@ fn render_fixture(cfg: &std::path::Path, flags: &[&str]) -> std::process::Output
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_lists_every_problem_and_exits_1() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("t/slack")).unwrap();
-    std::fs::write(dir.path().join("t/slack/typo.hbs"), "{{lead_nmae}}").unwrap();
-    let cfg = dir.path().join("c.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-templates_dir: "{}"
-server: {{ tokens: ["${{UNSET_TOKEN_VAR}}"], listn: "x" }}
+    let (_dir, cfg) = one_off_config(
+        &[("slack/typo.hbs", "{{lead_nmae}}")],
+        r#"
+templates_dir: "DIR/t"
+server: { tokens: ["${UNSET_TOKEN_VAR}"], listn: "x" }
 channels:
-  s: {{ type: slack, webhook_url: "https://hooks.slack.com/x" }}
-  m: {{ type: email, smtp: {{ host: "127.0.0.1" }}, from: "calls@example.com" }}
+  s: { type: slack, webhook_url: "https://hooks.slack.com/x" }
+  m: { type: email, smtp: { host: "127.0.0.1" }, from: "calls@example.com" }
 rules:
   - name: a
-    when: {{ duration: {{ gtee: 5 }} }}
-    notify: [{{ channel: nope, template: slack/typo }}]
+    when: { duration: { gtee: 5 } }
+    notify: [{ channel: nope, template: slack/typo }]
   - name: b
-    notify: [{{ channel: s, template: slack/typo }}]
+    notify: [{ channel: s, template: slack/typo }]
   - name: c
-    notify: [{{ channel: m, template: slack/typo, subject: x, to: ["a@example.com, {{{{call.leadData.owner}}}}"] }}]
+    notify: [{ channel: m, template: slack/typo, subject: x, to: ["a@example.com, {{call.leadData.owner}}"] }]
 "#,
-            dir.path().join("t").display()
-        ),
-    )
-    .unwrap();
+    );
     let out = check_config(&cfg);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -555,36 +565,25 @@ rules:
 
 #[test]
 fn check_names_a_section_with_more_than_ten_fields_that_delivery_would_cut() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("t/slack")).unwrap();
     let fields: Vec<String> = (1..=12)
         .map(|i| format!(r#"{{"type": "mrkdwn", "text": "*F{i}*\n{{{{call.sid}}}}"}}"#))
         .collect();
-    std::fs::write(
-        dir.path().join("t/slack/many.json.hbs"),
-        format!(
-            r#"{{"blocks": [{{"type": "section", "fields": [{}]}}]}}"#,
-            fields.join(", ")
-        ),
-    )
-    .unwrap();
-    let cfg = dir.path().join("c.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-templates_dir: "{}"
-server: {{ tokens: [] }}
+    let many = format!(
+        r#"{{"blocks": [{{"type": "section", "fields": [{}]}}]}}"#,
+        fields.join(", ")
+    );
+    let (_dir, cfg) = one_off_config(
+        &[("slack/many.json.hbs", &many)],
+        r#"
+templates_dir: "DIR/t"
+server: { tokens: [] }
 channels:
-  s: {{ type: slack, webhook_url: "https://hooks.slack.com/x" }}
+  s: { type: slack, webhook_url: "https://hooks.slack.com/x" }
 rules:
   - name: many
-    notify: [{{ channel: s, template: slack/many }}]
+    notify: [{ channel: s, template: slack/many }]
 "#,
-            dir.path().join("t").display()
-        ),
-    )
-    .unwrap();
+    );
     let out = check_config(&cfg);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
@@ -728,18 +727,19 @@ async fn render_shows_what_would_be_sent_and_sends_nothing() {
 
 #[test]
 fn the_daemon_refuses_to_start_on_a_config_that_would_fail_a_call() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("t")).unwrap();
-    std::fs::write(dir.path().join("t/typo.hbs"), "{{lead_nmae}}").unwrap();
-    let cfg = dir.path().join("c.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "server: {{ listen: \"127.0.0.1:0\" }}\nstore: {{ path: \"{d}/s.db\" }}\ntemplates_dir: \"{d}/t\"\nchannels:\n  c: {{ type: log }}\nrules:\n  - name: r\n    notify: [{{ channel: c, template: typo }}]\n",
-            d = dir.path().display()
-        ),
-    )
-    .unwrap();
+    let (_dir, cfg) = one_off_config(
+        &[("typo.hbs", "{{lead_nmae}}")],
+        r#"
+server: { listen: "127.0.0.1:0" }
+store: { path: "DIR/s.db" }
+templates_dir: "DIR/t"
+channels:
+  c: { type: log }
+rules:
+  - name: r
+    notify: [{ channel: c, template: typo }]
+"#,
+    );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"))
         .args(["serve", "--config"])
         .arg(&cfg)
@@ -817,18 +817,17 @@ fn render_needs_no_secrets_and_names_the_unset_ones() {
     assert_eq!(v["notifications"][0]["channel"], "sales");
 
     // A template that fails is still exit 1, secrets or not.
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("t/slack")).unwrap();
-    std::fs::write(dir.path().join("t/slack/typo.hbs"), "{{lead_nmae}}").unwrap();
-    let cfg = dir.path().join("c.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "templates_dir: \"{}\"\nchannels:\n  s: {{ type: slack, webhook_url: \"${{SLACK_SALES_WEBHOOK}}\" }}\nrules:\n  - name: r\n    notify: [{{ channel: s, template: slack/typo }}]\n",
-            dir.path().join("t").display()
-        ),
-    )
-    .unwrap();
+    let (_dir, cfg) = one_off_config(
+        &[("slack/typo.hbs", "{{lead_nmae}}")],
+        r#"
+templates_dir: "DIR/t"
+channels:
+  s: { type: slack, webhook_url: "${SLACK_SALES_WEBHOOK}" }
+rules:
+  - name: r
+    notify: [{ channel: s, template: slack/typo }]
+"#,
+    );
     let out = without_secrets(&[
         "render".as_ref(),
         "--config".as_ref(),

@@ -669,74 +669,28 @@ mod tests {
     /// An SMTP peer on 127.0.0.1 that takes one message per connection and then reads
     /// without ever answering again (a server that hangs, or a path that drops packets).
     async fn goes_silent_after_one_message() -> std::net::SocketAddr {
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((sock, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let (r, mut w) = sock.into_split();
-                    let mut lines = BufReader::new(r).lines();
-                    w.write_all(b"220 test ESMTP\r\n").await.unwrap();
-                    let mut in_data = false;
-                    while let Ok(Some(line)) = lines.next_line().await {
-                        let reply: &[u8] = if in_data {
-                            if line != "." {
-                                continue;
-                            }
-                            in_data = false;
-                            b"250 queued\r\n"
-                        } else if line.starts_with("EHLO") {
-                            b"250 test\r\n"
-                        } else if line.starts_with("MAIL") || line.starts_with("RCPT") {
-                            b"250 ok\r\n"
-                        } else if line.starts_with("DATA") {
-                            in_data = true;
-                            b"354 go on\r\n"
-                        } else {
-                            // NOOP, QUIT, anything after the message: no answer, ever.
-                            std::future::pending::<()>().await;
-                            unreachable!()
-                        };
-                        w.write_all(reply).await.unwrap();
-                    }
-                });
-            }
-        });
+        let (addr, _) = line_peer(true, |line| match line {
+            "." => Answer::Say("250 queued".into()),
+            l if l.starts_with("EHLO") => Answer::Say("250 test".into()),
+            l if l.starts_with("MAIL") || l.starts_with("RCPT") => Answer::Say("250 ok".into()),
+            "DATA" => Answer::Say("354 go on".into()),
+            // NOOP, QUIT, anything after the message: no answer, ever.
+            _ => Answer::Silent,
+        })
+        .await;
         addr
     }
 
     /// An SMTP peer on 127.0.0.1 that takes a message's text and then, at its end, either
     /// hangs up or never answers: it may have queued the message, the client cannot know.
     async fn never_answers_the_end_of_a_message(hang_up: bool) -> std::net::SocketAddr {
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (sock, _) = listener.accept().await.unwrap();
-            let (r, mut w) = sock.into_split();
-            let mut lines = BufReader::new(r).lines();
-            w.write_all(b"220 test ESMTP\r\n").await.unwrap();
-            let mut in_data = false;
-            while let Ok(Some(line)) = lines.next_line().await {
-                let reply: &[u8] = if in_data {
-                    if line != "." {
-                        continue;
-                    }
-                    if hang_up {
-                        return;
-                    }
-                    std::future::pending::<()>().await;
-                    unreachable!()
-                } else if line == "DATA" {
-                    in_data = true;
-                    b"354 go on\r\n"
-                } else {
-                    b"250 ok\r\n"
-                };
-                w.write_all(reply).await.unwrap();
-            }
-        });
+        let (addr, _) = line_peer(false, move |line| match line {
+            "." if hang_up => Answer::HangUp,
+            "." => Answer::Silent,
+            "DATA" => Answer::Say("354 go on".into()),
+            _ => Answer::Say("250 ok".into()),
+        })
+        .await;
         addr
     }
 
@@ -856,42 +810,80 @@ mod tests {
         extensions: &'static [&'static str],
         rcpt: fn(&str) -> &'static str,
     ) -> (std::net::SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (sock, _) = listener.accept().await.unwrap();
-            let (r, mut w) = sock.into_split();
-            let mut lines = BufReader::new(r).lines();
-            w.write_all(b"220 test ESMTP\r\n").await.unwrap();
-            let (mut said, mut in_data) = (Vec::new(), false);
-            while let Ok(Some(line)) = lines.next_line().await {
-                said.push(line.clone());
-                let reply = if in_data {
-                    if line != "." {
-                        continue;
-                    }
-                    in_data = false;
-                    "250 queued\r\n".to_string()
-                } else if line.starts_with("EHLO") {
+        line_peer(false, move |line| {
+            Answer::Say(match line {
+                "." => "250 queued".into(),
+                "DATA" => "354 go on".into(),
+                l if l.starts_with("EHLO") => {
                     let mut reply = String::new();
                     for e in extensions {
                         reply.push_str(&format!("250-{e}\r\n"));
                     }
-                    reply + "250 test\r\n"
-                } else if let Some(to) = line.strip_prefix("RCPT TO:<") {
-                    format!("{}\r\n", rcpt(to.split('>').next().unwrap_or_default()))
-                } else if line == "DATA" {
-                    in_data = true;
-                    "354 go on\r\n".to_string()
-                } else if line.starts_with("AUTH") {
-                    "535 5.7.8 Authentication credentials invalid\r\n".to_string()
-                } else {
-                    "250 ok\r\n".to_string()
-                };
-                let _ = w.write_all(reply.as_bytes()).await;
+                    reply + "250 test"
+                }
+                l if l.starts_with("RCPT TO:<") => {
+                    let to = &l["RCPT TO:<".len()..];
+                    rcpt(to.split('>').next().unwrap_or_default()).into()
+                }
+                l if l.starts_with("AUTH") => "535 5.7.8 Authentication credentials invalid".into(),
+                _ => "250 ok".into(),
+            })
+        })
+        .await
+    }
+
+    /// What a test's SMTP peer does with one command, or with the "." that ends a message.
+    enum Answer {
+        /// This reply (CRLF added).
+        Say(String),
+        /// Nothing, ever: the connection stays open.
+        Silent,
+        HangUp,
+    }
+
+    /// An SMTP peer on 127.0.0.1 that reads line by line: it greets, takes a message's text after
+    /// DATA, and answers each command, and the "." that ends the text, with `answer`. It serves
+    /// one connection, or every one (`all`). Returns every line the client sent, the message's
+    /// text included, once the (one) client hangs up.
+    async fn line_peer(
+        all: bool,
+        answer: impl Fn(&str) -> Answer + Clone + Send + 'static,
+    ) -> (std::net::SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        async fn serve(
+            sock: tokio::net::TcpStream,
+            answer: impl Fn(&str) -> Answer,
+        ) -> Vec<String> {
+            let (r, mut w) = sock.into_split();
+            let mut lines = BufReader::new(r).lines();
+            let _ = w.write_all(b"220 test ESMTP\r\n").await;
+            let (mut said, mut in_data) = (Vec::new(), false);
+            while let Ok(Some(line)) = lines.next_line().await {
+                said.push(line.clone());
+                if in_data && line != "." {
+                    continue;
+                }
+                in_data = !in_data && line == "DATA";
+                match answer(&line) {
+                    Answer::Say(reply) => {
+                        let _ = w.write_all(format!("{reply}\r\n").as_bytes()).await;
+                    }
+                    Answer::Silent => std::future::pending::<()>().await,
+                    Answer::HangUp => break,
+                }
             }
             said
+        }
+        let server = tokio::spawn(async move {
+            loop {
+                let (sock, _) = listener.accept().await.unwrap();
+                if !all {
+                    return serve(sock, answer).await;
+                }
+                tokio::spawn(serve(sock, answer.clone()));
+            }
         });
         (addr, server)
     }
