@@ -362,6 +362,9 @@ impl App {
             .store
             .set_meta("last_call_at".into(), shared.last_call_ms().to_string())
             .await;
+        // Before the process exits: the write-ahead log goes into the store file, so what was
+        // stored is in that one file (a copy of it taken while stopped is complete).
+        shared.store.close().await;
         tracing::info!("stopped");
         Ok(())
     }

@@ -302,8 +302,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                     let store = commands::open_store(&store_config)?;
                     let rt = runtime()?;
-                    let (n, not_dead) =
-                        rt.block_on(store.retry_dead(ids, chrono::Utc::now().timestamp_millis()))?;
+                    let (n, not_dead) = rt.block_on(async {
+                        let retried = store
+                            .retry_dead(ids, chrono::Utc::now().timestamp_millis())
+                            .await;
+                        store.close().await;
+                        retried
+                    })?;
                     println!(
                         "{n} dead deliver{} requeued",
                         if n == 1 { "y" } else { "ies" }

@@ -89,6 +89,14 @@ trait Work: Send {
 
 type Job = Box<dyn Work>;
 
+/// What the writer thread is sent: work, or the order to close the store.
+enum Msg {
+    Job(Job),
+    /// Commit what came before, close the connection (SQLite checkpoints the write-ahead log
+    /// into the store file and deletes it), then answer. Work sent after it is refused.
+    Close(oneshot::Sender<()>),
+}
+
 struct Pending<T, F> {
     f: F,
     result: Option<Result<T, StoreError>>,
@@ -121,7 +129,7 @@ where
 /// A handle to the store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Msg>,
 }
 
 /// What a commit survives. `full` (the default) fsyncs every commit: an acknowledged call
@@ -346,7 +354,7 @@ impl Store {
         migrate(&conn).map_err(|e| open_err(e.to_string()))?;
         conn.set_prepared_statement_cache_capacity(64);
         let file = OpenedFile::of(path).map_err(|e| open_err(e.to_string()))?;
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (tx, rx) = mpsc::channel::<Msg>();
         std::thread::Builder::new()
             .name("callnotify-store".into())
             .spawn(move || writer(conn, file, rx))
@@ -367,8 +375,21 @@ impl Store {
             result: None,
             tx,
         });
-        self.tx.send(job).map_err(|_| StoreError::Closed)?;
+        self.tx
+            .send(Msg::Job(job))
+            .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Commits the work already sent, then closes the store for every handle: the write-ahead
+    /// log is checkpointed into the store file and removed, so a stopped daemon leaves one
+    /// self-contained file (what a copy taken while it is stopped needs). Later work answers
+    /// [`StoreError::Closed`]. Returns once the file is closed.
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::Close(tx)).is_ok() {
+            let _ = rx.await;
+        }
     }
 
     /// Stores a call and the deliveries it owes, once per (sid, event).
@@ -691,25 +712,58 @@ pub(crate) fn file_id(path: &Path) -> std::io::Result<(u64, u64)> {
     std::fs::metadata(path).map(|_| (0, 0))
 }
 
-fn writer(conn: Connection, file: OpenedFile, rx: mpsc::Receiver<Job>) {
+fn writer(conn: Connection, file: OpenedFile, rx: mpsc::Receiver<Msg>) {
+    let mut closing = None;
     while let Ok(first) = rx.recv() {
+        let first = match first {
+            Msg::Job(job) => job,
+            Msg::Close(done) => {
+                closing = Some(done);
+                break;
+            }
+        };
         let mut batch = Vec::with_capacity(16);
         batch.push(first);
-        batch.extend(rx.try_iter().take(MAX_BATCH - 1));
-        match commit(&conn, &file, &mut batch) {
-            Ok(()) => batch.into_iter().for_each(|job| job.answer(None)),
-            // One job failed and the batch was rolled back: the others must not pay for it,
-            // so each runs again in a transaction of its own (rare: a full or broken disk
-            // fails them all anyway).
-            Err(None) if batch.len() > 1 => {
-                for mut job in batch {
-                    let outcome = commit(&conn, &file, std::slice::from_mut(&mut job));
-                    job.answer(outcome.err().flatten().as_deref());
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(Msg::Job(job)) => batch.push(job),
+                Ok(Msg::Close(done)) => {
+                    closing = Some(done);
+                    break;
                 }
+                Err(_) => break,
             }
-            Err(None) => batch.into_iter().for_each(|job| job.answer(None)),
-            Err(Some(e)) => batch.into_iter().for_each(|job| job.answer(Some(&e))),
         }
+        write_batch(&conn, &file, batch);
+        if closing.is_some() {
+            break;
+        }
+    }
+    // Work sent after the close is dropped unanswered: its callers see the store closed.
+    drop(rx);
+    if let Err((_, e)) = conn.close() {
+        tracing::warn!(error = %e, "the store did not close cleanly; its write-ahead log is kept and read at the next start");
+    }
+    if let Some(done) = closing {
+        let _ = done.send(());
+    }
+}
+
+/// Commits a batch and answers each of its jobs.
+fn write_batch(conn: &Connection, file: &OpenedFile, mut batch: Vec<Job>) {
+    match commit(conn, file, &mut batch) {
+        Ok(()) => batch.into_iter().for_each(|job| job.answer(None)),
+        // One job failed and the batch was rolled back: the others must not pay for it,
+        // so each runs again in a transaction of its own (rare: a full or broken disk
+        // fails them all anyway).
+        Err(None) if batch.len() > 1 => {
+            for mut job in batch {
+                let outcome = commit(conn, file, std::slice::from_mut(&mut job));
+                job.answer(outcome.err().flatten().as_deref());
+            }
+        }
+        Err(None) => batch.into_iter().for_each(|job| job.answer(None)),
+        Err(Some(e)) => batch.into_iter().for_each(|job| job.answer(Some(&e))),
     }
 }
 
@@ -1090,6 +1144,23 @@ mod tests {
                 .unwrap();
             assert_eq!(mode, want, "{d:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn closing_puts_everything_in_the_store_file_and_refuses_later_work() {
+        let (dir, store) = temp_store();
+        stored(&store, "CA1", 1, 1).await;
+        let other = store.clone();
+        store.close().await;
+        let path = dir.path().join("s.db");
+        assert!(!dir.path().join("s.db-wal").exists());
+        let n: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM calls", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 1);
+        assert!(matches!(other.stats().await, Err(StoreError::Closed)));
+        other.close().await; // a second close returns at once
     }
 
     #[tokio::test]

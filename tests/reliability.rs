@@ -967,6 +967,58 @@ async fn a_store_file_deleted_under_the_daemon_answers_503_not_accepted() {
     assert!(rows.iter().all(|r| r["status"] == "done"), "{rows:?}");
 }
 
+/// The store file alone, copied elsewhere as a backup of a stopped daemon is taken: each
+/// delivery's (sid, status) as that copy holds them.
+fn deliveries_in_a_copy_of(store: &Path) -> Vec<(String, String)> {
+    let elsewhere = tempfile::tempdir().unwrap();
+    let copy = elsewhere.path().join("copy.db");
+    std::fs::copy(store, &copy).unwrap();
+    let conn = rusqlite::Connection::open(&copy).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT c.sid, d.status FROM deliveries d JOIN calls c ON c.id = d.call_id ORDER BY d.id")
+        .unwrap();
+    let rows = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    rows
+}
+
+#[tokio::test]
+async fn a_stopped_daemon_leaves_everything_in_the_store_file_itself() {
+    // README: copy the file while stopped; a clean stop leaves no `-wal` file beside it. What
+    // was committed must be in the file, not only in a write-ahead log that a copy of the file
+    // leaves out (and that an operator tidying up "leftover" files deletes).
+    let tpl = templates();
+    let slack = FakeSlack::start().await;
+    slack.set_default(Reply::status(404, "channel_not_found"));
+    let mut d = Daemon::start(&slack_only(tpl.path(), &slack, FAST));
+    accept(&d, "CAstopped").await;
+    d.wait_settled(WAIT).await;
+    assert_eq!(d.terminate(), Some(0));
+    let store = d.dir.join("store.db");
+    let wal = d.dir.join("store.db-wal");
+    assert!(!wal.exists(), "a clean stop left {}", wal.display());
+    assert_eq!(
+        deliveries_in_a_copy_of(&store),
+        [("CAstopped".to_string(), "dead".to_string())]
+    );
+
+    // A replay while the daemon is stopped is in the file too.
+    let out = d.cli(&["deliveries", "retry", "--all-dead"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!wal.exists(), "the replay left {}", wal.display());
+    assert_eq!(
+        deliveries_in_a_copy_of(&store),
+        [("CAstopped".to_string(), "pending".to_string())]
+    );
+}
+
 /// A process killed when dropped, so a failing test leaves nothing running.
 struct Killed(std::process::Child);
 
