@@ -859,14 +859,29 @@ fn claim(
         conn.prepare_cached("SELECT sid, event, body, received_at FROM calls WHERE id = ?1")?;
     let mut out = Vec::with_capacity(rows.len());
     for (id, call_id, rule, action, attempts, window_start, channel_type) in rows {
-        let (sid, event, call_body, received_at) = call_stmt.query_row(params![call_id], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, i64>(3)?,
-            ))
-        })?;
+        let call = call_stmt
+            .query_row(params![call_id], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })
+            .optional()?;
+        // Its call was deleted by hand (the `sqlite3` shell does not enforce foreign keys, so
+        // the cascade did not run): nothing is left to send, and failing here would fail every
+        // claim of the channel from now on. It goes as the cascade would have taken it.
+        let Some((sid, event, call_body, received_at)) = call else {
+            conn.prepare_cached("DELETE FROM deliveries WHERE id = ?1")?
+                .execute(params![id])?;
+            tracing::warn!(
+                delivery = id,
+                call_id,
+                "a delivery's call is no longer in the store (deleted by hand?); the delivery was removed with it"
+            );
+            continue;
+        };
         // A row this version cannot read (written by another version, or edited by hand) goes
         // dead with the reason instead of failing every claim of the channel from now on.
         let action: Action = match serde_json::from_str(&action) {
@@ -1240,6 +1255,28 @@ mod tests {
         assert_eq!(dead[0].id, 2);
         let why = dead[0].last_error.as_deref().unwrap_or_default();
         assert!(why.starts_with("stored delivery cannot be read: "), "{why}");
+    }
+
+    #[tokio::test]
+    async fn a_delivery_whose_call_was_deleted_by_hand_does_not_block_its_channel() {
+        let (dir, store) = temp_store();
+        for sid in ["CA1", "CA2", "CA3"] {
+            stored(&store, sid, 1, 1).await;
+        }
+        // As `sqlite3 store.db "DELETE FROM calls WHERE sid = 'CA2'"` does: foreign keys are off
+        // in the shell, so the call's deliveries stay behind.
+        Connection::open(dir.path().join("s.db"))
+            .unwrap()
+            .execute_batch("PRAGMA foreign_keys = OFF; DELETE FROM calls WHERE sid = 'CA2';")
+            .unwrap();
+        let claimed = store.claim("c".into(), 2, 10).await.unwrap();
+        let sids: Vec<&str> = claimed.iter().map(|c| c.sid.as_str()).collect();
+        assert_eq!(sids, ["CA1", "CA3"]);
+        let left: i64 = store
+            .run(|c| c.query_row("SELECT COUNT(*) FROM deliveries", [], |r| r.get(0)))
+            .await
+            .unwrap();
+        assert_eq!(left, 2);
     }
 
     #[tokio::test]
