@@ -670,31 +670,57 @@ fn control(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
-/// The database file the store opened. SQLite goes on writing to an open file that was deleted
-/// or moved away, so commits would succeed into a file a restart does not find: every commit
-/// checks first that the store's path still names this file.
+/// The database file the store opened, and the write-ahead log and shared-memory index beside
+/// it. SQLite goes on writing to an open file that was deleted or moved away, so commits would
+/// succeed into a file a restart does not find: every commit checks first that the paths still
+/// name these files. (The log holds every commit since the last checkpoint, so deleting it as a
+/// "leftover" loses them to a crash; a new index beside the old one would let another process,
+/// such as `deliveries retry`, write past the daemon's view of the log.)
 struct OpenedFile {
     path: PathBuf,
     id: (u64, u64),
+    /// `-wal` and `-shm`, with the file each named when first seen (None: not there yet).
+    beside: [(PathBuf, Option<(u64, u64)>); 2],
 }
 
 impl OpenedFile {
     fn of(path: &Path) -> std::io::Result<OpenedFile> {
+        let beside = |suffix: &str| {
+            let mut name = path.as_os_str().to_owned();
+            name.push(suffix);
+            let p = PathBuf::from(name);
+            let id = file_id(&p).ok();
+            (p, id)
+        };
         Ok(OpenedFile {
             path: path.to_path_buf(),
             id: file_id(path)?,
+            beside: [beside("-wal"), beside("-shm")],
         })
     }
 
-    /// Why nothing may be committed, if the path no longer names the opened file.
-    fn gone(&self) -> Option<String> {
-        match file_id(&self.path) {
-            Ok(id) if id == self.id => None,
-            _ => Some(format!(
+    /// Why nothing may be committed, if a path no longer names the opened file.
+    fn gone(&mut self) -> Option<String> {
+        if !matches!(file_id(&self.path), Ok(id) if id == self.id) {
+            return Some(format!(
                 "the store file {} was deleted, moved or replaced while in use; put it back, or restart to open what is there now",
                 self.path.display()
-            )),
+            ));
         }
+        for (path, opened) in &mut self.beside {
+            match (*opened, file_id(path)) {
+                (Some(was), Ok(now)) if was == now => {}
+                (None, Ok(now)) => *opened = Some(now),
+                (None, Err(_)) => {}
+                (Some(_), _) => {
+                    return Some(format!(
+                        "{} beside the store was deleted, moved or replaced while in use; put it back, or stop the daemon with SIGTERM (not kill -9): what the store's write-ahead log holds is written into the store file as it stops",
+                        path.display()
+                    ))
+                }
+            }
+        }
+        None
     }
 }
 
@@ -712,7 +738,7 @@ pub(crate) fn file_id(path: &Path) -> std::io::Result<(u64, u64)> {
     std::fs::metadata(path).map(|_| (0, 0))
 }
 
-fn writer(conn: Connection, file: OpenedFile, rx: mpsc::Receiver<Msg>) {
+fn writer(conn: Connection, mut file: OpenedFile, rx: mpsc::Receiver<Msg>) {
     let mut closing = None;
     while let Ok(first) = rx.recv() {
         let first = match first {
@@ -734,7 +760,7 @@ fn writer(conn: Connection, file: OpenedFile, rx: mpsc::Receiver<Msg>) {
                 Err(_) => break,
             }
         }
-        write_batch(&conn, &file, batch);
+        write_batch(&conn, &mut file, batch);
         if closing.is_some() {
             break;
         }
@@ -750,7 +776,7 @@ fn writer(conn: Connection, file: OpenedFile, rx: mpsc::Receiver<Msg>) {
 }
 
 /// Commits a batch and answers each of its jobs.
-fn write_batch(conn: &Connection, file: &OpenedFile, mut batch: Vec<Job>) {
+fn write_batch(conn: &Connection, file: &mut OpenedFile, mut batch: Vec<Job>) {
     match commit(conn, file, &mut batch) {
         Ok(()) => batch.into_iter().for_each(|job| job.answer(None)),
         // One job failed and the batch was rolled back: the others must not pay for it,
@@ -769,7 +795,11 @@ fn write_batch(conn: &Connection, file: &OpenedFile, mut batch: Vec<Job>) {
 
 /// Runs `jobs` in one transaction: one commit (one fsync) for all of them. `Err(None)`: a job
 /// failed and everything was rolled back; `Err(Some(why))`: the transaction itself failed.
-fn commit(conn: &Connection, file: &OpenedFile, jobs: &mut [Job]) -> Result<(), Option<String>> {
+fn commit(
+    conn: &Connection,
+    file: &mut OpenedFile,
+    jobs: &mut [Job],
+) -> Result<(), Option<String>> {
     control(conn, "BEGIN IMMEDIATE").map_err(|e| Some(e.to_string()))?;
     for job in jobs.iter_mut() {
         if !job.run(conn) {

@@ -1124,6 +1124,46 @@ async fn a_stopped_daemon_leaves_everything_in_the_store_file_itself() {
     );
 }
 
+#[tokio::test]
+async fn a_write_ahead_log_deleted_under_the_daemon_answers_503_and_a_clean_stop_keeps_what_it_held(
+) {
+    let tpl = templates();
+    let slack = FakeSlack::start().await;
+    let mut d = Daemon::start(&slack_only(tpl.path(), &slack, FAST));
+    accept(&d, "CAbeforewal").await;
+    d.wait_settled(WAIT).await;
+    // Tidied up as a "leftover" while the daemon runs: SQLite writes on into the deleted log, so
+    // a commit now would be in no file a restart reads.
+    for suffix in ["-wal", "-shm"] {
+        std::fs::remove_file(d.dir.join(format!("store.db{suffix}"))).unwrap();
+    }
+    let (status, body) = d.post(&call("CAafterwal")).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "store_unavailable", "{body}");
+    let ready = http().get(d.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 503);
+    assert!(
+        d.logs()
+            .contains("store.db-wal beside the store was deleted"),
+        "{}",
+        d.logs()
+    );
+
+    // As the error says: a clean stop writes what the log held into the store file.
+    assert_eq!(d.terminate(), Some(0));
+    d.spawn();
+    accept(&d, "CAafterwal").await;
+    let rows = d.wait_settled(WAIT).await;
+    let sids: HashSet<&str> = rows.iter().filter_map(|r| r["sid"].as_str()).collect();
+    assert_eq!(
+        sids,
+        HashSet::from(["CAbeforewal", "CAafterwal"]),
+        "{rows:?}"
+    );
+    assert!(rows.iter().all(|r| r["status"] == "done"), "{rows:?}");
+    assert_eq!(slack.accepted().len(), 2, "each sent once");
+}
+
 /// A process killed when dropped, so a failing test leaves nothing running.
 struct Killed(std::process::Child);
 
