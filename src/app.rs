@@ -211,6 +211,10 @@ pub struct App {
     shared: Arc<Shared>,
     listener: TcpListener,
     admin: Option<TcpListener>,
+    /// SIGHUP, handled from the start of [`App::build`]: one that comes while the daemon starts
+    /// (a `systemctl reload` just after `start`) is a reload once it runs, not the end of the
+    /// process.
+    hup: Hangup,
 }
 
 impl App {
@@ -220,6 +224,9 @@ impl App {
     }
 
     pub async fn build_with_clock(config_path: &Path, clock: SharedClock) -> anyhow::Result<App> {
+        // First: until this is installed, a SIGHUP ends the process (and systemd counts that as
+        // a clean exit, so `Restart=on-failure` does not bring it back).
+        let hup = hangup();
         crate::metrics::handle(); // install the recorder before anything counts
         let config = load_checked(config_path)?;
         for w in &config.warnings {
@@ -274,6 +281,7 @@ impl App {
             shared,
             listener,
             admin,
+            hup,
         })
     }
 
@@ -298,6 +306,7 @@ impl App {
             shared,
             listener,
             admin,
+            hup,
         } = self;
         let stop = CancellationToken::new();
         let cfg = shared.live.load_full().config.clone();
@@ -305,10 +314,8 @@ impl App {
             max_connections: cfg.server.max_connections,
             header_read_timeout: cfg.server.header_read_timeout,
         };
-        // Both before "listening" is logged: an edit or a SIGHUP that comes as soon as the daemon
-        // is up counts (an unhandled SIGHUP would end the process).
+        // Before "listening" is logged: an edit that comes as soon as the daemon is up counts.
         let watched = Watch::new(snapshot(&shared));
-        let hup = hangup();
         tracing::info!(
             listen = %listener.local_addr()?,
             webhook = %cfg.server.webhook_path,

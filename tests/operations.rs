@@ -325,6 +325,37 @@ async fn sighup_swaps_a_good_config_and_keeps_the_old_one_when_bad() {
     );
 }
 
+/// `systemctl reload` right after `start` sends SIGHUP while the daemon is still starting (here:
+/// waiting for a store another process holds locked). It must not end the process (systemd
+/// counts death by SIGHUP as a clean exit and does not restart it): it is a reload once the
+/// daemon runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_while_the_daemon_starts_is_a_reload_not_the_end_of_it() {
+    let slack = FakeSlack::start().await;
+    // No tokens: the warning about an open endpoint is logged before the store is opened.
+    let yaml = config(&slack, "").replace(&format!("[\"{TOKEN}\"]"), "[]");
+    let mut d = Daemon::start(&yaml);
+    assert_eq!(d.terminate(), Some(0));
+    let lock = WriteLock::take(&d.dir.join("store.db"));
+    d.launch();
+    eventually("the daemon to be starting", WAIT, || {
+        d.logs()
+            .contains("no Bearer tokens configured")
+            .then_some(())
+    })
+    .await;
+    d.signal("HUP");
+    lock.release();
+    d.wait_listening();
+    eventually("the reload the SIGHUP asked for", WAIT, || {
+        let logs = d.logs();
+        (logs.contains("config reloaded") && logs.contains("\"trigger\":\"SIGHUP\"")).then_some(())
+    })
+    .await;
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAhupstart")).await.0, 200);
+    slack.wait_accepted(1, WAIT).await;
+}
+
 /// An empty file is what a config looks like for a moment while it is rewritten in place. Taken
 /// for "all defaults" it would open the webhook, drop every channel (their pending deliveries go
 /// dead) and every rule: a reload refuses it and the running config stays.

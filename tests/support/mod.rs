@@ -103,6 +103,12 @@ impl Daemon {
 
     /// (Re)starts the process on the same config and store.
     pub fn spawn(&mut self) {
+        self.launch();
+        self.wait_listening();
+    }
+
+    /// Starts the process on the same config and store, without waiting for it to listen.
+    pub fn launch(&mut self) {
         let n = std::fs::read_dir(&self.dir).map(|r| r.count()).unwrap_or(0);
         self.log = self.dir.join(format!("daemon-{n}.log"));
         let log = std::fs::File::create(&self.log).expect("log file");
@@ -116,6 +122,10 @@ impl Daemon {
             .spawn()
             .expect("start the daemon");
         self.child = Some(child);
+    }
+
+    /// Waits until the process logs its address, and takes it.
+    pub fn wait_listening(&mut self) {
         let start = Instant::now();
         loop {
             let text = std::fs::read_to_string(&self.log).unwrap_or_default();
