@@ -687,10 +687,14 @@ fn layered(path: &Path, text: &str, env: &BTreeMap<String, String>) -> Result<Va
     if tree.is_null() {
         tree = Value::Object(Default::default());
     }
-    // `CALLNOTIFY_SERVER__TOKENS=tok1,tok2`: the list, from one variable.
+    // `CALLNOTIFY_SERVER__TOKENS=tok1,tok2`: the list, from one variable. Spaces around a comma
+    // (`tok1, tok2`) separate, as a request could never present a token that begins with one.
     if let Some(tokens) = tree.pointer_mut("/server/tokens") {
         if let Value::String(list) = tokens {
-            *tokens = list.split(',').map(|t| Value::String(t.into())).collect();
+            *tokens = list
+                .split(',')
+                .map(|t| Value::String(t.trim().into()))
+                .collect();
         }
     }
     Ok(tree)
@@ -1232,6 +1236,14 @@ fn build_server(
             problems.push(Problem::new(
                 format!("server.tokens[{i}]"),
                 "an empty token would accept anyone; remove it or set the variable it comes from",
+            ));
+        } else if t != t.trim() || t.chars().any(char::is_control) {
+            // HTTP drops the spaces around a header's value and allows no line breaks in it.
+            problems.push(Problem::new(
+                format!("server.tokens[{i}]"),
+                "begins or ends with a space or holds a line break or other control character \
+                 (a secret file's trailing newline?); no request can present such a token, so \
+                 every call would be refused: remove it from the value",
             ));
         } else {
             let at = format!("server.tokens[{i}]");
@@ -1807,6 +1819,35 @@ rules:
             !debug.contains("hooks.slack.com") && !debug.contains("yaml [chars]"),
             "{debug}"
         );
+    }
+
+    /// A token no request can present (HTTP drops the spaces around a header's value and allows
+    /// no line break in it) would refuse every call: it is refused, without being echoed. In the
+    /// one-variable list, spaces after a comma separate.
+    #[test]
+    fn a_token_that_no_request_can_present_is_refused() {
+        let token = "0123456789abcdef";
+        for bad in [
+            format!("{token}\n"),
+            format!("{token}\r\n"),
+            format!(" {token}"),
+            format!("{token} "),
+            "0123\n456789abcdef".to_string(),
+        ] {
+            let (places, err) = refused(GOOD, &[("TOKEN", &bad), ("URL", "https://x.example/h")]);
+            assert_eq!(places, ["server.tokens[0]"], "{bad:?}: {err}");
+            assert!(err.to_string().contains("trailing newline"), "{err}");
+            assert!(!err.to_string().contains("456789"), "echoed: {err}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), GOOD);
+        let e = good_env(&[(
+            "CALLNOTIFY_SERVER__TOKENS",
+            "old-token-0123456789, new-token-0123456789",
+        )]);
+        let c = load_with_env(&p, &e).unwrap();
+        let tokens: Vec<&str> = c.server.tokens.iter().map(|t| t.expose_secret()).collect();
+        assert_eq!(tokens, ["old-token-0123456789", "new-token-0123456789"]);
     }
 
     #[test]
