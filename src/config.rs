@@ -1384,11 +1384,38 @@ fn build_channel(
                     "must be greater than 0",
                 ));
             }
-            if smtp.username.is_some() != smtp.password.is_some() {
-                problems.push(Problem::new(
+            // Empty is absent: `${SMTP_USER:-}` / `${SMTP_PASSWORD:-}` make login optional. A
+            // login with an empty name or password can only be refused (and retried for a day).
+            let empty = |v: &Option<String>| v.as_deref().is_some_and(str::is_empty);
+            let (empty_user, empty_password) = (empty(&smtp.username), empty(&smtp.password));
+            let username = smtp.username.filter(|u| !u.is_empty());
+            let password = smtp.password.filter(|p| !p.is_empty());
+            match (&username, &password) {
+                (Some(_), None) if empty_password => problems.push(Problem::new(
+                    format!("{at}.smtp.password"),
+                    "is empty while a username is set (is the variable it comes from set to nothing?)",
+                )),
+                (None, Some(_)) if empty_user => problems.push(Problem::new(
+                    format!("{at}.smtp.username"),
+                    "is empty while a password is set (is the variable it comes from set to nothing?)",
+                )),
+                (Some(_), None) | (None, Some(_)) => problems.push(Problem::new(
                     format!("{at}.smtp"),
                     "username and password go together",
-                ));
+                )),
+                _ => {}
+            }
+            for (key, value) in [("username", &username), ("password", &password)] {
+                if value
+                    .as_deref()
+                    .is_some_and(|v| v.chars().any(char::is_control))
+                {
+                    problems.push(Problem::new(
+                        format!("{at}.smtp.{key}"),
+                        "holds a line break or other control character (a secret file's trailing \
+                         newline?); no server would accept it: remove it from the value",
+                    ));
+                }
             }
             let port = smtp.port.unwrap_or(match smtp.tls {
                 SmtpTls::None => 25,
@@ -1401,8 +1428,8 @@ fn build_channel(
                         host: smtp.host,
                         port,
                         tls: smtp.tls,
-                        username: smtp.username,
-                        password: smtp.password.map(SecretString::from),
+                        username,
+                        password: password.map(SecretString::from),
                         timeout: smtp.timeout,
                     },
                     from: from?,
@@ -1848,6 +1875,46 @@ rules:
         let c = load_with_env(&p, &e).unwrap();
         let tokens: Vec<&str> = c.server.tokens.iter().map(|t| t.expose_secret()).collect();
         assert_eq!(tokens, ["old-token-0123456789", "new-token-0123456789"]);
+    }
+
+    /// An empty SMTP username and password mean no login (`${SMTP_USER:-}` makes it optional);
+    /// one empty beside the other set, or either holding a line break, could only be refused
+    /// by the server, and is refused here instead, without echoing the secret.
+    #[test]
+    fn smtp_credentials_that_no_server_would_accept_are_refused() {
+        let yaml = GOOD.replace(
+            "channels:\n",
+            "channels:\n  mail: { type: email, from: a@example.com, smtp: { host: h, username: \"${SMTP_USER:-}\", password: \"${SMTP_PASSWORD:-}\" } }\n",
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), &yaml);
+        let c = load_with_env(&p, &good_env(&[])).unwrap();
+        let ChannelKind::Email { smtp, .. } = &c.channels["mail"].kind else {
+            panic!("not email")
+        };
+        assert!(smtp.username.is_none() && smtp.password.is_none());
+
+        let cases: [(&[(&str, &str)], &str); 4] = [
+            (&[("SMTP_USER", "bot")], "channels.mail.smtp.password"),
+            (
+                &[("SMTP_PASSWORD", "s3cret-pw")],
+                "channels.mail.smtp.username",
+            ),
+            (
+                &[("SMTP_USER", "bot"), ("SMTP_PASSWORD", "s3cret-pw\n")],
+                "channels.mail.smtp.password",
+            ),
+            (
+                &[("SMTP_USER", "bot\r"), ("SMTP_PASSWORD", "s3cret-pw")],
+                "channels.mail.smtp.username",
+            ),
+        ];
+        for (vars, at) in cases {
+            let err = load_with_env(&p, &good_env(vars)).unwrap_err();
+            let places: Vec<&str> = err.problems.iter().map(|p| p.at.as_str()).collect();
+            assert_eq!(places, [at], "{vars:?}: {err}");
+            assert!(!err.to_string().contains("s3cret"), "echoed: {err}");
+        }
     }
 
     #[test]

@@ -308,6 +308,27 @@ rules:
     )
 }
 
+/// `${SMTP_USER:-}` and `${SMTP_PASSWORD:-}`, both unset, mean "no login": the email goes to a
+/// relay that offers none, instead of waiting for a day on a login it cannot make.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_smtp_login_left_empty_is_no_login() {
+    let smtp = Smtp::start();
+    let yaml = mail_config(&smtp, r#"["sales@ourteam.example"]"#).replace(
+        "tls: none }",
+        r#"tls: none, username: "${SMTP_USER:-}", password: "${SMTP_PASSWORD:-}" }"#,
+    );
+    let d = Daemon::start(&yaml);
+    assert_eq!(d.post(CAMPAIGN).await.0, 200);
+    let mails = smtp.wait_messages(1, WAIT).await;
+    assert_eq!(
+        mails[0]["rcpt_tos"],
+        serde_json::json!(["sales@ourteam.example"])
+    );
+    let rows = d.wait_settled(WAIT).await;
+    assert_eq!(rows[0]["status"], "done", "{rows:?}");
+    assert_eq!(rows[0]["attempts"], 1, "{rows:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_comma_in_a_value_inside_an_address_adds_no_recipient() {
     let smtp = Smtp::start();
