@@ -1133,6 +1133,17 @@ fn from_tree(
             None
         }
     });
+    if let (Some(s), Some(a)) = (&server, &admin) {
+        if listeners_collide(s.listen, a.listen) {
+            problems.push(Problem::new(
+                "admin.listen",
+                format!(
+                    "{} takes the port server.listen ({}) listens on; the daemon could not start: give the admin endpoints a port of their own",
+                    a.listen, s.listen
+                ),
+            ));
+        }
+    }
     let delivery = delivery.and_then(|d| {
         if d.retry_schedule.is_empty() {
             problems.push(Problem::new(
@@ -1209,6 +1220,15 @@ fn from_tree(
         warnings,
         placeholders: Vec::new(),
     })
+}
+
+/// Whether two listeners could not both bind: the same port (not 0, which picks a free one) on
+/// the same address, or on an address the other's wildcard covers (`0.0.0.0` covers IPv4; `[::]`
+/// covers both, as Linux binds it dual-stack).
+fn listeners_collide(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers =
+        |w: SocketAddr, o: SocketAddr| w.ip().is_unspecified() && (w.is_ipv6() || o.is_ipv4());
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
 }
 
 fn build_server(
@@ -1914,6 +1934,39 @@ rules:
             let places: Vec<&str> = err.problems.iter().map(|p| p.at.as_str()).collect();
             assert_eq!(places, [at], "{vars:?}: {err}");
             assert!(!err.to_string().contains("s3cret"), "echoed: {err}");
+        }
+    }
+
+    /// `check` said OK to an admin listener on the main listener's port, and the daemon then
+    /// could not start.
+    #[test]
+    fn an_admin_listener_on_the_main_listeners_port_is_refused() {
+        for (main, admin) in [
+            ("127.0.0.1:8080", "127.0.0.1:8080"),
+            ("0.0.0.0:8080", "127.0.0.1:8080"),
+            ("127.0.0.1:8080", "0.0.0.0:8080"),
+            ("[::]:8080", "127.0.0.1:8080"),
+        ] {
+            let yaml = GOOD.replace(
+                "server: {",
+                &format!("admin: {{ listen: \"{admin}\" }}\nserver: {{ listen: \"{main}\", "),
+            );
+            let (places, err) = refused(&yaml, GOOD_VARS);
+            assert_eq!(places, ["admin.listen"], "{main} {admin}: {err}");
+        }
+        for (main, admin) in [
+            ("127.0.0.1:8080", "127.0.0.1:9090"),
+            ("127.0.0.1:0", "127.0.0.1:0"),
+            ("127.0.0.1:8080", "10.0.0.1:8080"),
+            ("0.0.0.0:8080", "[::1]:8080"),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let yaml = GOOD.replace(
+                "server: {",
+                &format!("admin: {{ listen: \"{admin}\" }}\nserver: {{ listen: \"{main}\", "),
+            );
+            let p = write(dir.path(), &yaml);
+            load_with_env(&p, &good_env(&[])).unwrap();
         }
     }
 
