@@ -41,7 +41,9 @@ impl Live {
 pub struct Shared {
     pub live: Arc<ArcSwap<Live>>,
     /// The config the process started with: what settings read only at start still follow.
-    started_with: Arc<Live>,
+    /// Not its clients: those go with the config a reload replaces (a log file's handle, idle
+    /// SMTP connections), or a rotated log file stays open, deleted, until the process ends.
+    started_with: Arc<Config>,
     pub store: Store,
     pub worker: Arc<Worker>,
     pub clock: SharedClock,
@@ -87,7 +89,7 @@ impl Shared {
         for w in &config.warnings {
             tracing::warn!("{w}");
         }
-        let restart_only = restart_only_changes(&self.started_with.config, &config);
+        let restart_only = restart_only_changes(&self.started_with, &config);
         let live = match Live::new(config) {
             Ok(l) => l,
             Err(e) => {
@@ -264,7 +266,7 @@ impl App {
             .unwrap_or(0);
         crate::metrics::at_start(last);
         let shared = Arc::new(Shared {
-            started_with: live.load_full(),
+            started_with: live.load().config.clone(),
             live,
             store,
             worker,

@@ -356,6 +356,52 @@ async fn a_sighup_while_the_daemon_starts_is_a_reload_not_the_end_of_it() {
     slack.wait_accepted(1, WAIT).await;
 }
 
+/// After a reload, nothing of the config it replaced stays open: a log channel's file that is
+/// rotated and deleted afterwards is closed, not kept (and its disk space with it) until the
+/// process ends.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_lets_go_of_the_files_the_replaced_config_had_open() {
+    let slack = FakeSlack::start().await;
+    let extra =
+        "  - name: logged\n    notify:\n      - channel: console\n        template: log/summary\n";
+    let yaml = config(&slack, extra).replace(
+        "console: { type: log }",
+        "console: { type: log, file: \"{dir}/n.jsonl\" }",
+    );
+    let d = Daemon::start(&yaml);
+    let file = d.dir.join("n.jsonl");
+    let lines = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAfile1")).await.0, 200);
+    eventually("the first line", WAIT, || (lines(&file) == 1).then_some(())).await;
+    let rotated = d.dir.join("n.jsonl.1");
+    std::fs::rename(&file, &rotated).unwrap();
+    let r = http().post(d.url("/-/reload")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAfile2")).await.0, 200);
+    eventually("a line in the new file", WAIT, || {
+        (lines(&file) == 1).then_some(())
+    })
+    .await;
+    std::fs::remove_file(&rotated).unwrap();
+    let fds = format!("/proc/{}/fd", d.pid());
+    eventually("the rotated file to be closed", WAIT, || {
+        let open: Vec<String> = std::fs::read_dir(&fds)
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .map(|t| t.display().to_string())
+            .filter(|t| t.contains("n.jsonl.1"))
+            .collect();
+        open.is_empty().then_some(())
+    })
+    .await;
+}
+
 /// An empty file is what a config looks like for a moment while it is rewritten in place. Taken
 /// for "all defaults" it would open the webhook, drop every channel (their pending deliveries go
 /// dead) and every rule: a reload refuses it and the running config stays.
