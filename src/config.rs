@@ -496,7 +496,15 @@ pub fn load_for_reload(path: &Path) -> Result<Config, ConfigError> {
             )],
         });
     }
-    from_text(path, &text, &env, Unset::Refuse)
+    from_text(path, &text, &env, Unset::Refuse).map_err(|mut e| {
+        for p in e.problems.iter_mut().filter(|p| p.is_unset_variable()) {
+            p.message.push_str(
+                "; a reload reads the files again, not the environment, which stays as the daemon \
+                 started with: restart it to pick up a variable set since",
+            );
+        }
+        e
+    })
 }
 
 /// Whether a YAML text holds nothing but blank lines, comments and document markers.

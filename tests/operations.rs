@@ -402,6 +402,34 @@ async fn a_reload_lets_go_of_the_files_the_replaced_config_had_open() {
     .await;
 }
 
+/// A reload reads the files again but not the environment, which the daemon cannot re-read: a
+/// variable set since start (in systemd's EnvironmentFile, say) is still unset for it. The
+/// refusal says so, instead of "set it in the daemon's environment" to someone who just did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_needs_a_new_environment_variable_says_to_restart() {
+    let slack = FakeSlack::start().await;
+    let d = Daemon::start(&config(&slack, ""));
+    let original = std::fs::read_to_string(&d.config).unwrap();
+    let rotating = original.replace(
+        &format!("[\"{TOKEN}\"]"),
+        &format!("[\"{TOKEN}\", \"${{CALLNOTIFY_TEST_NEXT_TOKEN}}\"]"),
+    );
+    assert_ne!(rotating, original);
+    std::fs::write(&d.config, rotating).unwrap();
+    let r = http().post(d.url("/-/reload")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 422);
+    let v: Value = r.json().await.unwrap();
+    let message = v["message"].as_str().unwrap();
+    assert!(
+        message.contains("CALLNOTIFY_TEST_NEXT_TOKEN")
+            && message.contains("restart it to pick up a variable set since"),
+        "{message}"
+    );
+    assert!(d
+        .logs()
+        .contains("restart it to pick up a variable set since"));
+}
+
 /// An empty file is what a config looks like for a moment while it is rewritten in place. Taken
 /// for "all defaults" it would open the webhook, drop every channel (their pending deliveries go
 /// dead) and every rule: a reload refuses it and the running config stays.
