@@ -279,6 +279,43 @@ async fn slack_404_and_410_go_dead_with_slacks_answer() {
 }
 
 #[tokio::test]
+async fn a_slack_redirect_is_not_followed_and_the_webhook_url_goes_nowhere_else() {
+    // Followed, a 302 turned the POST into a GET elsewhere whose 200 counted as delivered, and
+    // both redirects sent the secret webhook URL to the other host as the Referer.
+    let tpl = templates();
+    let slack = FakeSlack::start().await;
+    let elsewhere = FakeSlack::start().await;
+    let target = elsewhere
+        .url
+        .replace("/services/T000/B000/XXXX", "/landing");
+    slack.script([
+        Reply::status(302, "").header("location", &target),
+        Reply::status(307, "").header("location", &target),
+    ]);
+    let d = Daemon::start(&slack_only(tpl.path(), &slack, FAST));
+    accept(&d, "CA302").await;
+    accept(&d, "CA307").await;
+    let rows = d.wait_settled(WAIT).await;
+    for sid in ["CA302", "CA307"] {
+        let row = by_sid(&rows, sid);
+        let err = row["last_error"].as_str().unwrap_or("");
+        assert_eq!(row["status"], "dead", "{row}");
+        assert!(
+            err.contains("redirect") && err.contains("127.0.0.1"),
+            "{row}"
+        );
+        assert!(!err.contains("XXXX") && !err.contains("landing"), "{row}");
+    }
+    let seen: Vec<_> = elsewhere
+        .received()
+        .into_iter()
+        .map(|r| (r.method, r.headers))
+        .collect();
+    assert!(seen.is_empty(), "the redirect was followed: {seen:?}");
+    assert!(!d.all_logs().contains("XXXX"), "{}", d.all_logs());
+}
+
+#[tokio::test]
 async fn a_response_that_never_comes_is_retried() {
     let tpl = templates();
     let slack = FakeSlack::start().await;

@@ -58,6 +58,8 @@ impl Senders {
             .timeout(config.delivery.request_timeout)
             .connect_timeout(config.delivery.request_timeout.min(Duration::from_secs(10)))
             .user_agent(concat!("callnotify/", env!("CARGO_PKG_VERSION")))
+            // A webhook URL answers, it does not redirect (see `slack::redirected`).
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         let mut smtp = HashMap::new();

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use reqwest::header::RETRY_AFTER;
+use reqwest::header::{LOCATION, RETRY_AFTER};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
@@ -19,16 +19,38 @@ pub async fn send(client: &reqwest::Client, url: &SecretString, body: &Value) ->
     match response {
         Ok(r) => {
             let status = r.status().as_u16();
-            let retry_after = r
-                .headers()
-                .get(RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
+            let header = |name| {
+                r.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            };
+            if r.status().is_redirection() {
+                return redirected(status, header(LOCATION).as_deref());
+            }
+            let retry_after = header(RETRY_AFTER);
             let text = r.text().await.unwrap_or_default();
             classify(status, retry_after.as_deref(), &text)
         }
         // The error's URL is the secret webhook address: never let it into a message.
         Err(e) => classify_error(&e.without_url()),
+    }
+}
+
+/// A redirect: permanent, named by the host it pointed to. The client does not follow
+/// redirects (see `Senders::new`): a 301, 302 or 303 would turn the POST into a GET whose `200`
+/// counted as delivered with nothing posted, and a followed redirect sends the webhook URL
+/// along as the `Referer`. Only the host is said: the rest of the target can hold the
+/// webhook's secret path (an `http://` URL redirected to its `https://` twin).
+pub fn redirected(status: u16, location: Option<&str>) -> Outcome {
+    let host = location
+        .and_then(|l| reqwest::Url::parse(l).ok())
+        .and_then(|u| u.host_str().map(|h| format!(" to {h}")))
+        .unwrap_or_default();
+    Outcome::Permanent {
+        error: format!(
+            "HTTP {status}: a redirect{host}, not followed; check the channel's webhook_url"
+        ),
     }
 }
 
@@ -681,6 +703,19 @@ mod tests {
                 "{status}"
             );
         }
+        // A redirect names its host only: the path can be the webhook's secret one.
+        assert_eq!(
+            redirected(301, Some("https://hooks.slack.com/services/T0/B0/secret")),
+            Outcome::Permanent {
+                error: "HTTP 301: a redirect to hooks.slack.com, not followed; \
+                        check the channel's webhook_url"
+                    .into()
+            }
+        );
+        assert!(matches!(
+            redirected(302, Some("/services/T0/B0/secret")),
+            Outcome::Permanent { error } if error.starts_with("HTTP 302: a redirect, not followed")
+        ));
         assert_eq!(
             classify(404, None, "channel_not_found"),
             Outcome::Permanent {

@@ -309,6 +309,8 @@ pub struct Reply {
     /// Wait this long before answering (a response that never comes: longer than the daemon's
     /// request timeout).
     pub delay: Duration,
+    /// Further response headers (a redirect's `Location`, say).
+    pub headers: Vec<(String, String)>,
 }
 
 impl Reply {
@@ -321,7 +323,12 @@ impl Reply {
             body: body.into(),
             retry_after: None,
             delay: Duration::ZERO,
+            headers: Vec::new(),
         }
+    }
+    pub fn header(mut self, name: &str, value: &str) -> Reply {
+        self.headers.push((name.into(), value.into()));
+        self
     }
     pub fn retry_after(mut self, secs: u64) -> Reply {
         self.retry_after = Some(secs);
@@ -340,6 +347,9 @@ pub struct Received {
     pub answered: u16,
     /// The sender's address: one TCP connection of one daemon process.
     pub from: Option<SocketAddr>,
+    pub method: String,
+    /// The request's headers, names in lower case.
+    pub headers: Vec<(String, String)>,
 }
 
 #[derive(Default)]
@@ -360,39 +370,58 @@ impl FakeSlack {
     pub async fn start() -> FakeSlack {
         let state = Arc::new(Mutex::new(SlackState::default()));
         let s = state.clone();
-        let route = warp::post()
+        let route = warp::method()
+            .and(warp::header::headers_cloned())
             .and(warp::addr::remote())
             .and(warp::body::bytes())
-            .then(move |from: Option<SocketAddr>, body: bytes::Bytes| {
-                let s = s.clone();
-                async move {
-                    let reply = {
-                        let mut st = s.lock().unwrap();
-                        let reply = st
-                            .script
-                            .pop_front()
-                            .or_else(|| st.default.clone())
-                            .unwrap_or_else(Reply::ok);
-                        let body = serde_json::from_slice(&body)
-                            .unwrap_or(Value::String(String::from_utf8_lossy(&body).into()));
-                        st.received.push(Received {
-                            at: Instant::now(),
-                            body,
-                            answered: reply.status,
-                            from,
-                        });
-                        reply
-                    };
-                    if !reply.delay.is_zero() {
-                        tokio::time::sleep(reply.delay).await;
+            .then(
+                move |method: warp::http::Method,
+                      headers: warp::http::HeaderMap,
+                      from: Option<SocketAddr>,
+                      body: bytes::Bytes| {
+                    let s = s.clone();
+                    async move {
+                        let reply = {
+                            let mut st = s.lock().unwrap();
+                            let reply = st
+                                .script
+                                .pop_front()
+                                .or_else(|| st.default.clone())
+                                .unwrap_or_else(Reply::ok);
+                            let body = serde_json::from_slice(&body)
+                                .unwrap_or(Value::String(String::from_utf8_lossy(&body).into()));
+                            st.received.push(Received {
+                                at: Instant::now(),
+                                body,
+                                answered: reply.status,
+                                from,
+                                method: method.to_string(),
+                                headers: headers
+                                    .iter()
+                                    .map(|(k, v)| {
+                                        (
+                                            k.to_string(),
+                                            String::from_utf8_lossy(v.as_bytes()).into(),
+                                        )
+                                    })
+                                    .collect(),
+                            });
+                            reply
+                        };
+                        if !reply.delay.is_zero() {
+                            tokio::time::sleep(reply.delay).await;
+                        }
+                        let mut r = warp::http::Response::builder().status(reply.status);
+                        if let Some(secs) = reply.retry_after {
+                            r = r.header("retry-after", secs.to_string());
+                        }
+                        for (k, v) in &reply.headers {
+                            r = r.header(k, v);
+                        }
+                        r.body(reply.body).unwrap()
                     }
-                    let mut r = warp::http::Response::builder().status(reply.status);
-                    if let Some(secs) = reply.retry_after {
-                        r = r.header("retry-after", secs.to_string());
-                    }
-                    r.body(reply.body).unwrap()
-                }
-            });
+                },
+            );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(warp::serve(route).incoming(listener).run());
