@@ -29,12 +29,33 @@ pub async fn send(client: &reqwest::Client, url: &SecretString, body: &Value) ->
                 return redirected(status, header(LOCATION).as_deref());
             }
             let retry_after = header(RETRY_AFTER);
-            let text = r.text().await.unwrap_or_default();
+            let text = head_of_body(r).await;
             classify(status, retry_after.as_deref(), &text)
         }
         // The error's URL is the secret webhook address: never let it into a message.
         Err(e) => classify_error(&e.without_url()),
     }
+}
+
+/// Most of an answer's body that is read: Slack's answers are a word (`ok`,
+/// `channel_not_found`), and only an excerpt is kept. Read whole, a peer that sends a body
+/// without end filled memory at the link's speed until `request_timeout`.
+const MAX_ANSWER_BYTES: usize = 16 * 1024;
+
+/// The start of the answer's body, at most [`MAX_ANSWER_BYTES`]; what arrived before an error
+/// or the timeout when the rest does not come (the status decides the outcome).
+async fn head_of_body(mut r: reqwest::Response) -> String {
+    let mut head = Vec::new();
+    while head.len() < MAX_ANSWER_BYTES {
+        match r.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = MAX_ANSWER_BYTES - head.len();
+                head.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
 }
 
 /// A redirect: permanent, named by the host it pointed to. The client does not follow
@@ -665,6 +686,60 @@ mod tests {
     fn a_cut_never_splits_an_entity() {
         assert_eq!(safe_prefix("ab&amp;cd", 4), "ab");
         assert_eq!(safe_prefix("ab&amp;cd", 7), "ab&amp;");
+    }
+
+    #[tokio::test]
+    async fn a_huge_answer_is_read_only_as_far_as_its_excerpt_needs() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // A peer that answers 500 with a 256 MiB body, and counts what it managed to write.
+        const HUGE: usize = 256 << 20;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let (mut request, mut buf) = (Vec::new(), [0u8; 4096]);
+            let whole = |r: &[u8]| {
+                let text = String::from_utf8_lossy(r).to_ascii_lowercase();
+                let Some(end) = text.find("\r\n\r\n") else {
+                    return false;
+                };
+                let length = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                r.len() >= end + 4 + length
+            };
+            while !whole(&request) {
+                let n = sock.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the request ended early");
+                request.extend_from_slice(&buf[..n]);
+            }
+            let head =
+                format!("HTTP/1.1 500 Internal Server Error\r\ncontent-length: {HUGE}\r\n\r\n");
+            sock.write_all(head.as_bytes()).await.unwrap();
+            let (chunk, mut written) = (vec![b'x'; 64 << 10], 0);
+            while written < HUGE && sock.write_all(&chunk).await.is_ok() {
+                written += chunk.len();
+            }
+            written
+        });
+        crate::notify::install_tls_provider();
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .unwrap();
+        let url = SecretString::from(format!("http://{addr}/services/T0/B0/secret"));
+        let outcome = send(&client, &url, &serde_json::json!({"text": "hi"})).await;
+        match &outcome {
+            Outcome::Retry { after: None, error } => {
+                assert!(error.starts_with("HTTP 500: xxxx"), "{error}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // The client stopped reading and hung up: the peer could not write it all.
+        let written = peer.await.unwrap();
+        assert!(written < HUGE, "the whole {written}-byte answer was read");
     }
 
     #[test]
