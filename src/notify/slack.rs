@@ -88,8 +88,8 @@ pub fn classify(status: u16, retry_after: Option<&str>, body: &str) -> Outcome {
         429 => Outcome::Retry {
             after: Some(
                 retry_after
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(|secs| Duration::from_secs(secs).min(MAX_RATE_LIMIT_WAIT))
+                    .and_then(rate_limit_wait)
+                    .map(|wait| wait.min(MAX_RATE_LIMIT_WAIT))
                     .unwrap_or(DEFAULT_RATE_LIMIT_WAIT),
             ),
             error: said,
@@ -100,6 +100,19 @@ pub fn classify(status: u16, retry_after: Option<&str>, body: &str) -> Outcome {
         },
         _ => Outcome::Permanent { error: said },
     }
+}
+
+/// A `Retry-After` value as a wait: seconds (what Slack sends), or an HTTP date (RFC 9110
+/// 10.2.3, what a proxy in between may send), a date already past being no wait. None when it
+/// is neither.
+fn rate_limit_wait(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    let wait = at.with_timezone(&chrono::Utc) - chrono::Utc::now();
+    Some(wait.to_std().unwrap_or(Duration::ZERO))
 }
 
 fn classify_error(e: &reqwest::Error) -> Outcome {
@@ -764,6 +777,27 @@ mod tests {
             matches!(huge, Outcome::Retry { after: Some(d), .. } if d == MAX_RATE_LIMIT_WAIT),
             "{huge:?}"
         );
+        // Retry-After may also be an HTTP date (RFC 9110 10.2.3): the wait is until then.
+        let in_ten_minutes = (chrono::Utc::now() + chrono::Duration::minutes(10))
+            .format("%a, %d %b %Y %H:%M:%S GMT")
+            .to_string();
+        let dated = classify(429, Some(&in_ten_minutes), "");
+        assert!(
+            matches!(dated, Outcome::Retry { after: Some(d), .. } if d > Duration::from_secs(500) && d <= Duration::from_secs(600)),
+            "{in_ten_minutes}: {dated:?}"
+        );
+        let past = classify(429, Some("Wed, 21 Oct 2015 07:28:00 GMT"), "");
+        assert!(
+            matches!(past, Outcome::Retry { after: Some(d), .. } if d.is_zero()),
+            "{past:?}"
+        );
+        for unreadable in ["soon", "-5", "1.5", ""] {
+            let o = classify(429, Some(unreadable), "");
+            assert!(
+                matches!(o, Outcome::Retry { after: Some(d), .. } if d == DEFAULT_RATE_LIMIT_WAIT),
+                "{unreadable:?}: {o:?}"
+            );
+        }
         assert!(matches!(
             classify(500, None, ""),
             Outcome::Retry { after: None, .. }
