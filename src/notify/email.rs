@@ -97,8 +97,9 @@ pub struct Sent {
 /// before anything is sent, so it is retried for all. On any error the caller drops the
 /// connection, mid-transaction as it may be.
 ///
-/// A recipient whose address is not ASCII, when the server does not offer SMTPUTF8, is skipped
-/// and noted the same way, and the message is built without it: its address in the To header
+/// When the server does not offer SMTPUTF8, an address whose domain alone is not ASCII goes
+/// in the domain's ASCII form (see [`ascii_domain`]), and a recipient whose local part is not
+/// ASCII is skipped and noted the same way, and the message is built without it: its address in the To header
 /// would make the message one that only an SMTPUTF8 server may take (RFC 6531, 6532), and one
 /// that a server without 8BITMIME could not take at all.
 ///
@@ -115,9 +116,15 @@ async fn transaction(
     let ascii = |a: &lettre::Address| AsRef::<str>::as_ref(a).is_ascii();
     let utf8 = conn.server_info().supports_feature(Extension::SmtpUtfEight);
     let mut refused = Vec::new();
+    let from = &if utf8 {
+        from.clone()
+    } else {
+        ascii_domain(from)
+    };
     let to: Vec<Mailbox> = if utf8 {
         to.to_vec()
     } else {
+        let to: Vec<Mailbox> = to.iter().map(ascii_domain).collect();
         if !ascii(&from.email) {
             return Err(SendError::Unsupported(
                 "the sender address is not ASCII and the server does not offer SMTPUTF8",
@@ -187,6 +194,20 @@ async fn transaction(
         }
     })?;
     Ok(Sent { response, refused })
+}
+
+/// `m` with its domain in ASCII (IDNA: `bücher.example` is `xn--bcher-kva.example`) when its
+/// local part is ASCII: the same address, which a server without SMTPUTF8 can take. Anything
+/// else is left as it is.
+fn ascii_domain(m: &Mailbox) -> Mailbox {
+    let (user, domain) = (m.email.user(), m.email.domain());
+    if domain.is_ascii() || !user.is_ascii() {
+        return m.clone();
+    }
+    idna::domain_to_ascii(domain)
+        .ok()
+        .and_then(|d| lettre::Address::new(user, d).ok())
+        .map_or_else(|| m.clone(), |email| Mailbox::new(m.name.clone(), email))
 }
 
 /// Builds the pooled transport for one channel.
@@ -568,7 +589,8 @@ pub fn message_id(from: &Mailbox, meta: &Meta<'_>) -> Option<String> {
         "<callnotify.{}.{}@{}>",
         meta.delivery_id,
         if sid.is_empty() { "call" } else { &sid },
-        from.email.domain()
+        // A header value that is ASCII whatever the server offers.
+        ascii_domain(from).email.domain()
     ))
 }
 
@@ -1063,6 +1085,48 @@ mod tests {
         match send(&t, &from, &parts_to(&["zoë@example.com"]), &meta()).await {
             Outcome::Permanent { error } => assert!(error.contains("SMTPUTF8"), "{error}"),
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_international_domain_goes_in_its_ascii_form_to_a_server_without_smtputf8() {
+        // Only a local part needs SMTPUTF8: a domain has an ASCII form (IDNA, RFC 5891) that
+        // every server takes. Such a recipient was skipped, and such a sender was refused.
+        let from: Mailbox = "Anrufe <anrufe@bücher.example>".parse().unwrap();
+        let parts = parts_to(&["a@example.com", "Vertrieb <vertrieb@bücher.example>"]);
+        let without_smtputf8: [&'static [&'static str]; 2] = [&[], &["8BITMIME"]];
+        for extensions in without_smtputf8 {
+            let (addr, server) = scripted(extensions, |_| "250 ok").await;
+            let t = plain(addr);
+            let outcome = send(&t, &from, &parts, &meta()).await;
+            assert_eq!(
+                outcome,
+                Outcome::Delivered {
+                    detail: Some("SMTP 250".into())
+                },
+                "{extensions:?}"
+            );
+            drop(t);
+            let said = server.await.unwrap();
+            assert!(said.iter().all(|l| l.is_ascii()), "{said:?}");
+            assert!(
+                said.iter()
+                    .any(|l| l == "MAIL FROM:<anrufe@xn--bcher-kva.example>"),
+                "{said:?}"
+            );
+            let rcpt: Vec<&String> = said.iter().filter(|l| l.starts_with("RCPT")).collect();
+            assert_eq!(
+                rcpt,
+                [
+                    "RCPT TO:<a@example.com>",
+                    "RCPT TO:<vertrieb@xn--bcher-kva.example>"
+                ]
+            );
+            assert!(
+                said.iter()
+                    .any(|l| l == "Message-ID: <callnotify.1.CA1@xn--bcher-kva.example>"),
+                "{said:?}"
+            );
         }
     }
 
