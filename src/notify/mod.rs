@@ -119,6 +119,16 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// A destination's answer as one line: control characters (the line breaks of an HTML error
+/// page, a terminal escape) become spaces, and runs of white space one. Kept as it came, it made
+/// a row of `deliveries list` several and could write lines of its own into a text log.
+pub fn as_one_line(s: &str) -> String {
+    s.split(|c: char| c.is_control() || c.is_whitespace())
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Shortens a destination's answer for storage and logs.
 pub fn excerpt(s: &str, max: usize) -> String {
     let s = s.trim();

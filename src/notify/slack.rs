@@ -6,7 +6,7 @@ use reqwest::header::{LOCATION, RETRY_AFTER};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
-use super::{error_chain, excerpt, Outcome};
+use super::{as_one_line, error_chain, excerpt, Outcome};
 
 /// Wait used for a 429 that names no `Retry-After`.
 pub const DEFAULT_RATE_LIMIT_WAIT: Duration = Duration::from_secs(30);
@@ -78,10 +78,11 @@ pub fn redirected(status: u16, location: Option<&str>) -> Outcome {
 /// Slack's answer -> what to do: 2xx done; 429 retry after `Retry-After`; 5xx and 408 retry;
 /// any other 4xx (`invalid_payload`, `channel_not_found`, `channel_is_archived`, ...) permanent.
 pub fn classify(status: u16, retry_after: Option<&str>, body: &str) -> Outcome {
-    let said = if body.trim().is_empty() {
+    let body = as_one_line(body);
+    let said = if body.is_empty() {
         format!("HTTP {status}")
     } else {
-        format!("HTTP {status}: {}", excerpt(body, 300))
+        format!("HTTP {status}: {}", excerpt(&body, 300))
     };
     match status {
         200..=299 => Outcome::Delivered { detail: Some(said) },
@@ -129,7 +130,7 @@ fn classify_error(e: &reqwest::Error) -> Outcome {
     };
     Outcome::Retry {
         after: None,
-        error: format!("{kind}: {}", excerpt(&error_chain(e), 300)),
+        error: format!("{kind}: {}", excerpt(&as_one_line(&error_chain(e)), 300)),
     }
 }
 
@@ -812,6 +813,16 @@ mod tests {
                 "{status}"
             );
         }
+        // An error page (a proxy's 502) is kept as one line: its line breaks made a row of
+        // `deliveries list` several, and in a log line they could forge more log lines.
+        let page = "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n\x1b[2J<body>\n\n\tnginx</body>";
+        assert_eq!(
+            classify(502, None, page),
+            Outcome::Retry {
+                after: None,
+                error: "HTTP 502: <html> <head><title>502 Bad Gateway</title></head> [2J<body> nginx</body>".into()
+            }
+        );
         // A redirect names its host only: the path can be the webhook's secret one.
         assert_eq!(
             redirected(301, Some("https://hooks.slack.com/services/T0/B0/secret")),
