@@ -215,6 +215,21 @@ impl ChannelKind {
             ChannelKind::Log { .. } => format!("log:{channel}"),
         }
     }
+
+    /// The key of what a destination's request to wait holds back: Slack's `Retry-After` holds
+    /// the webhook (its pacing key); a refused SMTP login holds that login on that server, not
+    /// another channel's mail to the same server under a login of its own.
+    pub fn pause_key(&self, channel: &str) -> String {
+        match self {
+            ChannelKind::Email { smtp, .. } => format!(
+                "smtp://{}@{}:{}",
+                smtp.username.as_deref().unwrap_or_default(),
+                smtp.host,
+                smtp.port
+            ),
+            _ => self.pacing_key(channel),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

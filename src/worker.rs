@@ -97,7 +97,8 @@ impl Pacer {
     }
 }
 
-/// Destinations that asked us to wait (429 with `Retry-After`), by pacing key.
+/// Destinations that asked us to wait (429 with `Retry-After`, a refused login), by pause key
+/// (`ChannelKind::pause_key`).
 #[derive(Debug, Default)]
 pub struct Pauses(HashMap<String, Instant>);
 
@@ -153,7 +154,7 @@ pub struct Worker {
     live: Arc<arc_swap::ArcSwap<Live>>,
     clock: SharedClock,
     pacers: Mutex<HashMap<String, Arc<Mutex<Pacer>>>>,
-    /// Destinations that asked us to wait (429 with `Retry-After`), by pacing key: nothing is
+    /// Destinations that asked us to wait, by pause key (see [`Pauses`]): nothing is
     /// sent to them before this instant, not only the rate-limited message.
     paused: Mutex<Pauses>,
     wake: watch::Sender<u64>,
@@ -360,7 +361,7 @@ impl Worker {
             if let (Outcome::Retry { after: Some(after), .. }, Some(channel)) =
                 (&outcome, live.config.channels.get(&d.channel))
             {
-                self.pause(channel.kind.pacing_key(&d.channel), *after);
+                self.pause(channel.kind.pause_key(&d.channel), *after);
             }
             // A clock step while this was in flight moved the stored window with the clock;
             // the claimed one is on the old timeline.
@@ -463,10 +464,10 @@ impl Worker {
             let Some(channel) = live.config.channels.get(&d.channel) else {
                 return Some(gone());
             };
-            let key = channel.kind.pacing_key(&d.channel);
-            let mut wait = self.paused_for(&key);
+            let mut wait = self.paused_for(&channel.kind.pause_key(&d.channel));
             if wait.is_zero() && !slot_taken {
                 slot_taken = true;
+                let key = channel.kind.pacing_key(&d.channel);
                 wait = self.pace(&key, channel.max_per_second, channel.burst);
             }
             if wait.is_zero() {

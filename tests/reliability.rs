@@ -419,6 +419,64 @@ async fn a_recipient_the_server_refuses_does_not_cost_the_others_the_email() {
 }
 
 #[tokio::test]
+async fn a_refused_login_holds_that_login_and_not_another_channels_on_the_same_server() {
+    // One SMTP server, two channels logging in to it as different users; one password is
+    // wrong. Its emails wait for it to be fixed (a 60 s pause per try); the other's must not.
+    let tpl = templates();
+    let smtp = Smtp::start();
+    smtp.set_logins(&["support:right"]);
+    let channel = |name: &str, password: &str| {
+        format!(
+            "  {name}:\n    type: email\n    smtp: {{ host: \"127.0.0.1\", port: {}, tls: none, username: \"{name}\", password: \"{password}\" }}\n    from: \"calls@example.com\"\n",
+            smtp.port
+        )
+    };
+    let d = Daemon::start(&config(
+        tpl.path(),
+        FAST,
+        &(channel("sales", "expired") + &channel("support", "right")),
+        r#"[{ channel: sales, to: ["s@example.com"], subject: "{{sid}}", template: email/sid },
+            { channel: support, to: ["t@example.com"], subject: "{{sid}}", template: email/sid }]"#,
+    ));
+    accept(&d, "CAlogin1").await;
+    eventually("the refusal of sales' login to be recorded", WAIT, || {
+        d.deliveries(Some("pending")).into_iter().find(|r| {
+            r["channel"] == "sales"
+                && r["last_error"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("login refused")
+        })
+    })
+    .await;
+    accept(&d, "CAlogin2").await;
+    let mails = smtp.wait_messages(2, WAIT).await;
+    for m in &mails {
+        assert_eq!(m["rcpt_tos"], serde_json::json!(["t@example.com"]), "{m}");
+    }
+    let sales: Vec<Value> = d
+        .deliveries(None)
+        .into_iter()
+        .filter(|r| r["channel"] == "sales")
+        .collect();
+    // Waiting for their retry, or (claimed) for the pause to end.
+    assert!(
+        sales
+            .iter()
+            .all(|r| r["status"] == "pending" || r["status"] == "sending"),
+        "{sales:?}"
+    );
+    assert_eq!(
+        smtp.logins_tried()
+            .iter()
+            .filter(|l| *l == "sales refused")
+            .count(),
+        1,
+        "sales tried again before its pause was over"
+    );
+}
+
+#[tokio::test]
 async fn an_smtp_server_that_is_down_is_retried() {
     let tpl = templates();
     // A port with nothing listening: connection refused.

@@ -78,8 +78,9 @@ pub enum SendError {
 /// How long a channel's SMTP server is left alone after it refused our login. A wrong or
 /// expired password is the operator's to fix, not the message's: the owed emails wait and go
 /// out once it is fixed and reloaded (up to `give_up_after`), as Postfix defers mail on a
-/// failed login, instead of all going dead. The pause holds every email to that server, so a
-/// backlog does not try to log in once per message (which can lock the account).
+/// failed login, instead of all going dead. The pause holds every email with that login to that
+/// server, so a backlog does not try to log in once per message (which can lock the account);
+/// other channels' logins to the same server are not held.
 pub const AUTH_PAUSE: Duration = Duration::from_secs(60);
 
 /// A message the server took: its answer, and each recipient it refused for good or could not

@@ -492,6 +492,20 @@ impl Smtp {
         std::fs::write(self.dir.path().join("mode"), mode).unwrap();
     }
 
+    /// The "user:password" logins the server accepts (it refuses every other with 535).
+    pub fn set_logins(&self, logins: &[&str]) {
+        std::fs::write(self.dir.path().join("logins"), logins.join("\n")).unwrap();
+    }
+
+    /// Each login tried so far: "user ok" or "user refused".
+    pub fn logins_tried(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join("logins.tried"))
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
     /// The messages received so far, as parsed by Python's `email` package.
     pub fn messages(&self) -> Vec<Value> {
         let mut out = Vec::new();

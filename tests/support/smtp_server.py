@@ -6,7 +6,10 @@ Prints "READY <port>" once listening. Each accepted message is parsed with Pytho
 `email` package and written to DIR/<n>.json (envelope, decoded headers, MIME parts) next to the
 raw DIR/<n>.eml. The file DIR/mode, read on every message, picks the answer to DATA:
 "ok" (default), "4xx" (451, transient) or "5xx" (550, permanent). A recipient whose local part
-starts with "unknown" is refused with 550 (user unknown). Exits when stdin closes.
+starts with "unknown" is refused with 550 (user unknown). AUTH PLAIN and LOGIN are offered
+(without TLS too); the file DIR/logins, if there, holds the "user:password" lines it accepts
+(every login is refused with 535 otherwise), and each login tried is appended to
+DIR/logins.tried as "user ok" or "user refused". Exits when stdin closes.
 """
 import email
 import email.header
@@ -19,6 +22,7 @@ import sys
 import threading
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
 
 
 class Handler:
@@ -33,6 +37,20 @@ class Handler:
                 return f.read().strip()
         except FileNotFoundError:
             return "ok"
+
+    def authenticate(self, server, session, envelope, mechanism, auth_data):
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        user = auth_data.login.decode()
+        given = f"{user}:{auth_data.password.decode()}"
+        try:
+            with open(os.path.join(self.out, "logins")) as f:
+                ok = given in f.read().split()
+        except FileNotFoundError:
+            ok = False
+        with self.lock, open(os.path.join(self.out, "logins.tried"), "a") as f:
+            f.write(f"{user} {'ok' if ok else 'refused'}\n")
+        return AuthResult(success=ok, handled=False)
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if address.split("@")[0].startswith("unknown"):
@@ -85,7 +103,15 @@ def main():
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(sys.argv[2], sys.argv[3])
         tls = {"tls_context": ctx, "require_starttls": True}
-    controller = Controller(Handler(out), hostname="127.0.0.1", port=port, **tls)
+    handler = Handler(out)
+    controller = Controller(
+        handler,
+        hostname="127.0.0.1",
+        port=port,
+        authenticator=handler.authenticate,
+        auth_require_tls=False,
+        **tls,
+    )
     controller.start()
     print(f"READY {port}", flush=True)
     sys.stdin.read()
