@@ -70,8 +70,8 @@ pub enum SendError {
     /// The message's text went out but no answer to its end came (no reply in time, or the
     /// connection was lost): the server may have taken it.
     Unconfirmed(String),
-    /// Logging in failed (a 535, or no mechanism in common): the channel's credentials, not
-    /// the message. See [`AUTH_PAUSE`].
+    /// The login was refused (a 5xx such as 535, or no mechanism in common): the channel's
+    /// credentials, not the message. See [`AUTH_PAUSE`].
     Auth(lettre::transport::smtp::Error),
 }
 
@@ -312,9 +312,17 @@ impl Transport {
         tcp.set_nodelay(true).map_err(SendError::Connect)?;
         let mut conn = self.handshake(tcp).await.map_err(SendError::Smtp)?;
         if let Some(credentials) = &self.credentials {
+            // Refused (5xx: 535, 534, 538) or no mechanism in common is the login's fault; a
+            // 4xx (454 temporary failure) or a lost connection is not, and retries as usual.
             conn.auth(&[Mechanism::Plain, Mechanism::Login], credentials)
                 .await
-                .map_err(SendError::Auth)?;
+                .map_err(|e| {
+                    if e.is_permanent() || e.is_client() {
+                        SendError::Auth(e)
+                    } else {
+                        SendError::Smtp(e)
+                    }
+                })?;
         }
         Ok(conn)
     }
@@ -1006,6 +1014,36 @@ mod tests {
             !said.iter().any(|l| l.starts_with("MAIL")),
             "nothing is sent without a login: {said:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_login_that_fails_for_another_reason_than_the_credentials_is_an_ordinary_retry() {
+        // A 4xx to AUTH (the server's password store is down; Office 365's "432 4.3.2
+        // concurrent connection limit exceeded") or a connection lost during it says nothing
+        // about the password: no "login refused", no pause of every email with that login.
+        for hang_up in [false, true] {
+            let what = if hang_up { "hang-up" } else { "454" };
+            let (addr, _server) = line_peer(false, move |line| match line {
+                l if l.starts_with("EHLO") => {
+                    Answer::Say("250-test\r\n250 AUTH PLAIN LOGIN".into())
+                }
+                l if l.starts_with("AUTH") && hang_up => Answer::HangUp,
+                l if l.starts_with("AUTH") => {
+                    Answer::Say("454 4.7.0 Temporary authentication failure".into())
+                }
+                _ => Answer::Say("250 ok".into()),
+            })
+            .await;
+            let t = plain_with(addr, Duration::from_secs(10), Some(("calls", "right")));
+            let from: Mailbox = "calls@example.com".parse().unwrap();
+            let outcome = send(&t, &from, &parts_to(&["a@example.com"]), &meta()).await;
+            match &outcome {
+                Outcome::Retry { after: None, error } => {
+                    assert!(!error.contains("login refused"), "{what}: {error}")
+                }
+                other => panic!("{what}: {other:?}"),
+            }
+        }
     }
 
     #[tokio::test]
