@@ -322,34 +322,48 @@ struct RawQuietAlert {
     to: Vec<String>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+/// A channel as the YAML says it: its `type` picks the struct the other keys must fit. Read by
+/// [`channel_section`], not by a serde tagged enum, which loses the path to a mistyped key
+/// (`channels.sales` instead of `channels.sales.max_per_second`).
+#[derive(Debug)]
 enum RawChannel {
-    Log {
-        #[serde(default)]
-        file: Option<PathBuf>,
-        #[serde(default)]
-        max_per_second: Option<f64>,
-        #[serde(default)]
-        concurrency: Option<usize>,
-    },
-    Slack {
-        webhook_url: String,
-        #[serde(default)]
-        max_per_second: Option<f64>,
-        #[serde(default)]
-        burst: Option<u32>,
-        #[serde(default)]
-        concurrency: Option<usize>,
-    },
-    Email {
-        smtp: RawSmtp,
-        from: String,
-        #[serde(default)]
-        max_per_second: Option<f64>,
-        #[serde(default)]
-        concurrency: Option<usize>,
-    },
+    Log(RawLog),
+    Slack(RawSlack),
+    Email(RawEmail),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    #[serde(default)]
+    file: Option<PathBuf>,
+    #[serde(default)]
+    max_per_second: Option<f64>,
+    #[serde(default)]
+    concurrency: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSlack {
+    webhook_url: String,
+    #[serde(default)]
+    max_per_second: Option<f64>,
+    #[serde(default)]
+    burst: Option<u32>,
+    #[serde(default)]
+    concurrency: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEmail {
+    smtp: RawSmtp,
+    from: String,
+    #[serde(default)]
+    max_per_second: Option<f64>,
+    #[serde(default)]
+    concurrency: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -953,7 +967,73 @@ fn section<T: DeserializeOwned>(v: Value, at: &str, problems: &mut Vec<Problem>)
             } else {
                 format!("{at}.{inner}")
             };
-            problems.push(Problem::new(place, e.into_inner().to_string()));
+            problems.push(Problem::new(place, plain_types(e.into_inner().to_string())));
+            None
+        }
+    }
+}
+
+/// serde's "expected u64", "expected struct RawSmtp" and the like, in the words of YAML.
+fn plain_types(message: String) -> String {
+    const WORDS: &[(&str, &str)] = &[
+        ("u8", "a whole number from 0 to 255"),
+        ("u16", "a whole number from 0 to 65535"),
+        ("u32", "a whole number from 0 to 4294967295"),
+        ("u64", "a whole number, 0 or more"),
+        ("usize", "a whole number, 0 or more"),
+        ("i64", "a whole number"),
+        ("f64", "a number"),
+        ("a sequence", "a list"),
+        ("a map", "a mapping"),
+    ];
+    for (rust, words) in WORDS {
+        if let Some(head) = message.strip_suffix(&format!("expected {rust}")) {
+            return format!("{head}expected {words}");
+        }
+    }
+    match message.rsplit_once("expected struct ") {
+        Some((head, name)) if !name.contains(' ') => format!("{head}expected a mapping"),
+        _ => message,
+    }
+}
+
+/// One channel: its `type`, then the keys that type takes, each mistake reported at its key.
+fn channel_section(v: Value, at: &str, problems: &mut Vec<Problem>) -> Option<RawChannel> {
+    const TYPES: &str = "`log`, `slack`, `email`";
+    let Value::Object(mut map) = v else {
+        problems.push(Problem::new(
+            at,
+            format!("expected a mapping with a `type` ({TYPES}), found {v}"),
+        ));
+        return None;
+    };
+    let kind = match map.remove("type") {
+        Some(Value::String(kind)) => kind,
+        Some(other) => {
+            problems.push(Problem::new(
+                format!("{at}.type"),
+                format!("expected one of {TYPES}, found {other}"),
+            ));
+            return None;
+        }
+        None => {
+            problems.push(Problem::new(
+                at,
+                format!("missing field `type` (one of {TYPES})"),
+            ));
+            return None;
+        }
+    };
+    let rest = Value::Object(map);
+    match kind.as_str() {
+        "log" => section(rest, at, problems).map(RawChannel::Log),
+        "slack" => section(rest, at, problems).map(RawChannel::Slack),
+        "email" => section(rest, at, problems).map(RawChannel::Email),
+        _ => {
+            problems.push(Problem::new(
+                format!("{at}.type"),
+                format!("unknown channel type `{kind}`, expected one of {TYPES}"),
+            ));
             None
         }
     }
@@ -1032,7 +1112,7 @@ fn from_tree(
         Value::Object(map) => {
             for (name, v) in map {
                 let at = format!("channels.{name}");
-                let built = section::<RawChannel>(v, &at, problems)
+                let built = channel_section(v, &at, problems)
                     .and_then(|raw| build_channel(&name, raw, &at, problems));
                 match built {
                     Some(ch) => {
@@ -1356,22 +1436,22 @@ fn build_channel(
         r
     };
     let (kind, rate, burst, concurrency) = match raw {
-        RawChannel::Log {
+        RawChannel::Log(RawLog {
             file,
             max_per_second,
             concurrency,
-        } => (
+        }) => (
             ChannelKind::Log { file },
             check_rate(max_per_second, 0.0, problems),
             1,
             concurrency.unwrap_or(1),
         ),
-        RawChannel::Slack {
+        RawChannel::Slack(RawSlack {
             webhook_url,
             max_per_second,
             burst,
             concurrency,
-        } => {
+        }) => {
             match reqwest::Url::parse(&webhook_url) {
                 // An unset variable was reported already; don't report its placeholder too.
                 _ if webhook_url.contains("${") => {}
@@ -1402,12 +1482,12 @@ fn build_channel(
                 concurrency.unwrap_or(1),
             )
         }
-        RawChannel::Email {
+        RawChannel::Email(RawEmail {
             smtp,
             from,
             max_per_second,
             concurrency,
-        } => {
+        }) => {
             let from = match from.parse::<Mailbox>() {
                 Ok(m) => Some(m),
                 Err(e) => {
@@ -2087,6 +2167,45 @@ rules: []
             "{err}"
         );
         assert!(err.to_string().contains("200ms is too short"), "{err}");
+    }
+
+    /// A value of the wrong type in a channel is reported at its own key, in YAML's words: a
+    /// channel with three numbers used to say only `channels.s: ... expected f64`.
+    #[test]
+    fn a_channel_setting_of_the_wrong_type_is_named_by_its_key() {
+        let yaml = GOOD.replace(
+            r#"webhook_url: "${URL}" }"#,
+            r#"webhook_url: "${URL}", max_per_second: fast }
+  l: { type: log, concurrency: many }
+  m: { type: email, from: a@example.com, smtp: 5 }
+  n: { type: lgo }
+  o: { file: x }"#,
+        );
+        let (places, err) = refused(&yaml, GOOD_VARS);
+        assert_eq!(
+            places,
+            [
+                "channels.s.max_per_second",
+                "channels.l.concurrency",
+                "channels.m.smtp",
+                "channels.n.type",
+                "channels.o",
+            ],
+            "{err}"
+        );
+        let text = err.to_string();
+        for words in [
+            r#"invalid type: string "fast", expected a number"#,
+            r#"invalid type: string "many", expected a whole number, 0 or more"#,
+            "invalid type: integer `5`, expected a mapping",
+            "unknown channel type `lgo`, expected one of `log`, `slack`, `email`",
+            "missing field `type` (one of `log`, `slack`, `email`)",
+        ] {
+            assert!(text.contains(words), "no {words:?} in\n{text}");
+        }
+        for rust in ["f64", "usize", "struct", "Raw"] {
+            assert!(!text.contains(rust), "{rust:?} in\n{text}");
+        }
     }
 
     #[test]
