@@ -499,13 +499,27 @@ pub fn load_without_secrets(path: &Path) -> Result<Config, ConfigError> {
     load_with(path, &env, Unset::Placeholder)
 }
 
-/// [`load_with_env`], choosing what an unset variable is.
+/// [`load_with_env`], choosing what an unset variable is. A file with no settings in it
+/// (empty, or only comments) is refused rather than read as "all defaults", which would serve
+/// an open webhook that stores every call and sends nothing: an empty file where the config
+/// should be (a failed copy, a mount of the wrong file) is a mistake to report, not run.
 pub fn load_with(
     path: &Path,
     env: &BTreeMap<String, String>,
     unset: Unset,
 ) -> Result<Config, ConfigError> {
-    from_text(path, &read(path)?, env, unset)
+    let text = read(path)?;
+    if is_blank(&text) {
+        return Err(ConfigError {
+            source: path.to_path_buf(),
+            problems: vec![Problem::new(
+                path.display().to_string(),
+                "the file holds no settings (it is empty or only comments); \
+                 config/callnotify.yaml shows a working one",
+            )],
+        });
+    }
+    from_text(path, &text, env, unset)
 }
 
 /// [`load`] for a reload. A file with no settings in it (empty, or only comments) is refused
@@ -2167,6 +2181,27 @@ rules: []
             "{err}"
         );
         assert!(err.to_string().contains("200ms is too short"), "{err}");
+    }
+
+    /// An empty config (or one of comments) used to start an open webhook with no rules and
+    /// pass `check`: every call stored, nothing sent, Air told all is well.
+    #[test]
+    fn a_file_with_no_settings_is_refused_not_read_as_all_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        for text in ["", "\n", "# server:\n#   listen: x\n---\n"] {
+            let p = write(dir.path(), text);
+            for unset in [Unset::Refuse, Unset::Placeholder] {
+                let err = load_with(&p, &env(&[]), unset).unwrap_err();
+                assert_eq!(err.problems.len(), 1, "{err}");
+                assert!(
+                    err.to_string().contains("the file holds no settings"),
+                    "{err}"
+                );
+            }
+        }
+        // One setting is enough: the rest has defaults (and warnings).
+        let p = write(dir.path(), "templates_dir: \"{t}\"\n");
+        assert!(load_with(&p, &env(&[]), Unset::Refuse).is_ok());
     }
 
     /// A value of the wrong type in a channel is reported at its own key, in YAML's words: a
