@@ -1127,7 +1127,7 @@ fn from_tree(
             for (name, v) in map {
                 let at = format!("channels.{name}");
                 let built = channel_section(v, &at, problems)
-                    .and_then(|raw| build_channel(&name, raw, &at, problems));
+                    .and_then(|raw| build_channel(&name, raw, &at, problems, &mut warnings));
                 match built {
                     Some(ch) => {
                         channels.insert(name, ch);
@@ -1437,6 +1437,7 @@ fn build_channel(
     raw: RawChannel,
     at: &str,
     problems: &mut Vec<Problem>,
+    warnings: &mut Vec<String>,
 ) -> Option<Channel> {
     let check_rate = |r: Option<f64>, default: f64, problems: &mut Vec<Problem>| -> f64 {
         let r = r.unwrap_or(default);
@@ -1469,11 +1470,36 @@ fn build_channel(
             match reqwest::Url::parse(&webhook_url) {
                 // An unset variable was reported already; don't report its placeholder too.
                 _ if webhook_url.contains("${") => {}
-                Ok(u) if u.scheme() == "https" || u.scheme() == "http" => {}
+                Ok(u) if u.scheme() == "https" => {}
+                // Plain http sends the URL (a secret) and the call's data in clear. Slack
+                // takes webhooks over HTTPS only, so for its hosts it is a typo; elsewhere it
+                // may be a Slack-compatible receiver that speaks only http (or a stand-in on
+                // this host, which crosses no network).
+                Ok(u) if u.scheme() == "http" => {
+                    let host = u.host_str().unwrap_or("").to_ascii_lowercase();
+                    let here = host == "localhost"
+                        || host
+                            .trim_matches(['[', ']'])
+                            .parse::<std::net::IpAddr>()
+                            .is_ok_and(|ip| ip.is_loopback());
+                    if host == "slack.com" || host.ends_with(".slack.com") {
+                        problems.push(Problem::new(
+                            format!("{at}.webhook_url"),
+                            "must start with https:// (Slack takes webhooks over HTTPS only; \
+                             over http the URL, a secret, and every message would cross the \
+                             network unencrypted)",
+                        ));
+                    } else if !here {
+                        warnings.push(format!(
+                            "{at}.webhook_url is plain http to another host: the URL (a secret) \
+                             and every message cross the network unencrypted; use https"
+                        ));
+                    }
+                }
                 // The URL is a secret: say what is wrong without echoing it.
                 Ok(_) => problems.push(Problem::new(
                     format!("{at}.webhook_url"),
-                    "must be an http(s) URL",
+                    "must be an https:// URL",
                 )),
                 Err(e) => problems.push(Problem::new(
                     format!("{at}.webhook_url"),
@@ -2202,6 +2228,57 @@ rules: []
         // One setting is enough: the rest has defaults (and warnings).
         let p = write(dir.path(), "templates_dir: \"{t}\"\n");
         assert!(load_with(&p, &env(&[]), Unset::Refuse).is_ok());
+    }
+
+    /// Slack takes webhooks over HTTPS only: `http://hooks.slack.com/...` is a typo that would
+    /// send the secret URL and the call in clear (and then fail), and used to pass `check`.
+    #[test]
+    fn a_plain_http_slack_url_is_refused_and_plain_http_elsewhere_is_warned_about() {
+        let with_url = |url: &str| {
+            GOOD.replace(
+                r#"webhook_url: "${URL}" }"#,
+                &format!(r#"webhook_url: "{url}" }}"#),
+            )
+        };
+        for url in [
+            "http://hooks.slack.com/services/T/B/X",
+            "HTTP://Hooks.Slack.com/services/T/B/X",
+        ] {
+            let (places, err) = refused(&with_url(url), GOOD_VARS);
+            assert_eq!(places, ["channels.s.webhook_url"], "{err}");
+            assert!(
+                err.to_string().contains("must start with https://"),
+                "{err}"
+            );
+            assert!(
+                !err.to_string().contains("services/T"),
+                "the URL is a secret: {err}"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let warned = |url: &str| {
+            let p = write(dir.path(), &with_url(url));
+            let c = load_with_env(&p, &env(GOOD_VARS)).unwrap();
+            c.warnings
+                .into_iter()
+                .filter(|w| w.contains("webhook_url"))
+                .collect::<Vec<_>>()
+        };
+        let w = warned("http://chat.internal.example/hooks/abc");
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("channels.s.webhook_url is plain http"),
+            "{w:?}"
+        );
+        assert!(!w[0].contains("hooks/abc"), "the URL is a secret: {w:?}");
+        for quiet in [
+            "https://hooks.slack.com/services/T/B/X",
+            "http://127.0.0.1:9/hook",
+            "http://[::1]:9/hook",
+            "http://localhost:9/hook",
+        ] {
+            assert_eq!(warned(quiet), Vec::<String>::new(), "{quiet}");
+        }
     }
 
     /// A value of the wrong type in a channel is reported at its own key, in YAML's words: a

@@ -987,7 +987,7 @@ rules:
     let (code, text) = check();
     assert_eq!(code, Some(1), "{text}");
     assert!(
-        text.contains("channels.s.webhook_url: must be an http(s) URL (checked with a placeholder for unset SLACK_SALES_WEBHOOK)"),
+        text.contains("channels.s.webhook_url: must be an https:// URL (checked with a placeholder for unset SLACK_SALES_WEBHOOK)"),
         "{text}"
     );
 
