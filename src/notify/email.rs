@@ -70,9 +70,16 @@ pub enum SendError {
     /// The message's text went out but no answer to its end came (no reply in time, or the
     /// connection was lost): the server may have taken it.
     Unconfirmed(String),
-    /// The login was refused (a 5xx such as 535, or no mechanism in common): the channel's
-    /// credentials, not the message. See [`AUTH_PAUSE`].
+    /// The login was refused (a 5xx such as 535, 534 or 538): the channel's credentials, not
+    /// the message. See [`AUTH_PAUSE`].
     Auth(lettre::transport::smtp::Error),
+    /// The channel has a username and password but the server offers no way to log in that we
+    /// speak (no AUTH PLAIN or LOGIN after EHLO): the channel's settings, not the message, as
+    /// for [`SendError::Auth`]. Whether the connection is encrypted, since servers commonly
+    /// offer AUTH only over TLS.
+    NoLogin {
+        encrypted: bool,
+    },
 }
 
 /// How long a channel's SMTP server is left alone after it refused our login. A wrong or
@@ -312,8 +319,14 @@ impl Transport {
         tcp.set_nodelay(true).map_err(SendError::Connect)?;
         let mut conn = self.handshake(tcp).await.map_err(SendError::Smtp)?;
         if let Some(credentials) = &self.credentials {
-            // Refused (5xx: 535, 534, 538) or no mechanism in common is the login's fault; a
-            // 4xx (454 temporary failure) or a lost connection is not, and retries as usual.
+            let offers = |m| conn.server_info().supports_auth_mechanism(m);
+            if !offers(Mechanism::Plain) && !offers(Mechanism::Login) {
+                return Err(SendError::NoLogin {
+                    encrypted: self.smtp.tls != SmtpTls::None,
+                });
+            }
+            // Refused (5xx: 535, 534, 538) is the login's fault; a 4xx (454 temporary failure)
+            // or a lost connection is not, and retries as usual.
             conn.auth(&[Mechanism::Plain, Mechanism::Login], credentials)
                 .await
                 .map_err(|e| {
@@ -659,6 +672,21 @@ pub async fn send(
                     error_chain(&e)
                 ),
                 400,
+            ),
+        },
+        Err(SendError::NoLogin { encrypted }) => Outcome::Retry {
+            after: Some(AUTH_PAUSE),
+            error: format!(
+                "SMTP: the server offers no login (no AUTH PLAIN or LOGIN in its answer to \
+                 EHLO) though the channel has a username and password; {} (owed emails wait \
+                 and go out once it is fixed and reloaded)",
+                if encrypted {
+                    "remove them if this server takes mail without a login"
+                } else {
+                    "servers often offer it only over TLS, and this channel has `tls: none`: \
+                     use `tls: starttls` or `tls: tls`, or remove them if this server takes \
+                     mail without a login"
+                }
             ),
         },
         Err(SendError::Connect(e)) => Outcome::Retry {
@@ -1013,6 +1041,38 @@ mod tests {
         assert!(
             !said.iter().any(|l| l.starts_with("MAIL")),
             "nothing is sent without a login: {said:?}"
+        );
+    }
+
+    /// A username and password on a channel whose server offers no AUTH (a local relay, or a
+    /// server that offers it only after STARTTLS, with `tls: none`) used to be reported as
+    /// "login refused ... check the channel's username and password", which they were not.
+    #[tokio::test]
+    async fn a_server_that_offers_no_login_is_named_as_the_cause_not_the_password() {
+        let (addr, server) = scripted(&["PIPELINING"], |_| "250 ok").await;
+        let t = plain_with(addr, Duration::from_secs(10), Some(("calls", "secret")));
+        let from: Mailbox = "calls@example.com".parse().unwrap();
+        let outcome = send(&t, &from, &parts_to(&["a@example.com"]), &meta()).await;
+        let Outcome::Retry {
+            after: Some(after),
+            error,
+        } = outcome
+        else {
+            panic!("{outcome:?}");
+        };
+        assert_eq!(after, AUTH_PAUSE);
+        assert!(
+            error.contains("the server offers no login") && error.contains("`tls: none`"),
+            "{error}"
+        );
+        assert!(!error.contains("login refused"), "{error}");
+        drop(t);
+        let said = server.await.unwrap();
+        assert!(
+            !said
+                .iter()
+                .any(|l| l.starts_with("MAIL") || l.starts_with("AUTH")),
+            "{said:?}"
         );
     }
 
