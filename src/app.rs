@@ -325,6 +325,8 @@ impl App {
             rules = cfg.rules.len(),
             channels = cfg.channels.len(),
             store = %cfg.store.path.display(),
+            config = %shared.config_path.display(),
+            version = %env!("CARGO_PKG_VERSION"),
             "callnotify is listening"
         );
         let mut servers = Vec::new();

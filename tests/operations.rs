@@ -68,6 +68,29 @@ async fn health_readiness_and_metrics_answer() {
     assert_eq!(s, 200);
 }
 
+/// The first line says what this process runs on: the config file it read (several may sit
+/// side by side, as in config/examples/), the store it opened, the address, and its version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_start_line_names_the_config_file_the_store_and_the_version() {
+    let slack = FakeSlack::start().await;
+    let d = Daemon::start(&config(&slack, ""));
+    let line: Value = d
+        .logs()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["message"] == "callnotify is listening")
+        .expect("a start line");
+    assert_eq!(line["level"], "INFO");
+    assert_eq!(line["config"], d.config.display().to_string(), "{line}");
+    assert_eq!(
+        line["store"],
+        d.dir.join("store.db").display().to_string(),
+        "{line}"
+    );
+    assert_eq!(line["listen"], d.addr.to_string(), "{line}");
+    assert_eq!(line["version"], env!("CARGO_PKG_VERSION"), "{line}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_counters_move_with_calls_and_deliveries() {
     let slack = FakeSlack::start().await;
