@@ -167,7 +167,10 @@ fn init_logging(format: LogFormat, level: &str) -> tracing_appender::non_blockin
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
+            // One span deep (a delivery's): `span` has its fields, and a list of the same
+            // span would repeat them on every line.
             .with_current_span(true)
+            .with_span_list(false)
             .init(),
     }
     guard

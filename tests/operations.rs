@@ -91,6 +91,31 @@ async fn the_start_line_names_the_config_file_the_store_and_the_version() {
     assert_eq!(line["version"], env!("CARGO_PKG_VERSION"), "{line}");
 }
 
+/// With `--log-format json`, every line is one JSON object, and a delivery's line carries the
+/// delivery's fields once (in `span`), not a second time in a list of spans.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line_with_a_delivery_said_once() {
+    let slack = FakeSlack::start().await;
+    let mut d = Daemon::start(&config(&slack, ""));
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAjsonlog")).await.0, 200);
+    slack.wait_accepted(1, WAIT).await;
+    assert_eq!(tokio::task::block_in_place(|| d.terminate()), Some(0));
+    let lines: Vec<Value> = d
+        .logs()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let delivered = lines
+        .iter()
+        .find(|v| v["message"] == "delivered")
+        .expect("a delivered line");
+    assert_eq!(delivered["span"]["sid"], "CAjsonlog", "{delivered}");
+    assert_eq!(delivered["span"]["channel"], "sales", "{delivered}");
+    assert_eq!(delivered["span"]["attempt"], 1, "{delivered}");
+    assert!(delivered.get("spans").is_none(), "{delivered}");
+    assert_eq!(lines.last().unwrap()["message"], "stopped");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_counters_move_with_calls_and_deliveries() {
     let slack = FakeSlack::start().await;
