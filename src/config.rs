@@ -84,8 +84,10 @@ impl fmt::Display for ConfigError {
             n,
             if n == 1 { "" } else { "s" }
         )?;
+        // A problem of several lines (a regex error draws its pattern and a caret) stays
+        // indented under its dash, so its last line does not read as an error of its own.
         for p in &self.problems {
-            write!(f, "\n  - {p}")?;
+            write!(f, "\n  - {}", p.to_string().replace('\n', "\n    "))?;
         }
         Ok(())
     }
@@ -2279,6 +2281,26 @@ rules: []
         ] {
             assert_eq!(warned(quiet), Vec::<String>::new(), "{quiet}");
         }
+    }
+
+    /// The regex crate's error is several lines, the last of them `error: ...` at the margin,
+    /// which read as a second problem (or an error of the program) after the list.
+    #[test]
+    fn a_problem_of_several_lines_stays_under_its_dash() {
+        let yaml = GOOD.replace(
+            "when: { campaignId: 8812 }",
+            r#"when: { transcript: { matches: "(unclosed" } }"#,
+        );
+        let (places, err) = refused(&yaml, GOOD_VARS);
+        assert_eq!(places, ["rules[0] (r).when.transcript.matches"], "{err}");
+        let text = err.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines.len() > 3, "{text}");
+        assert!(lines[1].starts_with("  - rules[0]"), "{text}");
+        for l in &lines[2..] {
+            assert!(l.starts_with("    "), "{l:?} in\n{text}");
+        }
+        assert!(text.contains("    error: unclosed group"), "{text}");
     }
 
     /// A value of the wrong type in a channel is reported at its own key, in YAML's words: a
