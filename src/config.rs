@@ -1247,7 +1247,7 @@ fn from_tree(
         Err(e) => {
             problems.push(Problem::new(
                 "admin.listen",
-                format!("{:?} is not an address:port ({e})", a.listen),
+                format!("{:?} is not an address:port ({e}){LISTEN_FORM}", a.listen),
             ));
             None
         }
@@ -1350,6 +1350,11 @@ fn listeners_collide(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
 }
 
+/// What a listen address must look like, said after a parse error.
+const LISTEN_FORM: &str =
+    ": an IP address and a port, such as 127.0.0.1:8080 or 0.0.0.0:8080 (a host name such as \
+     localhost is not looked up)";
+
 fn build_server(
     s: RawServer,
     placeholders: &[Placeholder],
@@ -1361,7 +1366,7 @@ fn build_server(
         Err(e) => {
             problems.push(Problem::new(
                 "server.listen",
-                format!("{:?} is not an address:port ({e})", s.listen),
+                format!("{:?} is not an address:port ({e}){LISTEN_FORM}", s.listen),
             ));
             None
         }
@@ -2301,6 +2306,41 @@ rules: []
             assert!(l.starts_with("    "), "{l:?} in\n{text}");
         }
         assert!(text.contains("    error: unclosed group"), "{text}");
+    }
+
+    /// `localhost:8080` (or `:8080`) is refused with what to write instead (an admin listener
+    /// on the main listener's port: `an_admin_listener_on_the_main_listeners_port_is_refused`).
+    #[test]
+    fn listen_addresses_are_explained() {
+        let with = |server: &str, admin: &str| {
+            GOOD.replace(
+                r#"server: { tokens: ["${TOKEN}"] }"#,
+                &format!(
+                    "server: {{ tokens: [\"${{TOKEN}}\"], listen: \"{server}\" }}\nadmin: {{ listen: \"{admin}\" }}"
+                ),
+            )
+        };
+        let (places, err) = refused(&with("localhost:8080", ":9090"), GOOD_VARS);
+        assert_eq!(places, ["server.listen", "admin.listen"], "{err}");
+        assert_eq!(
+            err.to_string()
+                .matches("such as 127.0.0.1:8080 or 0.0.0.0:8080")
+                .count(),
+            2,
+            "{err}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        for (server, admin) in [
+            ("127.0.0.1:8080", "127.0.0.1:9090"),
+            ("127.0.0.1:8080", "10.0.0.1:8080"),
+            ("127.0.0.1:0", "127.0.0.1:0"),
+        ] {
+            let p = write(dir.path(), &with(server, admin));
+            assert!(
+                load_with_env(&p, &env(GOOD_VARS)).is_ok(),
+                "{server} {admin}"
+            );
+        }
     }
 
     /// A value of the wrong type in a channel is reported at its own key, in YAML's words: a
