@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::filter::LevelFilter;
 
 use callnotify::{app, commands, config, notify::Outcome};
 
@@ -147,10 +148,10 @@ enum Deliveries {
 /// every line waiting in the queue into a buffer and flushes once the queue is empty: one
 /// `write` for a burst of lines, and a lone line still goes out at once. Keep the guard until
 /// exit: dropping it flushes what is buffered.
-fn init_logging(format: LogFormat, level: &str) -> tracing_appender::non_blocking::WorkerGuard {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+fn init_logging(
+    format: LogFormat,
+    filter: tracing_subscriber::EnvFilter,
+) -> tracing_appender::non_blocking::WorkerGuard {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .buffered_lines_limit(4096)
@@ -176,6 +177,26 @@ fn init_logging(format: LogFormat, level: &str) -> tracing_appender::non_blockin
     guard
 }
 
+/// The log filter: `RUST_LOG` when set, else `--log-level`. A word that is not a level
+/// (`warning`, `debg`) is refused: the filter would read it as a target's name and let nothing
+/// else through, so the daemon would run with no logs at all, its errors and dead letters
+/// included.
+fn log_filter(level: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    let (spec, from) = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() => (v, "RUST_LOG"),
+        _ if level.trim().is_empty() => ("info".to_string(), "--log-level (CALLNOTIFY_LOG_LEVEL)"),
+        _ => (level.to_string(), "--log-level (CALLNOTIFY_LOG_LEVEL)"),
+    };
+    let help = "use error, warn, info, debug, trace or off, or TARGET=LEVEL (callnotify=debug)";
+    for d in spec.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if !d.contains('=') && !d.contains('[') && d.parse::<LevelFilter>().is_err() {
+            return Err(format!("{from}: `{d}` is not a log level: {help}"));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(&spec)
+        .map_err(|e| format!("{from}: `{spec}` is not a log filter ({e}): {help}"))
+}
+
 /// The loaded config, or exit 1 after printing every problem.
 fn loaded(config: Result<config::Config, config::ConfigError>) -> Result<config::Config, ExitCode> {
     config.map_err(|e| {
@@ -186,7 +207,14 @@ fn loaded(config: Result<config::Config, config::ConfigError>) -> Result<config:
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _flush_logs_at_exit = init_logging(cli.log_format, &cli.log_level);
+    let filter = match log_filter(&cli.log_level) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let _flush_logs_at_exit = init_logging(cli.log_format, filter);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

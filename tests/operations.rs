@@ -1140,6 +1140,60 @@ async fn a_separate_admin_listener_serves_the_admin_endpoints_only() {
     assert_eq!(d.post(FIXTURE).await.0, 200);
 }
 
+/// A word that is not a level (`warning`, a typo) made the filter read it as a target name
+/// and let nothing else through: the daemon ran with no logs at all, its errors and dead
+/// letters included. It is refused before anything runs, naming where it came from.
+#[test]
+fn a_log_level_that_is_not_one_is_refused_instead_of_silencing_the_logs() {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let run = |level: &str, rust_log: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"));
+        cmd.current_dir(dir)
+            .args([
+                "render",
+                "tests/fixtures/post_call_data.json",
+                "--log-level",
+                level,
+            ])
+            .env_remove("RUST_LOG")
+            .env_remove("CALLNOTIFY_LOG_LEVEL");
+        if let Some(v) = rust_log {
+            cmd.env("RUST_LOG", v);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    for bad in ["warning", "debg", "info,callnotify", "callnotify=warning"] {
+        let (code, err) = run(bad, None);
+        assert_eq!(code, Some(2), "{bad}: {err}");
+        assert!(
+            err.contains("--log-level") && err.contains("use error, warn, info"),
+            "{bad}: {err}"
+        );
+    }
+    let (code, err) = run("info", Some("warnn"));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("RUST_LOG: `warnn` is not a log level"),
+        "{err}"
+    );
+    for good in [
+        "warn",
+        "WARN",
+        "debug",
+        "callnotify=debug,warn",
+        "info,hyper=off",
+        "",
+    ] {
+        let (code, err) = run(good, None);
+        assert_eq!(code, Some(0), "{good:?}: {err}");
+    }
+    assert_eq!(run("info", Some("callnotify=debug")).0, Some(0));
+}
+
 #[test]
 fn help_teaches_with_examples() {
     let run = |args: &[&str]| {
