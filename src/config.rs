@@ -1625,6 +1625,19 @@ fn build_channel(
     })
 }
 
+/// "unknown channel", and the names there are to choose from.
+fn unknown_channel(name: &str, channels: &IndexMap<String, Channel>) -> String {
+    if channels.is_empty() {
+        format!("unknown channel {name:?} (no channel is configured under `channels`)")
+    } else {
+        let known: Vec<&str> = channels.keys().map(String::as_str).collect();
+        format!(
+            "unknown channel {name:?} (configured: {})",
+            known.join(", ")
+        )
+    }
+}
+
 fn check_action(
     action: &Action,
     at: &str,
@@ -1633,14 +1646,9 @@ fn check_action(
     problems: &mut Vec<Problem>,
 ) {
     let Some(channel) = channels.get(&action.channel) else {
-        let known: Vec<&str> = channels.keys().map(String::as_str).collect();
         problems.push(Problem::new(
             format!("{at}.channel"),
-            format!(
-                "unknown channel {:?} (configured: {})",
-                action.channel,
-                known.join(", ")
-            ),
+            unknown_channel(&action.channel, channels),
         ));
         return;
     };
@@ -1720,7 +1728,7 @@ fn build_quiet(
         None => {
             problems.push(Problem::new(
                 "quiet_alert.channel",
-                format!("unknown channel {:?}", q.channel),
+                unknown_channel(&q.channel, channels),
             ));
             ok = false;
         }
@@ -2341,6 +2349,35 @@ rules: []
                 "{server} {admin}"
             );
         }
+    }
+
+    /// An unknown channel is named with the ones there are, for a rule and for the quiet
+    /// alert alike; with none at all (a misspelt `channels:` section) the list was just empty.
+    #[test]
+    fn an_unknown_channel_is_named_with_the_channels_there_are() {
+        let yaml = GOOD.replace("channel: s,", "channel: sales,")
+            + "quiet_alert: { after: 2h, channel: slaes }\n";
+        let (places, err) = refused(&yaml, GOOD_VARS);
+        assert_eq!(
+            places,
+            ["rules[0] (r).notify[0].channel", "quiet_alert.channel"],
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains(r#"unknown channel "sales" (configured: s)"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"unknown channel "slaes" (configured: s)"#),
+            "{text}"
+        );
+        let (_, err) = refused(&yaml.replace("channels:", "chanels:"), GOOD_VARS);
+        assert!(
+            err.to_string()
+                .contains(r#"unknown channel "sales" (no channel is configured under `channels`)"#),
+            "{err}"
+        );
     }
 
     /// A value of the wrong type in a channel is reported at its own key, in YAML's words: a
