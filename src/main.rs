@@ -214,13 +214,24 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let _flush_logs_at_exit = init_logging(cli.log_format, filter);
+    let format = cli.log_format;
+    let _flush_logs_at_exit = init_logging(format, filter);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            failed(format, "error: ", &e);
             ExitCode::from(1)
         }
+    }
+}
+
+/// Says why the command failed: as a log line when the log is JSON, so that whatever reads
+/// the daemon's stderr line by line as JSON (the image's default) gets this line too and in
+/// order with the others; as plain text otherwise.
+fn failed(format: LogFormat, prefix: &str, e: &anyhow::Error) {
+    match format {
+        LogFormat::Json => tracing::error!("{prefix}{e:#}"),
+        LogFormat::Human => eprintln!("{prefix}{e:#}"),
     }
 }
 
@@ -236,7 +247,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let app = match app::App::build(&cli.config).await {
                 Ok(a) => a,
                 Err(e) => {
-                    eprintln!("{e:#}");
+                    failed(cli.log_format, "cannot start: ", &e);
                     return Ok(ExitCode::from(1));
                 }
             };

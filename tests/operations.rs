@@ -116,6 +116,47 @@ async fn json_logs_are_one_object_per_line_with_a_delivery_said_once() {
     assert_eq!(lines.last().unwrap()["message"], "stopped");
 }
 
+/// With `--log-format json` (the image's default), why `serve` could not start is a JSON log
+/// line like every other, in order after the warnings before it; it used to be plain text,
+/// which a reader of JSON lines drops or chokes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_json_logs_a_failed_start_says_why_in_json() {
+    let slack = FakeSlack::start().await;
+    let d = Daemon::start(&config(&slack, ""));
+    let dir = tempfile::tempdir().unwrap();
+    let serve = |yaml: String| {
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"))
+            .args(["serve", "--log-format", "json", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let lines: Vec<Value> = String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        let last = lines.last().expect("a line").clone();
+        assert_eq!(last["level"], "ERROR", "{last}");
+        last["message"].as_str().unwrap().to_string()
+    };
+    let busy = format!(
+        "server: {{ listen: \"{}\" }}\nstore: {{ path: \"{}/s.db\" }}\ntemplates_dir: \"{}\"\n",
+        d.addr,
+        dir.path().display(),
+        templates_dir().display()
+    );
+    let why = serve(busy.clone());
+    assert!(
+        why.starts_with(&format!("cannot start: cannot listen on {}", d.addr)),
+        "{why}"
+    );
+    let why = serve(busy.replace("listen:", "lisen:"));
+    assert!(why.contains("server.lisen: unknown field"), "{why}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_counters_move_with_calls_and_deliveries() {
     let slack = FakeSlack::start().await;
