@@ -5,6 +5,9 @@
 # (Air's token, 16+ characters. config/callnotify.yaml has `tokens: []`, so without the override
 # the endpoint is open; a config of your own that says ["${AIR_WEBHOOK_TOKEN}"] takes
 # -e AIR_WEBHOOK_TOKEN=... instead.)
+# The ENV below sets server.listen, store.path and templates_dir over any mounted config (the
+# start-up log and `check` name them). Templates of your own: mount them over /templates
+# (-v $PWD/templates:/templates:ro), or pass -e CALLNOTIFY_TEMPLATES_DIR=/config/templates.
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./

@@ -234,6 +234,9 @@ impl App {
         for w in &config.warnings {
             tracing::warn!("{w}");
         }
+        if let Some(settings) = config.overridden() {
+            tracing::info!(%settings, "the environment sets these over the config file");
+        }
         // Before anything is requeued: what is `sending` may be another daemon's, in flight.
         let store_lock = DaemonLock::acquire(&config.store.path)?;
         let store = Store::open_with(&config.store.path, config.store.synchronous)?;

@@ -371,6 +371,9 @@ pub fn check(config: &Config) -> (String, bool) {
             .filter(|n| !n.starts_with("builtin/"))
             .count()
     );
+    if let Some(settings) = config.overridden() {
+        let _ = writeln!(out, "set by the environment over the file: {settings}");
+    }
     if let Some(vars) = unset_variables(config) {
         let _ = writeln!(
             out,

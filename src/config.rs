@@ -113,6 +113,24 @@ pub struct Config {
     /// The unset `${VAR}`s a placeholder stood in for ([`Unset::Placeholder`]); always empty
     /// for a config the daemon runs on.
     pub placeholders: Vec<Placeholder>,
+    /// The `CALLNOTIFY_*` variables that set a setting over the file, each with the setting
+    /// (`("CALLNOTIFY_SERVER__LISTEN", "server.listen")`), for start-up and `check` to name:
+    /// an image's or a unit's environment silently winning over the file is a puzzle otherwise.
+    pub overrides: Vec<(String, String)>,
+}
+
+impl Config {
+    /// The settings the environment set over the file, `server.listen (CALLNOTIFY_SERVER__LISTEN),
+    /// ...`, names only (a token's value is a secret); None when there are none.
+    pub fn overridden(&self) -> Option<String> {
+        (!self.overrides.is_empty()).then(|| {
+            self.overrides
+                .iter()
+                .map(|(var, at)| format!("{at} ({var})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+    }
 }
 
 /// What loading does with a `${VAR}` that is unset and has no fallback.
@@ -574,6 +592,7 @@ fn from_text(
     match config {
         Some(mut c) if problems.is_empty() => {
             c.placeholders = placeholders;
+            c.overrides = overrides(env);
             Ok(c)
         }
         _ => Err(ConfigError {
@@ -628,17 +647,7 @@ fn same_setting(place: &str, path: &str) -> bool {
 /// Says which environment variable set a setting that has a problem: `server.listn` is not in
 /// the file when it came from `CALLNOTIFY_SERVER__LISTN`.
 fn name_overrides(mut problems: Vec<Problem>, env: &BTreeMap<String, String>) -> Vec<Problem> {
-    let overrides: Vec<(&String, String)> = env
-        .keys()
-        .filter(|k| !NOT_OVERRIDES.contains(&k.as_str()))
-        .filter_map(|k| {
-            let path = k
-                .strip_prefix("CALLNOTIFY_")?
-                .to_lowercase()
-                .replace("__", ".");
-            Some((k, path))
-        })
-        .collect();
+    let overrides = overrides(env);
     for p in &mut problems {
         let set_by: Vec<&str> = overrides
             .iter()
@@ -653,8 +662,29 @@ fn name_overrides(mut problems: Vec<Problem>, env: &BTreeMap<String, String>) ->
         if !set_by.is_empty() {
             p.message = format!("{} (set by {})", p.message, set_by.join(", "));
         }
+        // A template is looked up in templates_dir: where that came from the environment, a
+        // template the file's own directory has can be missing from the one in use.
+        if p.at.ends_with(".template") {
+            if let Some((var, _)) = overrides.iter().find(|(_, at)| at == "templates_dir") {
+                p.message = format!("{} (templates_dir set by {var})", p.message);
+            }
+        }
     }
     problems
+}
+
+/// The `CALLNOTIFY_*` variables in `env` that override a setting, each with its path.
+fn overrides(env: &BTreeMap<String, String>) -> Vec<(String, String)> {
+    env.keys()
+        .filter(|k| !NOT_OVERRIDES.contains(&k.as_str()))
+        .filter_map(|k| {
+            let path = k
+                .strip_prefix("CALLNOTIFY_")?
+                .to_lowercase()
+                .replace("__", ".");
+            Some((k.clone(), path))
+        })
+        .collect()
 }
 
 /// Only the `store` section of the config (with its environment overrides), for the commands
@@ -1338,6 +1368,7 @@ fn from_tree(
         templates: Arc::new(renderer?),
         warnings,
         placeholders: Vec::new(),
+        overrides: Vec::new(),
     })
 }
 

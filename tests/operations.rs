@@ -91,6 +91,55 @@ async fn the_start_line_names_the_config_file_the_store_and_the_version() {
     assert_eq!(line["version"], env!("CARGO_PKG_VERSION"), "{line}");
 }
 
+/// An image or unit that sets `CALLNOTIFY_*` variables wins over the file without a word (the
+/// shipped image sets templates_dir, so a mounted config's own templates_dir was ignored):
+/// start-up and `check` name each setting the environment set, never its value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_the_environment_sets_over_the_file_are_named_not_shown() {
+    let slack = FakeSlack::start().await;
+    let env = [
+        ("CALLNOTIFY_SERVER__TOKENS", TOKEN),
+        ("CALLNOTIFY_SERVER__MAX_BODY_BYTES", "65536"),
+    ];
+    let d = Daemon::start_with_env(&config(&slack, ""), &env);
+    let named = "server.max_body_bytes (CALLNOTIFY_SERVER__MAX_BODY_BYTES), server.tokens (CALLNOTIFY_SERVER__TOKENS)";
+    let line: Value = d
+        .logs()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["message"] == "the environment sets these over the config file")
+        .unwrap_or_else(|| panic!("no line naming the overrides:\n{}", d.logs()));
+    assert_eq!(line["level"], "INFO");
+    assert_eq!(line["settings"], named, "{line}");
+    let out = d.cli(&["check"]);
+    let report = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{report}");
+    assert!(
+        report.contains(&format!("set by the environment over the file: {named}")),
+        "{report}"
+    );
+    assert!(!d.logs().contains(TOKEN) && !report.contains(TOKEN));
+
+    // A template missing from the templates_dir the environment chose says so.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = d
+        .command_with_env(
+            &["check"],
+            &[(
+                "CALLNOTIFY_TEMPLATES_DIR",
+                elsewhere.path().to_str().unwrap(),
+            )],
+        )
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("(templates_dir set by CALLNOTIFY_TEMPLATES_DIR)"),
+        "{err}"
+    );
+}
+
 /// With `--log-format json`, every line is one JSON object, and a delivery's line carries the
 /// delivery's fields once (in `span`), not a second time in a list of spans.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -232,6 +232,13 @@ impl Daemon {
         child.wait_with_output().expect("run the CLI")
     }
 
+    /// The binary with `args`, this daemon's config and environment, and `extra` on top.
+    pub fn command_with_env(&self, args: &[&str], extra: &[(&str, &str)]) -> Command {
+        let mut cmd = self.command(args);
+        cmd.envs(extra.iter().copied());
+        cmd
+    }
+
     /// The binary with `args`, this daemon's config and environment.
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_callnotify"));
