@@ -145,7 +145,18 @@ mod tests {
             .build()
             .unwrap();
         tracing::subscriber::with_default(subscriber, || {
-            rt.block_on(Files::default().write(None, text, &meta));
+            // tracing caches per call site, for the whole process, whether any subscriber wants
+            // it. Another test thread reaching the same log call with none, as this subscriber
+            // is set up, can leave it cached as "never": then nothing is written. Once that
+            // thread is done, asking every call site again mends it.
+            for _ in 0..50 {
+                tracing::callsite::rebuild_interest_cache();
+                rt.block_on(Files::default().write(None, text, &meta));
+                if !out.0.lock().unwrap().is_empty() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
         });
         let logged = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
         assert_eq!(logged.lines().count(), 1, "{logged}");
