@@ -355,21 +355,27 @@ pub fn unset_variables(config: &Config) -> Option<String> {
     Some(list.join(", "))
 }
 
+/// `1 rule`, `2 rules`.
+fn counted(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
 /// `callnotify check`: the report and whether all is well.
 pub fn check(config: &Config) -> (String, bool) {
     let (lines, problems) = check_report(config);
     let mut out = String::new();
+    let templates = config
+        .templates
+        .names()
+        .filter(|n| !n.starts_with("builtin/"))
+        .count();
     let _ = writeln!(
         out,
-        "{}: {} channels, {} rules, {} templates",
+        "{}: {}, {}, {}",
         config.source.display(),
-        config.channels.len(),
-        config.rules.len(),
-        config
-            .templates
-            .names()
-            .filter(|n| !n.starts_with("builtin/"))
-            .count()
+        counted(config.channels.len(), "channel"),
+        counted(config.rules.len(), "rule"),
+        counted(templates, "template"),
     );
     if let Some(settings) = config.overridden() {
         let _ = writeln!(out, "set by the environment over the file: {settings}");
