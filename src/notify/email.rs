@@ -1018,9 +1018,10 @@ mod tests {
         assert!(!said.iter().any(|l| l == "DATA"), "{said:?}");
     }
 
-    #[tokio::test]
-    async fn a_refused_login_waits_for_fixed_credentials_instead_of_killing_the_email() {
-        let (addr, server) = scripted(&["AUTH PLAIN LOGIN"], |_| "250 ok").await;
+    /// Sends one email with a login to a scripted server offering `extensions`, expecting the
+    /// retry that pauses the login for [`AUTH_PAUSE`]: its error, and what the server heard.
+    async fn paused_login(extensions: &'static [&'static str]) -> (String, Vec<String>) {
+        let (addr, server) = scripted(extensions, |_| "250 ok").await;
         let t = plain_with(addr, Duration::from_secs(10), Some(("calls", "expired")));
         let from: Mailbox = "calls@example.com".parse().unwrap();
         let outcome = send(&t, &from, &parts_to(&["a@example.com"]), &meta()).await;
@@ -1032,12 +1033,17 @@ mod tests {
             panic!("{outcome:?}");
         };
         assert_eq!(after, AUTH_PAUSE);
+        drop(t);
+        (error, server.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_refused_login_waits_for_fixed_credentials_instead_of_killing_the_email() {
+        let (error, said) = paused_login(&["AUTH PLAIN LOGIN"]).await;
         assert!(
             error.contains("login refused") && error.contains("535"),
             "{error}"
         );
-        drop(t);
-        let said = server.await.unwrap();
         assert!(
             !said.iter().any(|l| l.starts_with("MAIL")),
             "nothing is sent without a login: {said:?}"
@@ -1049,25 +1055,12 @@ mod tests {
     /// "login refused ... check the channel's username and password", which they were not.
     #[tokio::test]
     async fn a_server_that_offers_no_login_is_named_as_the_cause_not_the_password() {
-        let (addr, server) = scripted(&["PIPELINING"], |_| "250 ok").await;
-        let t = plain_with(addr, Duration::from_secs(10), Some(("calls", "secret")));
-        let from: Mailbox = "calls@example.com".parse().unwrap();
-        let outcome = send(&t, &from, &parts_to(&["a@example.com"]), &meta()).await;
-        let Outcome::Retry {
-            after: Some(after),
-            error,
-        } = outcome
-        else {
-            panic!("{outcome:?}");
-        };
-        assert_eq!(after, AUTH_PAUSE);
+        let (error, said) = paused_login(&["PIPELINING"]).await;
         assert!(
             error.contains("the server offers no login") && error.contains("`tls: none`"),
             "{error}"
         );
         assert!(!error.contains("login refused"), "{error}");
-        drop(t);
-        let said = server.await.unwrap();
         assert!(
             !said
                 .iter()
