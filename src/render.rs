@@ -580,8 +580,27 @@ impl Renderer {
         self.names.contains(name)
     }
 
-    /// Finds the template files an action's `template` means for a channel type.
+    /// Finds the template files an action's `template` means for a channel type. A name
+    /// written with its file's extension (`log/summary.hbs`) that finds nothing is told to
+    /// leave it out, rather than left to puzzle over `log/summary.hbs.hbs`.
     pub fn resolve(&self, channel_type: &str, name: &str) -> Result<Resolved, String> {
+        self.resolve_as_written(channel_type, name).map_err(|e| {
+            let stem = name.strip_suffix(".hbs").map(|n| {
+                [".json", ".txt", ".html"]
+                    .iter()
+                    .find_map(|kind| n.strip_suffix(kind))
+                    .unwrap_or(n)
+            });
+            match stem {
+                Some(stem) => format!(
+                    "{e}; `template` names a template without its extension: write {stem:?}"
+                ),
+                None => e,
+            }
+        })
+    }
+
+    fn resolve_as_written(&self, channel_type: &str, name: &str) -> Result<Resolved, String> {
         let file = |n: &str| format!("{}/{n}.hbs", self.dir.display());
         let opt = |n: String| self.has(&n).then_some(n);
         match channel_type {
@@ -1256,5 +1275,18 @@ mod tests {
             err.contains("slack/nope.hbs") && err.contains("slack/nope.json.hbs"),
             "{err}"
         );
+        assert!(!err.contains("extension"), "{err}");
+        for (channel_type, written) in [
+            ("log", "log/summary.hbs"),
+            ("slack", "slack/summary.json.hbs"),
+            ("email", "email/booked.txt.hbs"),
+        ] {
+            let err = r.resolve(channel_type, written).unwrap_err();
+            let stem = written.split('.').next().unwrap();
+            assert!(
+                err.ends_with(&format!("without its extension: write {stem:?}")),
+                "{err}"
+            );
+        }
     }
 }
