@@ -1578,6 +1578,20 @@ fn build_channel(
             };
             if smtp.host.trim().is_empty() {
                 problems.push(Problem::new(format!("{at}.smtp.host"), "must not be empty"));
+            } else if smtp
+                .host
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+            {
+                // Every connection would fail and be retried until give_up_after.
+                problems.push(Problem::new(
+                    format!("{at}.smtp.host"),
+                    format!(
+                        "{:?} holds a space or a line break (a secret file's trailing newline?); \
+                         no server has such a name",
+                        smtp.host
+                    ),
+                ));
             }
             if smtp.timeout.is_zero() {
                 problems.push(Problem::new(
@@ -2118,6 +2132,19 @@ rules:
                 "channels.mail.smtp.username",
             ),
         ];
+        let host = yaml.replace("host: h,", "host: \"${SMTP_HOST}\",");
+        let other = tempfile::tempdir().unwrap();
+        let q = write(other.path(), &host);
+        for bad in [
+            "mail.example.com\n",
+            " mail.example.com",
+            "mail example.com",
+        ] {
+            let err = load_with_env(&q, &good_env(&[("SMTP_HOST", bad)])).unwrap_err();
+            let places: Vec<&str> = err.problems.iter().map(|p| p.at.as_str()).collect();
+            assert_eq!(places, ["channels.mail.smtp.host"], "{bad:?}: {err}");
+        }
+        load_with_env(&q, &good_env(&[("SMTP_HOST", "mail.example.com")])).unwrap();
         for (vars, at) in cases {
             let err = load_with_env(&p, &good_env(vars)).unwrap_err();
             let places: Vec<&str> = err.problems.iter().map(|p| p.at.as_str()).collect();
