@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 use serde_json::{json, Value};
 
-use crate::config::{ChannelKind, Config, Problem, StoreConfig};
+use crate::config::{ChannelKind, Config, Placeholder, Problem, StoreConfig};
 use crate::notify::{self, Meta, Outcome, Senders};
 use crate::payload::{self, Call};
 use crate::render::{self, Message};
@@ -338,8 +338,13 @@ fn quiet_alert_problems(config: &Config, q: &crate::config::QuietAlertConfig) ->
 /// The unset variables that placeholders stood in for, each with where it is used
 /// (`A (server.tokens[0]), B (...)`); None when every variable was set.
 pub fn unset_variables(config: &Config) -> Option<String> {
+    listed(&config.placeholders)
+}
+
+/// [`unset_variables`] of some placeholders.
+fn listed<'a>(placeholders: impl IntoIterator<Item = &'a Placeholder>) -> Option<String> {
     let mut vars: Vec<(&str, Vec<&str>)> = Vec::new();
-    for p in &config.placeholders {
+    for p in placeholders {
         match vars.iter_mut().find(|(v, _)| *v == p.var) {
             Some((_, places)) => places.push(&p.at),
             None => vars.push((&p.var, vec![&p.at])),
@@ -613,6 +618,24 @@ pub async fn send_test(
     body: Option<&[u8]>,
     to: &[String],
 ) -> Result<(Action, Message, Outcome), String> {
+    // Loaded with placeholders for unset variables: what this sends with must be set, while
+    // the daemon's own secrets (the Air token) and other channels' need not be.
+    let in_channel = |at: &str| {
+        at.strip_prefix("channels.")
+            .and_then(|rest| rest.strip_prefix(channel))
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+    };
+    let unused = |at: &str| {
+        at.starts_with("server.")
+            || at.starts_with("admin.")
+            || (at.starts_with("channels.") && !in_channel(at))
+    };
+    if let Some(vars) = listed(config.placeholders.iter().filter(|p| !unused(&p.at))) {
+        return Err(format!(
+            "not set: {vars}; send-test sends for real, so what the channel and the rules use \
+             must be set (the server's settings and other channels' may be left unset)"
+        ));
+    }
     let ch = config.channels.get(channel).ok_or_else(|| {
         format!(
             "no channel {channel:?} (configured: {})",

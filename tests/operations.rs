@@ -741,6 +741,63 @@ async fn send_test_sends_to_slack_and_smtp_and_reports_the_answer() {
     );
 }
 
+/// send-test sends with the channel's settings: the daemon's own secrets (the Air token) and
+/// other channels' may be unset where it runs, and what it does send with must be set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_test_needs_only_what_it_sends_with() {
+    let slack = FakeSlack::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+server: {{ tokens: ["${{SEND_TEST_AIR_TOKEN}}"] }}
+store: {{ path: "{dir}/store.db" }}
+templates_dir: "{templates}"
+channels:
+  sales: {{ type: slack, webhook_url: "${{SEND_TEST_SALES_URL}}" }}
+  support: {{ type: slack, webhook_url: "${{SEND_TEST_SUPPORT_URL}}" }}
+rules: []
+"#,
+            dir = dir.path().display(),
+            templates = templates_dir().display(),
+        ),
+    )
+    .unwrap();
+    let run = |sales_url: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"));
+        cmd.args(["send-test", "--channel", "sales", "--config"])
+            .arg(&cfg)
+            .env_remove("SEND_TEST_AIR_TOKEN")
+            .env_remove("SEND_TEST_SUPPORT_URL");
+        match sales_url {
+            Some(url) => cmd.env("SEND_TEST_SALES_URL", url),
+            None => cmd.env_remove("SEND_TEST_SALES_URL"),
+        };
+        let out = cmd.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    let (code, out) = run(Some(&slack.url));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("delivered: HTTP 200"), "{out}");
+    assert_eq!(slack.accepted().len(), 1);
+
+    let (code, out) = run(None);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("not set: SEND_TEST_SALES_URL (channels.sales.webhook_url)"),
+        "{out}"
+    );
+    assert!(!out.contains("SEND_TEST_AIR_TOKEN"), "{out}");
+    assert_eq!(slack.received().len(), 1, "nothing sent to a placeholder");
+}
+
 /// A config in `dir` with a Slack channel `sales` at `slack_url` and an email channel `mail` on
 /// the SMTP server at `smtp_port`; the returned closure runs a CLI command against it and gives
 /// its exit code and stdout. `trusted`, if given, is the only certificate the command's system
