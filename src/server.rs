@@ -56,12 +56,38 @@ pub fn routes(
         .and(warp::path::full())
         .and(warp::header::headers_cloned())
         .and(warp::body::stream())
+        .and(warp::ext::optional::<Peer>())
         .then(
-            move |method: Method, path: warp::path::FullPath, headers: HeaderMap, body| {
+            move |method: Method,
+                  path: warp::path::FullPath,
+                  headers: HeaderMap,
+                  body,
+                  peer: Option<Peer>| {
                 let shared = shared.clone();
-                async move { handle(shared, surface, method, path.as_str(), headers, body).await }
+                async move {
+                    let from = Origin(peer);
+                    handle(shared, surface, method, path.as_str(), headers, body, from).await
+                }
             },
         )
+}
+
+/// The address a connection came from, put on each of its requests by [`serve`].
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+/// Where a request came from, as a log line says it: refusals and rejections name it, so a
+/// sender with a stale token can be found. `unknown` where no [`Peer`] was put on the request.
+#[derive(Clone, Copy)]
+struct Origin(Option<Peer>);
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(Peer(addr)) => write!(f, "{addr}"),
+            None => f.write_str("unknown"),
+        }
+    }
 }
 
 async fn handle<S, B>(
@@ -71,6 +97,7 @@ async fn handle<S, B>(
     path: &str,
     headers: HeaderMap,
     body: S,
+    from: Origin,
 ) -> Response
 where
     S: Stream<Item = Result<B, warp::Error>> + Unpin,
@@ -110,7 +137,7 @@ where
         return r;
     }
     match path {
-        _ if is_webhook => ingest(Arc::clone(&shared), &live, &headers, body).await,
+        _ if is_webhook => ingest(Arc::clone(&shared), &live, &headers, body, from).await,
         "/healthz" => ok_json(json!({"status": "ok"})),
         "/readyz" => ready(&shared).await,
         "/metrics" => {
@@ -241,7 +268,13 @@ where
         .map_err(|_| BodyError::Timeout)?
 }
 
-async fn ingest<S, B>(shared: Arc<Shared>, live: &Live, headers: &HeaderMap, body: S) -> Response
+async fn ingest<S, B>(
+    shared: Arc<Shared>,
+    live: &Live,
+    headers: &HeaderMap,
+    body: S,
+    from: Origin,
+) -> Response
 where
     S: Stream<Item = Result<B, warp::Error>> + Unpin,
     B: Buf,
@@ -249,7 +282,7 @@ where
     let cfg = &live.config.server;
     if !authorized(headers, &cfg.tokens) {
         metrics::call_received("unauthorized");
-        tracing::warn!("webhook refused: missing or wrong Bearer token");
+        tracing::warn!(%from, "webhook refused: missing or wrong Bearer token");
         let mut r = error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -261,7 +294,7 @@ where
     }
     let reject = |status: StatusCode, kind: &str, message: String| {
         metrics::call_received("rejected");
-        tracing::warn!(status = status.as_u16(), "webhook rejected: {message}");
+        tracing::warn!(%from, status = status.as_u16(), "webhook rejected: {message}");
         error(status, kind, message)
     };
     if let Some(ct) = headers.get(header::CONTENT_TYPE) {
@@ -499,7 +532,7 @@ where
             _ = shutdown.cancelled() => break,
             a = listener.accept() => a,
         };
-        let (stream, _peer) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(pair) => pair,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -548,7 +581,8 @@ where
         let (id, evict) = conns.open();
         let inner = warp::service(filter.clone());
         let track = conns.clone();
-        let svc = hyper::service::service_fn(move |req| {
+        let svc = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
+            req.extensions_mut().insert(Peer(peer));
             track.set_idle(id, false);
             let mut inner = inner.clone();
             let track = track.clone();

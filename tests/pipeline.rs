@@ -207,6 +207,17 @@ async fn wrong_or_missing_tokens_get_401_and_change_nothing() {
     assert_eq!(status, 200);
     assert_eq!(d.deliveries(None).len(), 3);
     assert!(!d.logs().contains(TOKEN));
+    // Each refusal names where it came from, so a sender with a stale token can be found.
+    let logs = d.logs();
+    let refusals: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("webhook refused"))
+        .collect();
+    assert_eq!(refusals.len(), 4, "{logs}");
+    assert!(
+        refusals.iter().all(|l| l.contains(r#""from":"127.0.0.1:"#)),
+        "{refusals:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
