@@ -131,16 +131,21 @@ enum Deliveries {
         #[arg(long)]
         json: bool,
     },
-    /// Put dead deliveries back in the queue, due now.
+    /// Put dead deliveries back in the queue, due now, with a fresh retry window; make pending
+    /// ones (waiting out the retry schedule) due now.
     #[command(
-        after_help = "Examples:\n  callnotify deliveries retry 12 13\n  callnotify deliveries retry --all-dead"
+        after_help = "Examples:\n  callnotify deliveries retry 12 13\n  callnotify deliveries retry --all-dead\n  callnotify deliveries retry --all-pending     after an outage is fixed"
     )]
     Retry {
-        /// Delivery ids (from `deliveries list`).
+        /// Delivery ids (from `deliveries list`): dead ones are requeued, pending ones made due.
         ids: Vec<i64>,
         /// Every dead delivery.
         #[arg(long, conflicts_with = "ids")]
         all_dead: bool,
+        /// Every pending delivery, due now: its attempts and retry window are kept, and a
+        /// destination's own request to wait (Slack's Retry-After) is still honoured.
+        #[arg(long, conflicts_with = "ids")]
+        all_pending: bool,
     },
 }
 
@@ -338,32 +343,43 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         print!("{}", commands::format_deliveries(&rows));
                     }
                 }
-                Deliveries::Retry { ids, all_dead } => {
-                    if ids.is_empty() && !all_dead {
-                        eprintln!("name delivery ids, or --all-dead");
+                Deliveries::Retry {
+                    ids,
+                    all_dead,
+                    all_pending,
+                } => {
+                    if ids.is_empty() && !all_dead && !all_pending {
+                        eprintln!("name delivery ids, or --all-dead, or --all-pending");
                         return Ok(ExitCode::from(2));
                     }
+                    let by_id = !ids.is_empty();
                     let store = commands::open_store(&store_config)?;
                     let rt = runtime()?;
-                    let (n, not_dead) = rt.block_on(async {
-                        let retried = store
-                            .retry_dead(ids, chrono::Utc::now().timestamp_millis())
-                            .await;
+                    let done = rt.block_on(async {
+                        let now = chrono::Utc::now().timestamp_millis();
+                        let retried = store.retry(ids, all_dead, all_pending, now).await;
                         store.close().await;
                         retried
                     })?;
-                    println!(
-                        "{n} dead deliver{} requeued",
-                        if n == 1 { "y" } else { "ies" }
-                    );
-                    if !not_dead.is_empty() {
-                        for (id, status) in not_dead {
+                    let plural = |n: usize| if n == 1 { "y" } else { "ies" };
+                    if by_id || all_dead {
+                        let n = done.requeued;
+                        println!("{n} dead deliver{} requeued", plural(n));
+                    }
+                    if by_id || all_pending {
+                        let n = done.made_due;
+                        println!("{n} pending deliver{} made due now", plural(n));
+                    }
+                    if !done.untouched.is_empty() {
+                        for (id, status) in done.untouched {
                             let why = match status.as_deref() {
                                 None => "there is no such delivery".to_string(),
-                                Some("done") => "it is done, not dead: it was delivered".into(),
-                                Some(s) => format!("it is {s}, not dead: it is still being tried (see `deliveries list --status {s}`)"),
+                                Some("done") => "it is done: it was delivered".into(),
+                                Some(s) => format!(
+                                    "it is {s}: it is being sent now (see `deliveries list --status {s}`)"
+                                ),
                             };
-                            eprintln!("delivery {id} was not requeued: {why}");
+                            eprintln!("delivery {id} was not retried: {why}");
                         }
                         return Ok(ExitCode::from(1));
                     }

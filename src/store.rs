@@ -318,9 +318,35 @@ const PRUNE_CALL: &str = "DELETE FROM calls WHERE id = ?1 AND NOT EXISTS (
 const OPEN_BY_STATE: &str =
     "SELECT status, COUNT(*) FROM deliveries WHERE status != 'done' GROUP BY status";
 
+/// Dead deliveries back in the queue, due at ?1, with a fresh retry window.
+const REQUEUE_DEAD: &str = "UPDATE deliveries SET status = 'pending', attempts = 0,
+         next_attempt_at = ?1, window_start = ?1, updated_at = ?1
+     WHERE status != 'done' AND status = 'dead'";
+
+/// Pending deliveries due at ?1 at the latest (their attempts and window kept).
+const DUE_NOW_ANY: &str = "UPDATE deliveries SET next_attempt_at = MIN(next_attempt_at, ?1),
+         updated_at = ?1
+     WHERE status = 'pending'";
+
+/// [`DUE_NOW_ANY`] for those not due yet, so the count says how many were moved.
+const DUE_NOW: &str = "UPDATE deliveries SET next_attempt_at = ?1, updated_at = ?1
+     WHERE status = 'pending' AND next_attempt_at > ?1";
+
 /// The oldest unfinished delivery.
 const OLDEST_OPEN: &str = "SELECT MIN(created_at) FROM deliveries
              WHERE status != 'done' AND status IN ('pending', 'sending')";
+
+/// What [`Store::retry`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Retried {
+    /// Dead deliveries put back in the queue.
+    pub requeued: usize,
+    /// Pending deliveries made due now.
+    pub made_due: usize,
+    /// Of the ids given, those that were neither dead nor pending, each with its status (None:
+    /// no such delivery).
+    pub untouched: Vec<(i64, Option<String>)>,
+}
 
 impl Store {
     /// Opens (creating if needed) the store at `path` with `synchronous=FULL`.
@@ -562,35 +588,39 @@ impl Store {
             .await
     }
 
-    /// Puts dead deliveries back in the queue, due now, with a fresh retry window. `ids` empty
-    /// means every dead delivery. Returns how many were requeued.
-    /// Of the `ids` given, those that were not requeued come back in the second place, each
-    /// with its status (None: no such delivery).
-    pub async fn retry_dead(
+    /// `deliveries retry`: dead deliveries go back in the queue, due now, with a fresh retry
+    /// window; pending ones are made due now, keeping their attempts and window (after an
+    /// outage is fixed, instead of waiting out the retry schedule). `ids` names deliveries of
+    /// either kind; `all_dead` and `all_pending` take every one of that kind.
+    pub async fn retry(
         &self,
         ids: Vec<i64>,
+        all_dead: bool,
+        all_pending: bool,
         now: i64,
-    ) -> Result<(usize, Vec<(i64, Option<String>)>), StoreError> {
+    ) -> Result<Retried, StoreError> {
         self.run(move |conn| {
-            let sql =
-                "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?1,
-                          window_start = ?1, updated_at = ?1
-                       WHERE status != 'done' AND status = 'dead'";
-            if ids.is_empty() {
-                return Ok((conn.execute(sql, params![now])?, Vec::new()));
+            let mut done = Retried::default();
+            if all_dead {
+                done.requeued += conn.prepare_cached(REQUEUE_DEAD)?.execute(params![now])?;
             }
-            let mut stmt = conn.prepare(&format!("{sql} AND id = ?2"))?;
-            let mut status = conn.prepare("SELECT status FROM deliveries WHERE id = ?1")?;
-            let mut n = 0;
-            let mut not_dead = Vec::new();
+            if all_pending {
+                done.made_due += conn.prepare_cached(DUE_NOW)?.execute(params![now])?;
+            }
+            let mut dead = conn.prepare_cached(&format!("{REQUEUE_DEAD} AND id = ?2"))?;
+            let mut pending = conn.prepare_cached(&format!("{DUE_NOW_ANY} AND id = ?2"))?;
+            let mut status = conn.prepare_cached("SELECT status FROM deliveries WHERE id = ?1")?;
             for id in &ids {
-                match stmt.execute(params![now, id])? {
-                    0 => not_dead
-                        .push((*id, status.query_row(params![id], |r| r.get(0)).optional()?)),
-                    k => n += k,
+                if dead.execute(params![now, id])? == 1 {
+                    done.requeued += 1;
+                } else if pending.execute(params![now, id])? == 1 {
+                    done.made_due += 1;
+                } else {
+                    let s = status.query_row(params![id], |r| r.get(0)).optional()?;
+                    done.untouched.push((*id, s));
                 }
             }
-            Ok((n, not_dead))
+            Ok(done)
         })
         .await
     }
@@ -1430,17 +1460,73 @@ mod tests {
         );
         assert_eq!(store.attempts(c.id).await.unwrap().len(), 2);
         let id = dead[0].id;
+        let retried = |requeued, made_due, untouched| Retried {
+            requeued,
+            made_due,
+            untouched,
+        };
         assert_eq!(
-            store.retry_dead(vec![id, 999], 200).await.unwrap(),
-            (1, vec![(999, None)])
+            store.retry(vec![id, 999], false, false, 200).await.unwrap(),
+            retried(1, 0, vec![(999, None)])
         );
         assert_eq!(
-            store.retry_dead(vec![id], 200).await.unwrap(),
-            (0, vec![(id, Some("pending".into()))])
+            store.retry(vec![], false, false, 200).await.unwrap(),
+            retried(0, 0, vec![])
         );
-        assert_eq!(store.retry_dead(vec![], 200).await.unwrap(), (0, vec![]));
         let c = store.claim("c".into(), 200, 1).await.unwrap().remove(0);
         assert_eq!((c.attempts, c.window_start), (0, 200));
+
+        // A pending delivery waiting for its next attempt is made due now, by id or with
+        // every pending one, its attempts and window kept; one being sent is left alone.
+        store
+            .record(vec![attempt(
+                c.id,
+                1,
+                201,
+                Recorded::Retry {
+                    next_attempt_at: 10_000,
+                },
+                Some("HTTP 500"),
+            )])
+            .await
+            .unwrap();
+        stored(&store, "CA2", 300, 1).await;
+        let sending = store.claim("c".into(), 300, 1).await.unwrap().remove(0);
+        assert_eq!(
+            store
+                .retry(vec![c.id, sending.id], false, false, 400)
+                .await
+                .unwrap(),
+            retried(0, 1, vec![(sending.id, Some("sending".into()))])
+        );
+        let again = store.claim("c".into(), 400, 1).await.unwrap().remove(0);
+        assert_eq!(
+            (again.id, again.attempts, again.window_start),
+            (c.id, 1, 200)
+        );
+        store
+            .record(vec![attempt(
+                c.id,
+                2,
+                401,
+                Recorded::Retry {
+                    next_attempt_at: 10_000,
+                },
+                None,
+            )])
+            .await
+            .unwrap();
+        assert_eq!(
+            store.retry(vec![], false, true, 500).await.unwrap(),
+            retried(0, 1, vec![])
+        );
+        assert_eq!(
+            store.retry(vec![], false, true, 500).await.unwrap(),
+            retried(0, 0, vec![]),
+            "already due: nothing moved"
+        );
+        let again = store.claim("c".into(), 500, 1).await.unwrap().remove(0);
+        assert_eq!((again.id, again.attempts), (c.id, 2));
     }
 
     #[tokio::test]
@@ -1497,6 +1583,9 @@ mod tests {
             PRUNE_CALL,
             OPEN_BY_STATE,
             OLDEST_OPEN,
+            REQUEUE_DEAD,
+            DUE_NOW,
+            format!("{DUE_NOW_ANY} AND id = ?2").as_str(),
         ]
         .into_iter()
         .map(String::from)

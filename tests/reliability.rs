@@ -553,11 +553,53 @@ async fn dead_deliveries_are_listed_and_replayed_with_the_cli() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains(&format!(
-            "delivery {id} was not requeued: it is done, not dead: it was delivered"
-        )) && err.contains("delivery 999999 was not requeued: there is no such delivery"),
+            "delivery {id} was not retried: it is done: it was delivered"
+        )) && err.contains("delivery 999999 was not retried: there is no such delivery"),
         "{err}"
     );
     assert_eq!(slack.accepted().len(), 3, "nothing was sent again");
+}
+
+/// After an outage is fixed, `deliveries retry --all-pending` sends what waits for its next
+/// attempt now instead of at the end of the retry schedule (an hour here), once each.
+#[tokio::test]
+async fn pending_deliveries_are_made_due_now_with_the_cli() {
+    let tpl = templates();
+    let slack = FakeSlack::start().await;
+    slack.set_default(Reply::status(503, "down"));
+    let d = Daemon::start(&slack_only(
+        tpl.path(),
+        &slack,
+        r#"{ retry_schedule: ["1h"], request_timeout: "1s" }"#,
+    ));
+    for sid in ["CAwait1", "CAwait2"] {
+        accept(&d, sid).await;
+    }
+    eventually("both tried once and waiting", WAIT, || {
+        let rows = d.deliveries(Some("pending"));
+        (rows.len() == 2 && rows.iter().all(|r| r["attempts"] == 1)).then_some(())
+    })
+    .await;
+
+    slack.set_default(Reply::ok());
+    let out = d.cli(&["deliveries", "retry", "--all-pending"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "2 pending deliveries made due now\n"
+    );
+    slack.wait_accepted(2, WAIT).await;
+    let rows = d.wait_settled(WAIT).await;
+    assert!(
+        rows.iter()
+            .all(|r| r["status"] == "done" && r["attempts"] == 2),
+        "{rows:?}"
+    );
+    assert_eq!(slack.accepted().len(), 2, "each sent once");
 }
 
 /// The log line of a dead delivery names the command that replays it, and that command works
