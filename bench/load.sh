@@ -12,10 +12,14 @@
 # callnotify/baseline and callnotify/floor ratios,
 # idle and peak RSS, and end-to-end delivery latency (receipt to the sink's 200, from the
 # daemon's callnotify_delivery_latency_seconds histogram) and the time to drain the backlog.
-# Then the same load with a Slack that hangs for 30 s on every request.
+# Then the same load with a Slack that hangs for 30 s on every request. Then, at 16 connections,
+# every call delivered as it arrives: the delivery floor (bare_warp with BENCH_FORWARD: each call
+# POSTed to a stand-in by a spawned task, nothing stored) against callnotify with its Slack
+# channel at concurrency 16, each with its own stand-in, until the stand-in has every call.
 #
 # Knobs (environment): DURATION (seconds per wrk run, default 5), CONNS ("1 16 64"),
 # THREADS (wrk threads, default 2), HANG (1 = run the hanging-Slack case, default 1),
+# FORWARD (1 = run the delivered-as-it-arrives case, default 1),
 # CONCURRENCY (deliveries in flight for the Slack channel, default 1), LOG_LEVEL (default info).
 # SOAK=SECONDS instead runs one long wrk run against callnotify alone (SOAK_CONNS connections,
 # default 4) and prints its RSS and the delivery backlog every 30 s, to show memory stays flat:
@@ -28,6 +32,7 @@ DURATION=${DURATION:-5}
 CONNS=${CONNS:-"1 16 64"}
 THREADS=${THREADS:-2}
 HANG=${HANG:-1}
+FORWARD=${FORWARD:-1}
 CONCURRENCY=${CONCURRENCY:-1}
 LOG_LEVEL=${LOG_LEVEL:-info}
 TOKEN=bench-token
@@ -316,6 +321,46 @@ if [ "$HANG" = 1 ]; then
         "callnotify RSS peak $(mb "$(peak_kb "$CN_PID")"), now $(mb "$(kb "$CN_PID" VmRSS)")"
     stop "$CN_PID"
     stop "$SINK_PID"
+fi
+
+# Waits (bounded, 120 s) until the stand-in on port $1 has $2 POSTs; prints how many it has.
+sink_reaches() {
+    local got=0
+    for _ in $(seq 1 1200); do
+        got=$(curl -s "http://127.0.0.1:$1/count")
+        [ "${got:-0}" -ge "$2" ] && break
+        sleep 0.1
+    done
+    echo "$got"
+}
+if [ "$FORWARD" = 1 ]; then
+    echo "== every call delivered as it arrives (16 connections): the delivery floor (no store; each"
+    echo "   call POSTed to a stand-in) and callnotify with its Slack channel at concurrency 16"
+    FWD_SINK=$(free_port)
+    background "$BIN/examples/bench_sink" "127.0.0.1:$FWD_SINK" ok
+    FWD_SINK_PID=$BG_PID
+    FWD_PORT=$(free_port)
+    BENCH_FORWARD="http://127.0.0.1:$FWD_SINK/services/T0/B0/bench" \
+        background "$BIN/examples/bare_warp" "127.0.0.1:$FWD_PORT" "$TOKEN"
+    FWD_PID=$BG_PID
+    CONCURRENCY=16 sink_and_daemon paced ok
+    wait_port "$FWD_SINK"
+    wait_port "$FWD_PORT"
+    sleep 1
+    read -r _ brps bp50 bp99 berr bcpu < <(drive "$BASE_PORT" 16 "pbase" /webhooks/air "$BASE_PID")
+    read -r freq frps fp50 fp99 ferr fcpu < <(drive "$FWD_PORT" 16 "pfloor" /webhooks/air "$FWD_PID")
+    fsink=$(sink_reaches "$FWD_SINK" "$freq")
+    read -r creq crps cp50 cp99 cerr ccpu < <(drive "$CN_PORT" 16 "paced" /webhooks/air "$CN_PID")
+    csink=$(sink_reaches "$SINK_PORT" "$creq")
+    printf "%-5s | %-34s | %-34s | %-34s | %s\n" conns "bare warp (baseline)" "delivery floor (POST, no store)" \
+        "callnotify, concurrency 16" "ratio to baseline / to floor"
+    row 16
+    echo "stand-in CPU not counted above; the delivery floor's stand-in got $fsink POSTs for $freq requests," \
+        "callnotify's $csink for $creq; callnotify RSS peak $(mb "$(peak_kb "$CN_PID")")"
+    stop "$CN_PID"
+    stop "$SINK_PID"
+    stop "$FWD_PID"
+    stop "$FWD_SINK_PID"
 fi
 stop "$BASE_PID"
 stop "$DUR_PID"

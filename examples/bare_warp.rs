@@ -10,6 +10,12 @@
 //! checkpoint, does. No index, no dedupe, no delivery state: what any durable receiver must at
 //! least pay on this machine.
 //!
+//! With `BENCH_FORWARD=URL` in the environment, it is also the floor of delivery: after the
+//! answer is decided, each accepted body is POSTed to URL (the benchmark's Slack stand-in) by a
+//! spawned task on one shared `reqwest` client, as callnotify's delivery does, with nothing
+//! stored, matched or rendered. It shows what carrying every call on to a local destination at
+//! the rate calls arrive costs on this machine, whatever the store.
+//!
 //! Run: `cargo run --release --example bare_warp -- 127.0.0.1:PORT [TOKEN] [FILE]` (the token
 //! defaults to `$BENCH_TOKEN`, then `bench-token`). Stops on Ctrl-C or SIGTERM.
 
@@ -38,6 +44,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(path) => Some(journal(std::fs::File::create(path)?)?),
         None => None,
     };
+    let forward = match std::env::var("BENCH_FORWARD") {
+        Ok(url) => {
+            callnotify::notify::install_tls_provider();
+            Some((reqwest::Client::builder().build()?, url))
+        }
+        Err(_) => None,
+    };
 
     let route = warp::post()
         .and(warp::path!("webhooks" / "air"))
@@ -46,6 +59,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .and(warp::body::bytes())
         .then(move |auth: Option<String>, body: Bytes| {
             let journal = journal.clone();
+            let forward = forward.clone();
             async move {
                 if auth.as_deref() != Some(expected) {
                     return warp::reply::with_status("unauthorized", StatusCode::UNAUTHORIZED);
@@ -55,12 +69,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
                 if let Some(journal) = journal {
                     let (done, synced) = tokio::sync::oneshot::channel();
-                    if journal.send((body, done)).is_err() || synced.await != Ok(true) {
+                    if journal.send((body.clone(), done)).is_err() || synced.await != Ok(true) {
                         return warp::reply::with_status(
                             "not stored",
                             StatusCode::SERVICE_UNAVAILABLE,
                         );
                     }
+                }
+                if let Some((client, url)) = forward {
+                    tokio::spawn(async move {
+                        if let Err(e) = client.post(&url).body(body).send().await {
+                            eprintln!("forward: {e}");
+                        }
+                    });
                 }
                 warp::reply::with_status("ok", StatusCode::OK)
             }
