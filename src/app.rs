@@ -65,6 +65,7 @@ impl Shared {
     /// the old one (and says why) when not. Calls arriving meanwhile use the old config.
     pub async fn reload(&self, trigger: &str) -> Result<(), ConfigError> {
         let _one_at_a_time = self.reload_lock.lock().await;
+        let _systemd = crate::systemd::Reloading::start();
         let path = self.config_path.clone();
         let loaded =
             tokio::task::spawn_blocking(move || render_checked(config::load_for_reload(&path)?))
@@ -321,8 +322,9 @@ impl App {
         };
         // Before "listening" is logged: an edit that comes as soon as the daemon is up counts.
         let watched = Watch::new(snapshot(&shared));
+        let listener_addr = listener.local_addr()?;
         tracing::info!(
-            listen = %listener.local_addr()?,
+            listen = %listener_addr,
             webhook = %cfg.server.webhook_path,
             admin = %admin.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.to_string()).unwrap_or_else(|| "(on the main listener)".into()),
             rules = cfg.rules.len(),
@@ -352,8 +354,10 @@ impl App {
         }
         let worker = tokio::spawn(shared.worker.clone().run(stop.clone()));
         let background = tokio::spawn(background(shared.clone(), stop.clone(), watched, hup));
+        crate::systemd::ready(&format!("listening on {}", listener_addr));
 
         shutdown.await;
+        crate::systemd::stopping();
         tracing::info!("shutting down: no new calls; finishing in-flight deliveries");
         shared.shutting_down.store(true, Ordering::Relaxed);
         stop.cancel();

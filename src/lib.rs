@@ -29,4 +29,5 @@ pub mod render;
 pub mod rules;
 pub mod server;
 pub mod store;
+pub mod systemd;
 pub mod worker;

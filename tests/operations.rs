@@ -1375,3 +1375,63 @@ fn help_teaches_with_examples() {
         assert!(run(sub).contains("Example"), "{sub:?}");
     }
 }
+
+/// Under systemd (`Type=notify`, `NOTIFY_SOCKET` set) the daemon says `READY=1` once it takes
+/// calls, `RELOADING=1` (with `MONOTONIC_USEC`) then `READY=1` around every reload, taken or
+/// refused, and `STOPPING=1` when asked to stop.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_systemd_the_daemon_says_when_it_is_ready_reloading_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let sock_dir = tempfile::tempdir().unwrap();
+    let sock_path = sock_dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    let next = || {
+        let mut buf = [0u8; 4096];
+        let n = sock.recv(&mut buf).expect("a message to systemd");
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    let slack = FakeSlack::start().await;
+    let mut d = Daemon::start_with_env(
+        &config(&slack, ""),
+        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
+    );
+    let ready = next();
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready}");
+    assert!(
+        ready.contains(&format!("STATUS=listening on {}", d.addr)),
+        "{ready}"
+    );
+    // Ready means ready: a call is taken at once.
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAsd1")).await.0, 200);
+
+    for (i, broken) in [false, true].into_iter().enumerate() {
+        if broken {
+            std::fs::write(&d.config, "rules: [").unwrap();
+        }
+        d.signal("HUP");
+        let reloading = next();
+        let lines: Vec<&str> = reloading.lines().collect();
+        assert!(lines.contains(&"RELOADING=1"), "reload {i}: {reloading}");
+        let usec = lines
+            .iter()
+            .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+            .unwrap_or_else(|| panic!("reload {i}: no MONOTONIC_USEC in {reloading}"));
+        assert!(usec.parse::<u64>().unwrap() > 0, "{reloading}");
+        let after = next();
+        assert!(after.lines().any(|l| l == "READY=1"), "reload {i}: {after}");
+    }
+    assert!(d.logs().contains("reload refused"), "{}", d.logs());
+
+    let pid = d.pid();
+    let stopped = std::thread::spawn(move || {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+    });
+    let stopping = next();
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping}");
+    stopped.join().unwrap();
+    assert_eq!(d.terminate(), Some(0));
+}
