@@ -192,6 +192,60 @@ pub fn escape_slack_json(s: &str) -> String {
     quoted[1..quoted.len() - 1].to_string()
 }
 
+/// Undoes the mrkdwn escaping in every `plain_text` object of a Block Kit body (a header, a
+/// button's label, a plain section): Slack parses neither links nor mentions there, and shows
+/// an entity as the entity, so a lead named `Tom & Jerry <x@y>` would read
+/// `Tom &amp; Jerry &lt;x@y&gt;`. Raw text reads as written. `∣` goes back to `|`, which
+/// relabels nothing where there are no links; the word joiner after `@here` stays, and one goes
+/// after a `<` that would start `<!`, `<@` or `<#` (both are invisible). One pass, so a value
+/// that itself spells `&amp;` still reads `&amp;`.
+fn show_plain_text_as_written(v: &mut Value) {
+    match v {
+        Value::Array(items) => items.iter_mut().for_each(show_plain_text_as_written),
+        Value::Object(map) => {
+            if map.get("type").and_then(Value::as_str) == Some("plain_text") {
+                if let Some(Value::String(text)) = map.get_mut("text") {
+                    *text = unescape_slack(text);
+                }
+            }
+            map.values_mut().for_each(show_plain_text_as_written);
+        }
+        _ => {}
+    }
+}
+
+/// The inverse of [`escape_slack`] for text that Slack shows without parsing.
+fn unescape_slack(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find(['&', '\u{2223}']) {
+        out.push_str(&rest[..i]);
+        rest = &rest[i..];
+        let (plain, len) = if rest.starts_with('\u{2223}') {
+            ('|', '\u{2223}'.len_utf8())
+        } else if rest.starts_with("&amp;") {
+            ('&', 5)
+        } else if rest.starts_with("&lt;") {
+            // Should Slack ever parse `<!here>`, `<@U1>` or `<#C1>` in plain text, an
+            // invisible word joiner keeps such text from being one.
+            if rest[4..].starts_with(['!', '@', '#']) {
+                out.push_str("<\u{2060}");
+                rest = &rest[4..];
+                continue;
+            }
+            ('<', 4)
+        } else if rest.starts_with("&gt;") {
+            ('>', 4)
+        } else {
+            ('&', 1)
+        };
+        out.push(plain);
+        rest = &rest[len..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Formats seconds as `44s`, `3m 07s`, `1h 02m`.
 ///
 /// ```
@@ -661,6 +715,7 @@ impl Renderer {
                 if let Value::Array(_) = body {
                     body = json!({ "blocks": body });
                 }
+                show_plain_text_as_written(&mut body);
                 let Value::Object(map) = &mut body else {
                     return Err(RenderError(format!(
                         "{blocks} must render to a JSON object or a list of blocks"
@@ -1002,6 +1057,46 @@ mod tests {
         assert_eq!(
             body["text"],
             "booked: Quote\" Back\\slash\nNewline &lt;x&gt; (3m 07s)"
+        );
+    }
+
+    #[test]
+    fn plain_text_objects_show_a_value_exactly_as_written() {
+        let mut r = Renderer::empty();
+        r.register(
+            "b.json",
+            r#"{"blocks":[
+                {"type":"header","text":{"type":"plain_text","text":"Call with {{lead_name}}"}},
+                {"type":"section","text":{"type":"plain_text","text":"{{lead_name}} | {{call.campaignId}}"},
+                 "accessory":{"type":"button","text":{"type":"plain_text","text":"Open {{upper lead_name}}"},"url":"https://crm.example/"}},
+                {"type":"context","elements":[{"type":"plain_text","text":"{{default call.leadData.nope lead_name}}"},
+                                              {"type":"mrkdwn","text":"*{{lead_name}}*"}]}
+            ]}"#,
+        )
+        .unwrap();
+        let mut call = fixture_call();
+        call.lead_name = "Tom & Jerry <x@y> | &amp; @here <!channel>".into();
+        let Message::Slack { body } = r
+            .render("slack", &action("b"), &context(&call, "r"))
+            .unwrap()
+        else {
+            panic!()
+        };
+        let shown = "Tom & Jerry <x@y> | &amp; @\u{2060}here <\u{2060}!channel>";
+        assert_eq!(
+            body["blocks"][0]["text"]["text"],
+            format!("Call with {shown}")
+        );
+        assert_eq!(body["blocks"][1]["text"]["text"], format!("{shown} | 8812"));
+        assert_eq!(
+            body["blocks"][1]["accessory"]["text"]["text"],
+            "Open TOM & JERRY <X@Y> | &AMP; @\u{2060}HERE <\u{2060}!CHANNEL>"
+        );
+        assert_eq!(body["blocks"][2]["elements"][0]["text"], shown);
+        // mrkdwn still needs the entities: there `<` starts a link or a mention.
+        assert_eq!(
+            body["blocks"][2]["elements"][1]["text"],
+            "*Tom &amp; Jerry &lt;x@y&gt; \u{2223} &amp;amp; @\u{2060}here &lt;!channel&gt;*"
         );
     }
 
