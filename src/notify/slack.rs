@@ -317,13 +317,58 @@ fn shorten_field(t: &mut String, max: usize) -> bool {
     true
 }
 
-/// The longest prefix of at most `max` characters that does not end inside an `&...;` entity.
+/// The longest prefix of at most `max` characters (Unicode scalar values, as Slack and its
+/// SDK's validator count them) that does not end inside an `&...;` entity, inside a
+/// `<url|label>` or `<@U1>` that closes further on, or inside what reads as one character: an
+/// emoji with a skin tone or joined by U+200D (👩‍👩‍👧), a flag, a letter and its accent.
 fn safe_prefix(s: &str, max: usize) -> &str {
     let end = s.char_indices().nth(max).map_or(s.len(), |(i, _)| i);
-    let head = &s[..end];
-    match head.rfind('&') {
+    let head = &s[..grapheme_start(s, end)];
+    let head = match head.rfind('&') {
         Some(amp) if !head[amp..].contains(';') && head.len() - amp < 6 => &head[..amp],
         _ => head,
+    };
+    match head.rfind('<') {
+        Some(lt) if lt > 0 && !head[lt..].contains('>') && s[head.len()..].contains('>') => {
+            &head[..lt]
+        }
+        _ => head,
+    }
+}
+
+/// `end`, moved back to the start of the user-perceived character it falls in. An
+/// approximation of Unicode's grapheme clusters for what a cut must not split: combining
+/// marks, variation selectors, skin tones, emoji tags, `ZWJ` sequences, regional-indicator
+/// pairs.
+fn grapheme_start(s: &str, mut end: usize) -> usize {
+    let extends = |c: char| {
+        matches!(c,
+            '\u{200D}'
+            | '\u{0300}'..='\u{036F}'
+            | '\u{1AB0}'..='\u{1AFF}'
+            | '\u{1DC0}'..='\u{1DFF}'
+            | '\u{20D0}'..='\u{20FF}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FE20}'..='\u{FE2F}'
+            | '\u{1F3FB}'..='\u{1F3FF}'
+            | '\u{E0020}'..='\u{E007F}'
+            | '\u{E0100}'..='\u{E01EF}')
+    };
+    let regional = |c: char| ('\u{1F1E6}'..='\u{1F1FF}').contains(&c);
+    loop {
+        let (Some(next), Some(prev)) = (s[end..].chars().next(), s[..end].chars().next_back())
+        else {
+            return end;
+        };
+        let joined = extends(next) || prev == '\u{200D}';
+        // Flags are pairs: the cut falls inside one after an odd number of indicators.
+        let half_flag = regional(next)
+            && regional(prev)
+            && s[..end].chars().rev().take_while(|&c| regional(c)).count() % 2 == 1;
+        if !(joined || half_flag) {
+            return end;
+        }
+        end -= prev.len_utf8();
     }
 }
 
@@ -700,6 +745,68 @@ mod tests {
     fn a_cut_never_splits_an_entity() {
         assert_eq!(safe_prefix("ab&amp;cd", 4), "ab");
         assert_eq!(safe_prefix("ab&amp;cd", 7), "ab&amp;");
+    }
+
+    #[test]
+    fn a_cut_never_splits_an_emoji_a_flag_an_accent_or_a_link() {
+        let family = "\u{1F469}\u{200D}\u{1F469}\u{200D}\u{1F467}"; // 👩‍👩‍👧, 5 scalars
+        let thumb = "\u{1F44D}\u{1F3FD}"; // 👍🏽
+        let flags = "\u{1F1E9}\u{1F1EA}\u{1F1EB}\u{1F1F7}"; // 🇩🇪🇫🇷
+        let accent = "e\u{0301}"; // é as e + combining acute
+        for cut in 1..5 {
+            assert_eq!(
+                safe_prefix(&format!("ab{family}cd"), 2 + cut),
+                "ab",
+                "{cut}"
+            );
+        }
+        assert_eq!(
+            safe_prefix(&format!("ab{family}cd"), 7),
+            format!("ab{family}")
+        );
+        assert_eq!(safe_prefix(&format!("ab{thumb}"), 3), "ab");
+        assert_eq!(safe_prefix(&format!("ab{flags}"), 3), "ab");
+        assert_eq!(
+            safe_prefix(&format!("ab{flags}"), 5),
+            "ab\u{1F1E9}\u{1F1EA}"
+        );
+        assert_eq!(safe_prefix(&format!("ab{accent}"), 3), "ab");
+        // A link or a mention the template wrote is kept whole or left out whole.
+        let link = "see <https://rec.example/1|Listen> now";
+        for cut in 5..34 {
+            assert_eq!(safe_prefix(link, cut), "see ", "{cut}");
+        }
+        assert_eq!(safe_prefix(link, 34), "see <https://rec.example/1|Listen>");
+        // A `<` with no `>` after it is text, and a link longer than the cut cannot be kept.
+        assert_eq!(safe_prefix("a <b c", 4), "a <b");
+        assert_eq!(safe_prefix("<https://x.example/a|b>", 5), "<http");
+        // Characters, not bytes, and not UTF-16 units: 3 of each fits in 3.
+        assert_eq!(safe_prefix("ééé", 3), "ééé");
+        assert_eq!(safe_prefix("🎉🎉🎉", 3), "🎉🎉🎉");
+    }
+
+    #[test]
+    fn headers_sections_and_fields_are_cut_between_characters() {
+        let family = "\u{1F469}\u{200D}\u{1F469}\u{200D}\u{1F467}";
+        let header = "h".repeat(MAX_HEADER_CHARS - 3) + family;
+        let field = "f".repeat(MAX_FIELD_CHARS - 3) + family;
+        let line = "s".repeat(MAX_SECTION_CHARS - 10)
+            + " <https://rec.example/1|Listen to the call> after";
+        let mut body = serde_json::json!({"blocks": [
+            {"type": "header", "text": {"type": "plain_text", "text": header}},
+            {"type": "section", "text": {"type": "mrkdwn", "text": line},
+             "fields": [{"type": "mrkdwn", "text": field}]},
+        ]});
+        fit(&mut body);
+        let blocks = body["blocks"].as_array().unwrap();
+        let text = |i: usize| blocks[i]["text"]["text"].as_str().unwrap();
+        assert_eq!(text(0), "h".repeat(MAX_HEADER_CHARS - 3) + "…");
+        assert_eq!(
+            blocks[1]["fields"][0]["text"],
+            "f".repeat(MAX_FIELD_CHARS - 3) + "…"
+        );
+        assert_eq!(text(1), "s".repeat(MAX_SECTION_CHARS - 10) + " ");
+        assert_eq!(text(2), "<https://rec.example/1|Listen to the call> after");
     }
 
     #[tokio::test]
