@@ -1101,6 +1101,96 @@ mod tests {
     }
 
     #[test]
+    fn no_field_and_no_helper_lets_a_value_ping_or_link() {
+        let evil = "<!channel> <!here> @here @channel <@U123> <#C1> <!subteam^S1> \
+                    <https://evil.example|click> | *b* _i_ ~s~ `c`";
+        let mut v: Value = serde_json::from_slice(include_bytes!(
+            "../tests/fixtures/post_call_data_campaign.json"
+        ))
+        .unwrap();
+        for f in AIR_FIELDS
+            .iter()
+            .filter(|f| !["sid", "duration", "createdAt"].contains(f))
+        {
+            v["call"][f] = evil.into();
+        }
+        v["call"]["callRecordingUrl"] = "https://rec.example/a|evil>x".into();
+        v["call"]["leadData"] = json!({"note": evil, evil: evil, "list": [evil, {"k": evil}]});
+        let call = crate::payload::parse(v.to_string().as_bytes()).unwrap();
+        let fields = [
+            "lead_name",
+            "sid",
+            "event",
+            "call.cachedLeadName",
+            "call.transcript",
+            "call.campaignId",
+            "call.fromNumber",
+            "call.llmAnsweredBy",
+            "call.leadData.note",
+            "call.leadData.list",
+            "call.createdAt",
+            "recording_url",
+            "call.callRecordingUrl",
+        ];
+        let mut uses = Vec::new();
+        for f in fields {
+            uses.extend([
+                format!("{{{{{f}}}}}"),
+                format!("{{{{upper {f}}}}}"),
+                format!("{{{{lower {f}}}}}"),
+                format!("{{{{truncate {f} 40}}}}"),
+                format!("{{{{last_lines {f} 2}}}}"),
+                format!("{{{{default {f} \"x\"}}}}"),
+                format!("{{{{default call.leadData.missing {f}}}}}"),
+                format!("{{{{#if {f}}}}}{{{{{f}}}}}{{{{else}}}}-{{{{/if}}}}"),
+                format!("{{{{date \"2024-01-01T00:00:00Z\" {f}}}}}"),
+                format!("{{{{#with {f}}}}}{{{{this}}}}{{{{duration}}}}{{{{/with}}}}"),
+            ]);
+        }
+        uses.push("{{#each call.leadData}}{{@key}}={{this}};{{/each}}".into());
+        uses.push("{{lookup call.leadData \"note\"}} {{lookup call \"transcript\"}}".into());
+        uses.push("{{#each call.leadData.list}}{{this}}{{@index}};{{/each}}".into());
+        uses.push("{{call.leadData.list.[1].k}} {{duration call.transcript}}".into());
+        let mut r = Renderer::empty();
+        for (i, u) in uses.iter().enumerate() {
+            r.register(
+                &format!("t{i}"),
+                &format!("<https://crm.example/{u}|Open> {u}"),
+            )
+            .unwrap();
+            r.register(
+                &format!("b{i}.json"),
+                &format!(
+                    r#"{{"blocks":[{{"type":"section","text":{{"type":"mrkdwn","text":"<https://crm.example/{u}|Open> {u}"}}}}]}}"#
+                ),
+            )
+            .unwrap();
+            for (name, pointer) in [
+                (format!("t{i}"), "/text"),
+                (format!("b{i}"), "/blocks/0/text/text"),
+            ] {
+                let Message::Slack { body } = r
+                    .render("slack", &action(&name), &context(&call, "r"))
+                    .unwrap_or_else(|e| panic!("{u}: {e}"))
+                else {
+                    panic!()
+                };
+                let text = body.pointer(pointer).and_then(Value::as_str).unwrap();
+                // Only the template's own link: one `<`, one `|`, one `>`.
+                for c in ['<', '|', '>'] {
+                    assert_eq!(text.matches(c).count(), 1, "{c} from {u}: {text}");
+                }
+                assert!(
+                    text.starts_with("<https://crm.example/") && text.contains("|Open> "),
+                    "{u}: {text}"
+                );
+                let mention = ["@here", "@channel", "@HERE", "@CHANNEL"];
+                assert!(!mention.iter().any(|m| text.contains(m)), "{u}: {text}");
+            }
+        }
+    }
+
+    #[test]
     fn strict_mode_catches_a_misspelled_variable() {
         let mut r = Renderer::empty();
         r.register("s", "{{lead_nmae}}").unwrap();
