@@ -1191,6 +1191,75 @@ mod tests {
     }
 
     #[test]
+    fn shipped_templates_read_sensibly_when_the_call_lacks_fields() {
+        let r = Renderer::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("templates")).unwrap();
+        // No createdAt, recording, transcript, campaign, name or leadData.
+        let bare =
+            crate::payload::parse(br#"{"call": {"sid": "CAbare", "duration": 75}}"#).unwrap();
+        let mut texts = Vec::new();
+        for (kind, template) in [
+            ("email", "email/booked"),
+            ("slack", "slack/booked"),
+            ("slack", "slack/summary"),
+            ("log", "log/summary"),
+            ("log", "log/long_call"),
+        ] {
+            match r
+                .render(kind, &action(template), &context(&bare, "r"))
+                .unwrap()
+            {
+                Message::Email(e) => texts.extend([e.text.unwrap(), e.html.unwrap()]),
+                Message::Slack { body } => {
+                    let mut all = vec![body.to_string()];
+                    crate::notify::slack::fit(&mut body.clone());
+                    if let Some(Value::Array(blocks)) = body.get("blocks") {
+                        for b in blocks {
+                            for f in b["fields"].as_array().into_iter().flatten() {
+                                all.push(f["text"].as_str().unwrap().to_string());
+                            }
+                        }
+                    }
+                    texts.extend(all);
+                }
+                Message::Log { text } => texts.push(text),
+            }
+        }
+        for text in &texts {
+            for line in text.lines() {
+                // "Started:   " or a Block Kit field "*Started*\n" with nothing after.
+                let label_only = line.trim_end().ends_with(':')
+                    && !line.ends_with("Last words:")
+                    && !line.ends_with("(last lines):");
+                assert!(!label_only, "a label with no value: {line:?} in\n{text}");
+            }
+            assert!(!text.ends_with("*\n") && !text.ends_with("*"), "{text}");
+            for empty in [
+                "<td></td>",
+                "<pre></pre>",
+                "Last words:\n\n",
+                "(last lines):\n\n",
+            ] {
+                assert!(!text.contains(empty), "{empty} in\n{text}");
+            }
+            assert!(!text.trim_end().ends_with("Last words:"), "{text}");
+            assert!(!text.trim_end().ends_with("(last lines):"), "{text}");
+        }
+        let mail = &texts[0];
+        assert!(
+            mail.contains("Started:   unknown\nRecording: none"),
+            "{mail}"
+        );
+        assert!(mail.trim_end().ends_with("(no transcript)"), "{mail}");
+        assert!(
+            texts[1].contains("<td>Started</td><td>unknown</td>"),
+            "{}",
+            texts[1]
+        );
+        assert!(texts[1].contains("<p>No transcript.</p>"), "{}", texts[1]);
+        assert!(texts.iter().any(|t| t == "*Started*\nunknown"), "{texts:?}");
+    }
+
+    #[test]
     fn strict_mode_catches_a_misspelled_variable() {
         let mut r = Renderer::empty();
         r.register("s", "{{lead_nmae}}").unwrap();
