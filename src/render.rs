@@ -208,10 +208,25 @@ fn show_plain_text_as_written(v: &mut Value) {
                     *text = unescape_slack(text);
                 }
             }
+            // A button's `url`, an image's `image_url` and `alt_text` are plain strings too:
+            // `?a=1&amp;b=2` would be a broken link. Only entities are undone there (`%7C`
+            // from a URL value is a valid way to write `|`).
+            for key in ["url", "image_url", "alt_text"] {
+                if let Some(Value::String(text)) = map.get_mut(key) {
+                    *text = unescape_entities(text);
+                }
+            }
             map.values_mut().for_each(show_plain_text_as_written);
         }
         _ => {}
     }
+}
+
+/// `&amp;`, `&lt;` and `&gt;` back to `&`, `<` and `>`, in one pass.
+fn unescape_entities(s: &str) -> String {
+    s.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&")
 }
 
 /// The inverse of [`escape_slack`] for text that Slack shows without parsing.
@@ -1257,6 +1272,45 @@ mod tests {
         );
         assert!(texts[1].contains("<p>No transcript.</p>"), "{}", texts[1]);
         assert!(texts.iter().any(|t| t == "*Started*\nunknown"), "{texts:?}");
+    }
+
+    #[test]
+    fn a_button_url_keeps_its_ampersands() {
+        let mut r = Renderer::empty();
+        r.register(
+            "b.json",
+            r#"{"blocks":[
+                {"type":"actions","elements":[{"type":"button","text":{"type":"plain_text","text":"Listen"},"url":"{{recording_url}}"}]},
+                {"type":"image","image_url":"{{call.leadData.photo}}","alt_text":"{{lead_name}}"},
+                {"type":"section","text":{"type":"mrkdwn","text":"<{{recording_url}}|Listen>"}}
+            ]}"#,
+        )
+        .unwrap();
+        let mut call = fixture_call();
+        call.recording_url = Some("https://rec.example/r?a=1&b=<2>|3".into());
+        call.lead_name = "Tom & Jerry".into();
+        call.raw["leadData"]["photo"] = "https://img.example/p.png?w=1&amp;h=2".into();
+        let Message::Slack { body } = r
+            .render("slack", &action("b"), &context(&call, "r"))
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            body["blocks"][0]["elements"][0]["url"],
+            "https://rec.example/r?a=1&b=<2>%7C3"
+        );
+        // A value that itself spells an entity keeps it.
+        assert_eq!(
+            body["blocks"][1]["image_url"],
+            "https://img.example/p.png?w=1&amp;h=2"
+        );
+        assert_eq!(body["blocks"][1]["alt_text"], "Tom & Jerry");
+        // In mrkdwn Slack reads the entities itself.
+        assert_eq!(
+            body["blocks"][2]["text"]["text"],
+            "<https://rec.example/r?a=1&amp;b=&lt;2&gt;%7C3|Listen>"
+        );
     }
 
     #[test]
