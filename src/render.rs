@@ -34,8 +34,47 @@ use crate::rules::Action;
 pub struct RenderError(pub String);
 
 impl From<handlebars::RenderError> for RenderError {
+    /// Handlebars' own words for a missing variable ("Failed to access variable in strict mode
+    /// Some(\"lead_nmae\")") say neither what went wrong nor what to write instead.
     fn from(e: handlebars::RenderError) -> Self {
-        RenderError(e.to_string())
+        let at = match (&e.template_name, e.line_no, e.column_no) {
+            (Some(t), Some(line), Some(col)) => format!("{t} line {line}, col {col}: "),
+            (Some(t), _, _) => format!("{t}: "),
+            _ => String::new(),
+        };
+        let path = match e.reason() {
+            RenderErrorReason::MissingVariable(path) => path,
+            // `{{upper call.leadData.nope}}`: the macro-made helpers see no argument at all.
+            RenderErrorReason::ParamNotFoundForName(helper, _)
+            | RenderErrorReason::ParamNotFoundForIndex(helper, _) => {
+                return RenderError(format!(
+                    "{at}{helper} was given no value: its argument is missing, misspelled, or \
+                     a key this call lacks (write {{{{{helper} (default call.leadData.x \"\")}}}}, \
+                     or test it with {{{{#if …}}}} first)"
+                ))
+            }
+            RenderErrorReason::ParamTypeMismatchForName(helper, name, expected) => {
+                let expected = if expected.starts_with('u') || expected.starts_with('i') {
+                    "a whole number"
+                } else {
+                    expected.as_str()
+                };
+                return RenderError(format!(
+                    "{at}{helper}: its argument {name} must be {expected}"
+                ));
+            }
+            _ => return RenderError(e.to_string()),
+        };
+        RenderError(match path {
+            Some(p) => format!(
+                "{at}\"{p}\" is not in this call: a misspelled variable, or a key this call \
+                 lacks (write {{{{default {p} \"…\"}}}}, or test it with {{{{#if {p}}}}}…{{{{/if}}}})"
+            ),
+            None => format!(
+                "{at}a value this template reads is not in this call: a misspelled variable, \
+                 or a key this call lacks (test it with {{{{#if …}}}} first)"
+            ),
+        })
     }
 }
 
@@ -1311,6 +1350,79 @@ mod tests {
             body["blocks"][2]["text"]["text"],
             "<https://rec.example/r?a=1&amp;b=&lt;2&gt;%7C3|Listen>"
         );
+    }
+
+    #[test]
+    fn a_missing_variable_is_named_with_where_it_is_and_what_to_do() {
+        let mut r = Renderer::empty();
+        let cases = [
+            (
+                "slack/a",
+                "Hi\n  {{lead_nmae}}",
+                "lead_nmae",
+                "line 2, col 3",
+            ),
+            (
+                "slack/b",
+                "{{upper call.leadData.nope}}",
+                "call.leadData.nope",
+                "line 1, col 1",
+            ),
+            (
+                "slack/c",
+                "{{#each call.leadData.nope}}x{{/each}}",
+                "call.leadData.nope",
+                "line 1, col 1",
+            ),
+            (
+                "slack/d",
+                "{{#with call.leadData.nope}}x{{/with}}",
+                "call.leadData.nope",
+                "line 1, col 1",
+            ),
+            (
+                "slack/e",
+                "{{lookup call.leadData \"nope\"}}",
+                "",
+                "line 1, col 1",
+            ),
+            (
+                "slack/f",
+                "{{truncate lead_name \"ten\"}}",
+                "",
+                "line 1, col 1",
+            ),
+        ];
+        for (name, text, _, _) in cases {
+            r.register(name, text).unwrap();
+        }
+        for (name, _, var, at) in cases {
+            let err = r
+                .render("slack", &action(name), &context(&fixture_call(), "r"))
+                .unwrap_err()
+                .0;
+            assert!(err.contains(name) && err.contains(at), "{err}");
+            assert!(!err.contains("Some(") && !err.contains("None"), "{err}");
+            assert!(!err.contains("Helper/Decorator"), "{err}");
+            if name == "slack/b" {
+                assert!(err.contains("upper was given no value"), "{err}");
+                assert!(
+                    err.contains("{{upper (default call.leadData.x \"\")}}"),
+                    "{err}"
+                );
+            } else if name == "slack/f" {
+                assert!(
+                    err.ends_with("truncate: its argument n must be a whole number"),
+                    "{err}"
+                );
+            } else if !var.is_empty() {
+                assert!(
+                    err.contains(&format!("\"{var}\" is not in this call")),
+                    "{err}"
+                );
+                assert!(err.contains(&format!("{{{{default {var} \"")), "{err}");
+            }
+        }
     }
 
     #[test]
