@@ -314,12 +314,10 @@ pub fn duration_human(secs: f64) -> String {
     }
 }
 
+/// A value as `{{value}}` prints it (a list as `[hot, roofing]`), so that a helper's output
+/// reads like the variable's.
 fn value_text(v: &Value) -> String {
-    match v {
-        Value::Null => String::new(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
+    handlebars::JsonRender::render(v)
 }
 
 /// `{{duration call.duration}}`: seconds as "3m 07s". Without an argument, `{{duration}}` is the
@@ -359,7 +357,8 @@ handlebars_helper!(last_lines: |v: Json, n: u64| {
     lines[lines.len() - n..].join("\n")
 });
 
-/// `{{default value "fallback"}}`: the fallback when the value is missing, null or empty.
+/// `{{default value "fallback"}}`: the fallback when the value is missing, null, empty or only
+/// blanks, or an empty list or object (`tags: []`).
 fn default_helper(
     h: &Helper<'_>,
     r: &Handlebars<'_>,
@@ -369,11 +368,15 @@ fn default_helper(
 ) -> HelperResult {
     let pick = |i: usize| {
         h.param(i)
-            .map(|p| value_text(p.value()))
+            .map(|p| match p.value() {
+                Value::Array(a) if a.is_empty() => String::new(),
+                Value::Object(o) if o.is_empty() => String::new(),
+                v => value_text(v),
+            })
             .unwrap_or_default()
     };
     let v = pick(0);
-    let text = if v.is_empty() { pick(1) } else { v };
+    let text = if v.trim().is_empty() { pick(1) } else { v };
     write_escaped(r, rc, out, &text)
 }
 
@@ -1423,6 +1426,29 @@ mod tests {
                 assert!(err.contains(&format!("{{{{default {var} \"")), "{err}");
             }
         }
+    }
+
+    #[test]
+    fn default_takes_the_fallback_for_blank_values_and_empty_lists() {
+        let mut r = Renderer::empty();
+        r.register(
+            "l",
+            "{{default call.leadData.company \"unknown\"}}|{{default call.leadData.tags \"none\"}}|\
+             {{default call.leadData.extra \"none\"}}|{{default call.leadData.hot \"none\"}}|\
+             {{call.leadData.hot}}|{{default call.leadData.hot \"none\"}}|{{upper call.leadData.hot}}|\
+             {{default call.leadData.zero \"none\"}}",
+        )
+        .unwrap();
+        let mut call = fixture_call();
+        call.raw.insert(
+            "leadData".into(),
+            json!({"company": "  \n", "tags": [], "extra": {}, "hot": ["a", "b"], "zero": 0}),
+        );
+        let text = match r.render("log", &action("l"), &context(&call, "r")).unwrap() {
+            Message::Log { text } => text,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(text, "unknown|none|none|[a, b]|[a, b]|[a, b]|[A, B]|0");
     }
 
     #[test]
