@@ -1030,3 +1030,32 @@ rules:
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lead_named_with_ampersand_and_brackets_reads_as_written_in_the_slack_header() {
+    let slack = FakeSlack::start().await;
+    let smtp = Smtp::start();
+    let d = Daemon::start(&full_config(&slack, &smtp));
+    let mut v: Value = serde_json::from_str(OUTCOME).unwrap();
+    v["call"]["cachedLeadName"] = "Tom & Jerry <x@y>".into();
+    v["call"]["createdAt"] = Value::Null;
+    let (status, body) = d.post(&v.to_string()).await;
+    assert_eq!(status, 200, "{body}");
+    let got = slack.wait_accepted(1, WAIT).await;
+    // The header is plain_text: Slack shows entities there as entities, so none are sent.
+    assert_eq!(got[0]["blocks"][0]["type"], "header");
+    assert_eq!(
+        got[0]["blocks"][0]["text"]["text"],
+        "Call with Tom & Jerry <x@y>"
+    );
+    // mrkdwn (the fallback text) still escapes: there `<` would start a link or a mention.
+    assert_eq!(
+        got[0]["text"],
+        "Call with Tom &amp; Jerry &lt;x@y&gt; (44s)\n"
+    );
+    // A call without a start time says so instead of an empty field.
+    assert_eq!(
+        got[0]["blocks"][1]["fields"][2]["text"],
+        "*Started*\nunknown"
+    );
+}
