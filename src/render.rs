@@ -300,6 +300,49 @@ fn unescape_slack(s: &str) -> String {
     out
 }
 
+/// `end`, moved back to the start of the user-perceived character it falls in. An
+/// approximation of Unicode's grapheme clusters for what a cut must not split: combining
+/// marks, variation selectors, skin tones, emoji tags, `ZWJ` sequences, regional-indicator
+/// pairs.
+pub fn grapheme_start(s: &str, mut end: usize) -> usize {
+    let extends = |c: char| {
+        matches!(c,
+            '\u{200D}'
+            | '\u{0300}'..='\u{036F}'
+            | '\u{1AB0}'..='\u{1AFF}'
+            | '\u{1DC0}'..='\u{1DFF}'
+            | '\u{20D0}'..='\u{20FF}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FE20}'..='\u{FE2F}'
+            | '\u{1F3FB}'..='\u{1F3FF}'
+            | '\u{E0020}'..='\u{E007F}'
+            | '\u{E0100}'..='\u{E01EF}')
+    };
+    let regional = |c: char| ('\u{1F1E6}'..='\u{1F1FF}').contains(&c);
+    loop {
+        let (Some(next), Some(prev)) = (s[end..].chars().next(), s[..end].chars().next_back())
+        else {
+            return end;
+        };
+        let joined = extends(next) || prev == '\u{200D}';
+        // Flags are pairs: the cut falls inside one after an odd number of indicators.
+        let half_flag = regional(next)
+            && regional(prev)
+            && s[..end].chars().rev().take_while(|&c| regional(c)).count() % 2 == 1;
+        if !(joined || half_flag) {
+            return end;
+        }
+        end -= prev.len_utf8();
+    }
+}
+
+/// The longest prefix of `s` of at most `max` characters that ends between user-perceived
+/// characters.
+pub fn char_prefix(s: &str, max: usize) -> &str {
+    let end = s.char_indices().nth(max).map_or(s.len(), |(i, _)| i);
+    &s[..grapheme_start(s, end)]
+}
+
 /// Formats seconds as `44s`, `3m 07s`, `1h 02m`.
 ///
 /// ```
@@ -348,7 +391,7 @@ handlebars_helper!(lower: |v: Json| value_text(v).to_lowercase());
 handlebars_helper!(truncate: |v: Json, n: u64| {
     let s = value_text(v);
     let n = usize::try_from(n).unwrap_or(usize::MAX);
-    if s.chars().count() <= n { s } else { format!("{}…", s.chars().take(n).collect::<String>()) }
+    if s.chars().count() <= n { s } else { format!("{}…", char_prefix(&s, n)) }
 });
 handlebars_helper!(last_lines: |v: Json, n: u64| {
     let s = value_text(v);
@@ -1449,6 +1492,30 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_eq!(text, "unknown|none|none|[a, b]|[a, b]|[a, b]|[A, B]|0");
+    }
+
+    #[test]
+    fn truncate_never_cuts_an_emoji_in_half() {
+        let mut r = Renderer::empty();
+        r.register(
+            "l",
+            "{{truncate call.leadData.note 4}}|{{truncate call.leadData.note 6}}|{{truncate call.leadData.note 9}}",
+        )
+        .unwrap();
+        let mut call = fixture_call();
+        // "ok " and a family emoji of 5 code points.
+        let note = "ok \u{1F469}\u{200D}\u{1F469}\u{200D}\u{1F467} bye";
+        call.raw.insert("leadData".into(), json!({ "note": note }));
+        let text = match r.render("log", &action("l"), &context(&call, "r")).unwrap() {
+            Message::Log { text } => text,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            text,
+            "ok …|ok …|ok \u{1F469}\u{200D}\u{1F469}\u{200D}\u{1F467} …"
+        );
+        // Four code points would have been "ok " and a lone woman.
+        assert_eq!(char_prefix(note, 4), "ok ");
     }
 
     #[test]

@@ -503,7 +503,16 @@ pub const MAX_SUBJECT_CHARS: usize = 200;
 /// The subject as it is sent: one line (see [`one_line`]), at most [`MAX_SUBJECT_CHARS`]
 /// characters, the last of them "…" when it was cut.
 pub fn subject_line(s: &str) -> String {
-    excerpt(&one_line(s), MAX_SUBJECT_CHARS - 1)
+    let line = one_line(s);
+    let line = line.trim();
+    if line.chars().count() < MAX_SUBJECT_CHARS {
+        return line.to_string();
+    }
+    // Cut between characters a reader sees: not inside a ZWJ emoji, a flag or an accent.
+    format!(
+        "{}…",
+        crate::render::char_prefix(line, MAX_SUBJECT_CHARS - 1)
+    )
 }
 
 /// A text or HTML part's body, encoded as lettre chooses, except that text lettre would send
@@ -1276,6 +1285,15 @@ mod tests {
                 "980 more recipients (at most {MAX_RECIPIENTS} per message)"
             )]
         );
+    }
+
+    #[test]
+    fn a_long_subject_is_cut_between_characters_a_reader_sees() {
+        let family = "\u{1F469}\u{200D}\u{1F469}\u{200D}\u{1F467}";
+        let subject = subject_line(&format!("{}{family} and more", "a".repeat(196)));
+        assert_eq!(subject, format!("{}…", "a".repeat(196)));
+        let short = format!("{}{family}", "a".repeat(194));
+        assert_eq!(subject_line(&short), short);
     }
 
     #[test]

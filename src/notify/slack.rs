@@ -323,7 +323,7 @@ fn shorten_field(t: &mut String, max: usize) -> bool {
 /// emoji with a skin tone or joined by U+200D (👩‍👩‍👧), a flag, a letter and its accent.
 fn safe_prefix(s: &str, max: usize) -> &str {
     let end = s.char_indices().nth(max).map_or(s.len(), |(i, _)| i);
-    let head = &s[..grapheme_start(s, end)];
+    let head = &s[..crate::render::grapheme_start(s, end)];
     let head = match head.rfind('&') {
         Some(amp) if !head[amp..].contains(';') && head.len() - amp < 6 => &head[..amp],
         _ => head,
@@ -333,42 +333,6 @@ fn safe_prefix(s: &str, max: usize) -> &str {
             &head[..lt]
         }
         _ => head,
-    }
-}
-
-/// `end`, moved back to the start of the user-perceived character it falls in. An
-/// approximation of Unicode's grapheme clusters for what a cut must not split: combining
-/// marks, variation selectors, skin tones, emoji tags, `ZWJ` sequences, regional-indicator
-/// pairs.
-fn grapheme_start(s: &str, mut end: usize) -> usize {
-    let extends = |c: char| {
-        matches!(c,
-            '\u{200D}'
-            | '\u{0300}'..='\u{036F}'
-            | '\u{1AB0}'..='\u{1AFF}'
-            | '\u{1DC0}'..='\u{1DFF}'
-            | '\u{20D0}'..='\u{20FF}'
-            | '\u{FE00}'..='\u{FE0F}'
-            | '\u{FE20}'..='\u{FE2F}'
-            | '\u{1F3FB}'..='\u{1F3FF}'
-            | '\u{E0020}'..='\u{E007F}'
-            | '\u{E0100}'..='\u{E01EF}')
-    };
-    let regional = |c: char| ('\u{1F1E6}'..='\u{1F1FF}').contains(&c);
-    loop {
-        let (Some(next), Some(prev)) = (s[end..].chars().next(), s[..end].chars().next_back())
-        else {
-            return end;
-        };
-        let joined = extends(next) || prev == '\u{200D}';
-        // Flags are pairs: the cut falls inside one after an odd number of indicators.
-        let half_flag = regional(next)
-            && regional(prev)
-            && s[..end].chars().rev().take_while(|&c| regional(c)).count() % 2 == 1;
-        if !(joined || half_flag) {
-            return end;
-        }
-        end -= prev.len_utf8();
     }
 }
 
