@@ -7,7 +7,9 @@
 //!
 //! - Slack mrkdwn: `&`, `<`, `>` become entities, so `<!channel>` arrives as text, and `|`
 //!   becomes `%7C` in a URL and `∣` (U+2223) elsewhere, so a value cannot relabel a link;
-//! - Slack Block Kit (`*.json.hbs`): the same, then escaped for a JSON string;
+//! - Slack Block Kit (`*.json.hbs`): the same, then escaped for a JSON string; once the body
+//!   parses, `plain_text` objects and `url` / `image_url` / `alt_text` get the characters back,
+//!   since Slack shows entities there as they are;
 //! - email HTML (`*.html.hbs`): HTML escaping;
 //! - plain (email text, subjects, recipients, the log channel): nothing.
 //!
