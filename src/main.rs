@@ -178,9 +178,65 @@ fn init_logging(
             // span would repeat them on every line.
             .with_current_span(true)
             .with_span_list(false)
+            .map_event_format(ListFields)
             .init(),
     }
     guard
+}
+
+/// Fields that hold a list, logged as its JSON text (`rules=["booked","vip"]` in text logs). In
+/// JSON logs they become real JSON lists, so a query on one rule is `rules[] == "booked"`, not a
+/// substring match that also finds `booked_late`.
+const LIST_FIELDS: &[&str] = &["rules"];
+
+/// The JSON event format, with [`LIST_FIELDS`] turned from strings into lists. Only lines whose
+/// event has such a field are parsed again; every other line is written as formatted.
+struct ListFields<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for ListFields<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let fields = event.metadata().fields();
+        if !LIST_FIELDS.iter().any(|f| fields.field(f).is_some()) {
+            return self.0.format_event(ctx, writer, event);
+        }
+        let mut line = String::new();
+        self.0.format_event(
+            ctx,
+            tracing_subscriber::fmt::format::Writer::new(&mut line),
+            event,
+        )?;
+        writer.write_str(&lists_in_json_line(line))
+    }
+}
+
+/// One JSON log line with each of [`LIST_FIELDS`] that holds a JSON list's text made that list;
+/// anything else (a line that is not an object, a field that is not a list) is left as it is.
+fn lists_in_json_line(line: String) -> String {
+    let Ok(serde_json::Value::Object(mut object)) = serde_json::from_str(&line) else {
+        return line;
+    };
+    for field in LIST_FIELDS {
+        let list = match object.get(*field) {
+            Some(serde_json::Value::String(text)) => serde_json::from_str(text).ok(),
+            _ => None,
+        };
+        if let Some(list @ serde_json::Value::Array(_)) = list {
+            object.insert((*field).to_string(), list);
+        }
+    }
+    let mut out = serde_json::Value::Object(object).to_string();
+    out.push('\n');
+    out
 }
 
 /// The log filter: `RUST_LOG` when set, else `--log-level`. A word that is not a level

@@ -431,7 +431,9 @@ fn note_outcome(
             if *deliveries > 0 {
                 shared.worker.wake();
             }
-            tracing::info!(sid = %sid, event, rules = ?rule_names, deliveries, "call accepted");
+            // As JSON text: a list in JSON logs (see `LIST_FIELDS` in main.rs), readable in text.
+            let rules = serde_json::to_string(rule_names).unwrap_or_default();
+            tracing::info!(sid = %sid, event, rules = %rules, deliveries, "call accepted");
         }
         Ok(Inserted::Duplicate) => {
             metrics::call_received("duplicate");

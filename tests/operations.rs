@@ -1435,3 +1435,28 @@ async fn under_systemd_the_daemon_says_when_it_is_ready_reloading_and_stopping()
     stopped.join().unwrap();
     assert_eq!(d.terminate(), Some(0));
 }
+
+/// In JSON logs the rules a call matched are a JSON list, so a log query on one rule is an
+/// exact match on an element, not a substring of a string (`rules` was `"[\"a\", \"b\"]"`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_call_accepted_line_lists_its_rules_as_a_json_list() {
+    let slack = FakeSlack::start().await;
+    let extra =
+        "  - name: logged\n    notify:\n      - channel: console\n        template: log/summary\n";
+    let d = Daemon::start(&config(&slack, extra));
+    assert_eq!(d.post(&with_sid(FIXTURE, "CArules")).await.0, 200);
+    let line = eventually("the call accepted line", WAIT, || {
+        d.logs()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["message"] == "call accepted" && v["sid"] == "CArules")
+    })
+    .await;
+    assert_eq!(
+        line["rules"],
+        serde_json::json!(["every_call", "logged"]),
+        "{line}"
+    );
+    assert_eq!(line["level"], "INFO", "{line}");
+    assert_eq!(line["deliveries"], 2, "{line}");
+}
