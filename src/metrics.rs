@@ -5,7 +5,8 @@
 //! `delivery_latency_seconds{channel}` (from receipt to done), `template_errors_total`,
 //! `slack_truncations_total`, `config_reloads_total{result}`, `config_last_reload_successful`
 //! (1, or 0 from a refused reload until one succeeds), `queue_depth{state}`,
-//! `oldest_pending_age_seconds`, `last_call_received_timestamp_seconds`.
+//! `oldest_pending_age_seconds` (the longest wait of a pending or sending delivery since it was
+//! queued or replayed), `last_call_received_timestamp_seconds`.
 
 use std::sync::OnceLock;
 
@@ -117,7 +118,7 @@ pub fn queue(stats: &crate::store::Stats, now_ms: i64) {
         metrics::gauge!("callnotify_queue_depth", "state" => state).set(n as f64);
     }
     let age = stats
-        .oldest_pending_created_at
+        .oldest_pending_since
         .map(|t| (now_ms - t).max(0) as f64 / 1000.0)
         .unwrap_or(0.0);
     metrics::gauge!("callnotify_oldest_pending_age_seconds").set(age);

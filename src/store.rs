@@ -220,15 +220,18 @@ pub struct DeliveryRow {
     pub last_error: Option<String>,
 }
 
-/// The backlog: unfinished deliveries by state and the oldest one's age, for metrics. Finished
-/// deliveries are not counted (that would scan the history every few seconds); the
-/// `deliveries_total{outcome="done"}` counter tells how many were done.
+/// The backlog: unfinished deliveries by state and how long the longest-waiting one has waited,
+/// for metrics. Finished deliveries are not counted (that would scan the history every few
+/// seconds); the `deliveries_total{outcome="done"}` counter tells how many were done.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Stats {
     pub pending: i64,
     pub sending: i64,
     pub dead: i64,
-    pub oldest_pending_created_at: Option<i64>,
+    /// Since when the longest-waiting pending or sending delivery has waited: when it entered
+    /// the queue, or was replayed from dead (its retry window's start), not when it was first
+    /// created. A replay of old dead deliveries is new work, not a stuck queue.
+    pub oldest_pending_since: Option<i64>,
 }
 
 const SCHEMA: &str = "
@@ -264,7 +267,8 @@ DROP INDEX IF EXISTS deliveries_due;
 DROP INDEX IF EXISTS deliveries_status;
 CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries (channel, id, next_attempt_at)
     WHERE status = 'pending';
-CREATE INDEX IF NOT EXISTS deliveries_open ON deliveries (status, created_at)
+DROP INDEX IF EXISTS deliveries_open;
+CREATE INDEX IF NOT EXISTS deliveries_waiting ON deliveries (status, window_start)
     WHERE status != 'done';
 CREATE TABLE IF NOT EXISTS attempts (
     id          INTEGER PRIMARY KEY,
@@ -332,8 +336,8 @@ const DUE_NOW_ANY: &str = "UPDATE deliveries SET next_attempt_at = MIN(next_atte
 const DUE_NOW: &str = "UPDATE deliveries SET next_attempt_at = ?1, updated_at = ?1
      WHERE status = 'pending' AND next_attempt_at > ?1";
 
-/// The oldest unfinished delivery.
-const OLDEST_OPEN: &str = "SELECT MIN(created_at) FROM deliveries
+/// Since when the longest-waiting unfinished delivery has waited (see [`Stats`]).
+const OLDEST_OPEN: &str = "SELECT MIN(window_start) FROM deliveries
              WHERE status != 'done' AND status IN ('pending', 'sending')";
 
 /// What [`Store::retry`] did.
@@ -1045,7 +1049,7 @@ fn list_sql(status: Option<&str>, sid: Option<&str>) -> String {
     let filter = match (status, sid) {
         // The call's (sid, event) index, then its deliveries.
         (_, Some(_)) => "c.sid = ?2 AND (?1 IS NULL OR d.status = ?1)",
-        // The backlog's index (`deliveries_open`), which holds no finished rows.
+        // The backlog's index (`deliveries_waiting`), which holds no finished rows.
         (Some(s), None) if s != "done" => "d.status = ?1 AND d.status != 'done'",
         // Newest first by id; done rows are most rows, so the limit ends the walk early.
         _ => "(?1 IS NULL OR d.status = ?1)",
@@ -1097,7 +1101,7 @@ fn stats(conn: &Connection) -> rusqlite::Result<Stats> {
             _ => {}
         }
     }
-    s.oldest_pending_created_at = conn
+    s.oldest_pending_since = conn
         .prepare_cached(OLDEST_OPEN)?
         .query_row([], |r| r.get(0))?;
     Ok(s)

@@ -1460,3 +1460,55 @@ async fn the_call_accepted_line_lists_its_rules_as_a_json_list() {
     assert_eq!(line["level"], "INFO", "{line}");
     assert_eq!(line["deliveries"], 2, "{line}");
 }
+
+/// Replaying dead deliveries from hours ago is new work, not a stuck queue: the oldest pending
+/// age counts from the replay (the start of the delivery's new retry window), so a replay does
+/// not set off the README's `oldest_pending_age_seconds > 600` alert. It used to count from
+/// when the delivery was first created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_of_old_dead_deliveries_does_not_look_like_a_stuck_queue() {
+    let slack = FakeSlack::start().await;
+    slack.set_default(Reply::status(404, "no_service"));
+    let yaml = config(&slack, "").replace(
+        "channels:",
+        "delivery: { retry_schedule: [\"1h\"], request_timeout: \"1s\" }\nchannels:",
+    );
+    let d = Daemon::start(&yaml);
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAold")).await.0, 200);
+    eventually("the delivery dead", WAIT, || {
+        (d.deliveries(Some("dead")).len() == 1).then_some(())
+    })
+    .await;
+    // As if it had died three hours ago, in an outage nobody noticed until now.
+    let three_hours = 3 * 3600 * 1000;
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, sys\nc = sqlite3.connect(sys.argv[1], timeout=10)\nms = int(sys.argv[2])\n\
+             c.execute('UPDATE deliveries SET created_at = created_at - ?, window_start = window_start - ?, updated_at = updated_at - ?', (ms, ms, ms))\n\
+             c.execute('UPDATE calls SET received_at = received_at - ?', (ms,))\nc.commit()\n",
+        ])
+        .arg(d.dir.join("store.db"))
+        .arg(three_hours.to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    // Slack is still down after the replay: the delivery waits for its next attempt.
+    slack.set_default(Reply::status(503, "down"));
+    let out = d.cli(&["deliveries", "retry", "--all-dead"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = eventually("the replayed delivery tried and waiting", WAIT, || {
+        let t = scrape(&d)?;
+        (slack.received().len() == 2
+            && metric(&t, r#"callnotify_queue_depth{state="pending"}"#) == 1.0
+            && metric(&t, r#"callnotify_queue_depth{state="dead"}"#) == 0.0)
+            .then_some(t)
+    })
+    .await;
+    let age = metric(&text, "callnotify_oldest_pending_age_seconds");
+    assert!(
+        age < 600.0,
+        "oldest pending age {age}s right after a replay"
+    );
+}
