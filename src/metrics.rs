@@ -29,9 +29,65 @@ pub fn handle() -> &'static PrometheusHandle {
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
         // Fails only if another recorder was installed first; the handle still renders ours.
-        let _ = metrics::set_global_recorder(recorder);
+        if metrics::set_global_recorder(recorder).is_ok() {
+            describe();
+        }
         handle
     })
+}
+
+/// `# HELP` for every metric: what it counts and in which unit, shown by Prometheus and Grafana
+/// next to the series.
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "callnotify_calls_received_total",
+        "Webhook requests by result: accepted, duplicate, rejected (bad request), unauthorized, unavailable (store down, answered 503)."
+    );
+    describe_counter!(
+        "callnotify_rules_matched_total",
+        "Accepted calls each rule matched."
+    );
+    describe_counter!(
+        "callnotify_deliveries_total",
+        "Delivery attempts by outcome: done, retried (another attempt is scheduled) or dead (replay with `deliveries retry`); dead also counts deliveries whose channel left the config."
+    );
+    describe_counter!(
+        "callnotify_delivery_attempts_total",
+        "Delivery attempts made, by channel."
+    );
+    describe_histogram!(
+        "callnotify_delivery_latency_seconds",
+        "Seconds from receiving a call to delivering one of its notifications, retries included."
+    );
+    describe_counter!(
+        "callnotify_template_errors_total",
+        "Notifications that could not be rendered (each goes dead with the template's error)."
+    );
+    describe_counter!(
+        "callnotify_slack_truncations_total",
+        "Slack messages cut to fit Slack's limits."
+    );
+    describe_counter!(
+        "callnotify_config_reloads_total",
+        "Config reloads by result: success or failure (the running config was kept)."
+    );
+    describe_gauge!(
+        "callnotify_config_last_reload_successful",
+        "1 when the last reload succeeded (or none was tried), 0 from a refused reload until one succeeds."
+    );
+    describe_gauge!(
+        "callnotify_queue_depth",
+        "Unfinished deliveries by state: pending, sending, dead."
+    );
+    describe_gauge!(
+        "callnotify_oldest_pending_age_seconds",
+        "Seconds the longest-waiting pending or sending delivery has waited since it was queued or replayed; 0 when none waits."
+    );
+    describe_gauge!(
+        "callnotify_last_call_received_timestamp_seconds",
+        "Unix time in seconds of the last accepted call."
+    );
 }
 
 pub fn call_received(result: &'static str) {

@@ -1512,3 +1512,42 @@ async fn a_replay_of_old_dead_deliveries_does_not_look_like_a_stuck_queue() {
         "oldest pending age {age}s right after a replay"
     );
 }
+
+/// Every metric says what it is (`# HELP`, which Grafana and Prometheus show beside the series),
+/// and its name follows Prometheus' conventions: counters end in `_total`, other names with a
+/// unit end in it (`_seconds`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_has_help_and_a_conventional_name() {
+    let slack = FakeSlack::start().await;
+    let d = Daemon::start(&config(&slack, ""));
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAhelp")).await.0, 200);
+    slack.wait_accepted(1, WAIT).await;
+    let text = eventually("every metric there", WAIT, || {
+        let t = scrape(&d)?;
+        (t.contains("# TYPE callnotify_delivery_latency_seconds histogram")
+            && t.contains("# TYPE callnotify_oldest_pending_age_seconds gauge"))
+        .then_some(t)
+    })
+    .await;
+    let types: Vec<(&str, &str)> = text
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.strip_prefix("# TYPE ")?.split(' ');
+            Some((w.next()?, w.next()?))
+        })
+        .collect();
+    assert!(types.len() >= 12, "{text}");
+    for (name, kind) in types {
+        let help = format!("# HELP {name} ");
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&help) && l.len() > help.len() + 10),
+            "no help for {name}:\n{text}"
+        );
+        assert!(name.starts_with("callnotify_"), "{name}");
+        assert_eq!(kind == "counter", name.ends_with("_total"), "{name} {kind}");
+        if name.contains("latency") || name.contains("age") || name.contains("timestamp") {
+            assert!(name.ends_with("_seconds"), "{name}");
+        }
+    }
+}
