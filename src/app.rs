@@ -80,7 +80,7 @@ impl Shared {
             Ok(c) => c,
             Err(e) => {
                 crate::metrics::reload("failure");
-                tracing::error!(trigger, "reload refused, keeping the running config: {e}");
+                tracing::error!(trigger, error = %e, "reload refused, keeping the running config");
                 return Err(e);
             }
         };

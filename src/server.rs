@@ -294,7 +294,9 @@ where
     }
     let reject = |status: StatusCode, kind: &str, message: String| {
         metrics::call_received("rejected");
-        tracing::warn!(%from, status = status.as_u16(), "webhook rejected: {message}");
+        // One message for every rejection, the why in `reason`: a log query or an alert on
+        // "webhook rejected" finds them all.
+        tracing::warn!(%from, status = status.as_u16(), kind, reason = %message, "webhook rejected");
         error(status, kind, message)
     };
     if let Some(ct) = headers.get(header::CONTENT_TYPE) {

@@ -1551,3 +1551,56 @@ async fn every_metric_has_help_and_a_conventional_name() {
         }
     }
 }
+
+/// A rejected webhook and a refused reload each log one fixed message with the why in a field,
+/// so a log query or alert on the message finds every one of them (the why used to be part of
+/// the message: each reason was a different message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejections_and_refused_reloads_have_one_message_and_the_why_in_a_field() {
+    let slack = FakeSlack::start().await;
+    let d = Daemon::start(&config(&slack, ""));
+    let (status, _) = d.post("not json").await;
+    assert_eq!(status, 400);
+    let original = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(
+        &d.config,
+        original.replace("template: slack/summary", "template: slack/nope"),
+    )
+    .unwrap();
+    let r = http().post(d.url("/-/reload")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 422);
+    let find = |message: &str| {
+        d.logs()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["message"] == message)
+    };
+    let rejected = eventually("a `webhook rejected` line", WAIT, || {
+        find("webhook rejected")
+    })
+    .await;
+    assert_eq!(rejected["level"], "WARN", "{rejected}");
+    assert_eq!(rejected["status"], 400, "{rejected}");
+    assert_eq!(rejected["kind"], "bad_request", "{rejected}");
+    assert!(
+        rejected["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON"),
+        "{rejected}"
+    );
+    assert!(
+        rejected["from"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{rejected}"
+    );
+    let refused = eventually("a `reload refused` line", WAIT, || {
+        find("reload refused, keeping the running config")
+    })
+    .await;
+    assert_eq!(refused["level"], "ERROR", "{refused}");
+    assert_eq!(refused["trigger"], "HTTP", "{refused}");
+    assert!(
+        refused["error"].as_str().unwrap().contains("slack/nope"),
+        "{refused}"
+    );
+}
