@@ -400,7 +400,11 @@ impl Worker {
                 }
                 Recorded::Retry { next_attempt_at } => {
                     let wait = Duration::from_millis((next_attempt_at - now).max(0) as u64);
-                    tracing::warn!(outcome = label, latency_ms, error = detail.as_deref().unwrap_or(""), retry_in = %humantime::format_duration(wait), "delivery failed; will retry");
+                    // When, as a time: `retry_in` alone leaves the reader to add it to the line's.
+                    let at = chrono::DateTime::from_timestamp_millis(*next_attempt_at)
+                        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+                        .unwrap_or_default();
+                    tracing::warn!(outcome = label, latency_ms, error = detail.as_deref().unwrap_or(""), retry_in = %humantime::format_duration(wait), next_attempt_at = %at, "delivery failed; will retry");
                 }
                 Recorded::Dead => {
                     tracing::error!(outcome = label, latency_ms, error = detail.as_deref().unwrap_or(""), "delivery is dead; replay with `{} {}`", self.replay, d.id);

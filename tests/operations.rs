@@ -1604,3 +1604,39 @@ async fn rejections_and_refused_reloads_have_one_message_and_the_why_in_a_field(
         "{refused}"
     );
 }
+
+/// A retry's log line says when the next attempt is, as a time (`next_attempt_at`, the one the
+/// store holds), beside how long that is from now (`retry_in`), and why (`error`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_is_logged_with_when_and_why() {
+    let slack = FakeSlack::start().await;
+    slack.set_default(Reply::status(503, "down"));
+    let yaml = config(&slack, "").replace(
+        "channels:",
+        "delivery: { retry_schedule: [\"1h\"], request_timeout: \"1s\" }\nchannels:",
+    );
+    let d = Daemon::start(&yaml);
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAwhen")).await.0, 200);
+    let line = eventually("a retry line", WAIT, || {
+        d.logs()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["message"] == "delivery failed; will retry")
+    })
+    .await;
+    assert_eq!(line["level"], "WARN", "{line}");
+    assert_eq!(line["span"]["sid"], "CAwhen", "{line}");
+    assert!(
+        line["error"].as_str().unwrap().contains("HTTP 503"),
+        "{line}"
+    );
+    let at = chrono::DateTime::parse_from_rfc3339(line["next_attempt_at"].as_str().unwrap())
+        .unwrap_or_else(|e| panic!("{e}: {line}"));
+    let pending = d.deliveries(Some("pending"));
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    assert_eq!(
+        Some(at.timestamp_millis()),
+        pending[0]["next_attempt_at"].as_i64(),
+        "{line}"
+    );
+}
