@@ -2,7 +2,8 @@
 //!
 //! Names (all prefixed `callnotify_`): `calls_received_total{result}`, `rules_matched_total{rule}`,
 //! `deliveries_total{channel,outcome}`, `delivery_attempts_total{channel}`,
-//! `delivery_latency_seconds{channel}` (from receipt to done), `template_errors_total`,
+//! `delivery_latency_seconds{channel}` (from receipt to done), `send_duration_seconds{channel}`
+//! (one send to the destination, any outcome), `template_errors_total`,
 //! `slack_truncations_total`, `config_reloads_total{result}`, `config_last_reload_successful`
 //! (1, or 0 from a refused reload until one succeeds), `queue_depth{state}`,
 //! `oldest_pending_age_seconds` (the longest wait of a pending or sending delivery since it was
@@ -22,9 +23,17 @@ pub fn handle() -> &'static PrometheusHandle {
                 Matcher::Full("callnotify_delivery_latency_seconds".into()),
                 &[
                     0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
-                    3600.0,
+                    3600.0, 21600.0, 86400.0,
                 ],
             )
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("callnotify_send_duration_seconds".into()),
+                    &[
+                        0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    ],
+                )
+            })
             .unwrap_or_else(|_| PrometheusBuilder::new());
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
@@ -59,6 +68,10 @@ fn describe() {
     describe_histogram!(
         "callnotify_delivery_latency_seconds",
         "Seconds from receiving a call to delivering one of its notifications, retries included."
+    );
+    describe_histogram!(
+        "callnotify_send_duration_seconds",
+        "Seconds one send to the destination took (Slack request, SMTP transaction), any outcome, waits excluded."
     );
     describe_counter!(
         "callnotify_template_errors_total",
@@ -142,6 +155,13 @@ pub fn attempt(channel: &str, outcome: &'static str) {
 
 pub fn delivered_after(channel: &str, seconds: f64) {
     metrics::histogram!("callnotify_delivery_latency_seconds", "channel" => channel.to_string())
+        .record(seconds);
+}
+
+/// One send to a destination (a Slack POST, an SMTP transaction) took `seconds`, whatever its
+/// outcome: how slow the destination answers, without pacing and retry waits.
+pub fn sent_in(channel: &str, seconds: f64) {
+    metrics::histogram!("callnotify_send_duration_seconds", "channel" => channel.to_string())
         .record(seconds);
 }
 

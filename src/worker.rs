@@ -539,7 +539,10 @@ impl Worker {
             event: &d.event,
             delivery_id: d.id,
         };
-        Some(live.senders.send(&channel.kind, &message, &meta).await)
+        let sending = std::time::Instant::now();
+        let outcome = live.senders.send(&channel.kind, &message, &meta).await;
+        crate::metrics::sent_in(&d.channel, sending.elapsed().as_secs_f64());
+        Some(outcome)
     }
 
     /// Holds every send to a destination for `after` (its `Retry-After`).

@@ -1640,3 +1640,44 @@ async fn a_retry_is_logged_with_when_and_why() {
         "{line}"
     );
 }
+
+/// How slow a destination answers is its own histogram, per channel and whatever the outcome:
+/// the receipt-to-delivery latency mixes it with pacing and retry waits, and a destination that
+/// only ever fails never shows in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn how_long_each_send_takes_is_measured_per_channel() {
+    let slack = FakeSlack::start().await;
+    slack.script([Reply::status(503, "down").delayed(Duration::from_millis(300))]);
+    let yaml = config(&slack, "").replace(
+        "channels:",
+        "delivery: { retry_schedule: [\"1s\"], request_timeout: \"5s\" }\nchannels:",
+    );
+    let d = Daemon::start(&yaml);
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAslow")).await.0, 200);
+    slack.wait_accepted(1, WAIT).await;
+    let text = eventually("two sends measured", WAIT, || {
+        let t = scrape(&d)?;
+        (metric(
+            &t,
+            r#"callnotify_send_duration_seconds_count{channel="sales"}"#,
+        ) == 2.0)
+            .then_some(t)
+    })
+    .await;
+    // The failed send took at least its 300 ms delay; the second was not delayed.
+    let le = |bound: &str| {
+        metric(
+            &text,
+            &format!(r#"callnotify_send_duration_seconds_bucket{{channel="sales",le="{bound}"}}"#),
+        )
+    };
+    assert!(le("0.25") <= 1.0, "{text}");
+    assert_eq!(le("+Inf"), 2.0, "{text}");
+    assert!(
+        metric(
+            &text,
+            r#"callnotify_send_duration_seconds_sum{channel="sales"}"#
+        ) >= 0.3,
+        "{text}"
+    );
+}
