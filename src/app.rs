@@ -103,6 +103,7 @@ impl Shared {
             }
         };
         let channels = live.config.channels.len();
+        crate::metrics::channels(live.config.channels.keys());
         self.live.store(Arc::new(live));
         crate::metrics::reload("success");
         tracing::info!(trigger, channels, "config reloaded");
@@ -269,6 +270,7 @@ impl App {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         crate::metrics::at_start(last);
+        crate::metrics::channels(live.load().config.channels.keys());
         let shared = Arc::new(Shared {
             started_with: live.load().config.clone(),
             live,

@@ -142,6 +142,20 @@ pub fn at_start(last_call_ms: i64) {
     }
 }
 
+/// Each channel's delivery series exist from when the channel is configured (at start, or by a
+/// reload), at 0: `increase(callnotify_deliveries_total{outcome="dead"}[1h]) > 0` then sees a
+/// channel's first dead delivery (a series that appears at 1 has no increase). Counters already
+/// there keep their values.
+pub fn channels<'a>(names: impl IntoIterator<Item = &'a String>) {
+    for channel in names {
+        metrics::counter!("callnotify_delivery_attempts_total", "channel" => channel.clone())
+            .increment(0);
+        for outcome in ["done", "retried", "dead"] {
+            metrics::counter!("callnotify_deliveries_total", "channel" => channel.clone(), "outcome" => outcome).increment(0);
+        }
+    }
+}
+
 /// Deliveries that went dead without an attempt (their channel left the config).
 pub fn dead_without_attempt(channel: &str, n: usize) {
     metrics::counter!("callnotify_deliveries_total", "channel" => channel.to_string(), "outcome" => "dead").increment(n as u64);

@@ -1681,3 +1681,47 @@ async fn how_long_each_send_takes_is_measured_per_channel() {
         "{text}"
     );
 }
+
+/// Each configured channel's delivery series are there from the start, and for a channel a
+/// reload adds, at 0, so an alert on `increase(...{outcome="dead"}[1h])` sees its first dead
+/// delivery; a reload leaves the counts already made as they were (counters only go up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_series_exist_per_channel_from_the_start_and_survive_a_reload() {
+    let slack = FakeSlack::start().await;
+    let d = Daemon::start(&config(&slack, ""));
+    let (_, text) = get(&d.url("/metrics")).await;
+    for line in [
+        r#"callnotify_deliveries_total{channel="sales",outcome="dead"} 0"#,
+        r#"callnotify_deliveries_total{channel="console",outcome="retried"} 0"#,
+        r#"callnotify_delivery_attempts_total{channel="console"} 0"#,
+    ] {
+        assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
+    }
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAseries")).await.0, 200);
+    slack.wait_accepted(1, WAIT).await;
+    eventually("the delivery counted", WAIT, || {
+        let t = scrape(&d)?;
+        (metric(
+            &t,
+            r#"callnotify_deliveries_total{channel="sales",outcome="done"}"#,
+        ) == 1.0)
+            .then_some(())
+    })
+    .await;
+
+    let yaml = std::fs::read_to_string(&d.config).unwrap().replace(
+        "  console: { type: log }",
+        "  console: { type: log }\n  later: { type: log }",
+    );
+    std::fs::write(&d.config, yaml).unwrap();
+    let r = http().post(d.url("/-/reload")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let (_, text) = get(&d.url("/metrics")).await;
+    for line in [
+        r#"callnotify_deliveries_total{channel="later",outcome="dead"} 0"#,
+        r#"callnotify_deliveries_total{channel="sales",outcome="done"} 1"#,
+        r#"callnotify_calls_received_total{result="accepted"} 1"#,
+    ] {
+        assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
+    }
+}
