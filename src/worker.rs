@@ -253,6 +253,9 @@ impl Worker {
         shutdown: &CancellationToken,
     ) {
         let mut wake = self.wake.subscribe();
+        // Claims failed in a row: the first is logged, and the claim that works again, not each
+        // try in between (one line a second per channel for as long as the store is away).
+        let mut failures = 0u32;
         loop {
             if shutdown.is_cancelled() {
                 return;
@@ -268,9 +271,18 @@ impl Worker {
                 .claim(name.to_string(), now, concurrency * CLAIM_FACTOR)
                 .await
             {
-                Ok(b) => b,
+                Ok(b) => {
+                    if failures > 0 {
+                        tracing::info!(channel = %name, failures, "claiming deliveries again: the store is back");
+                        failures = 0;
+                    }
+                    b
+                }
                 Err(e) => {
-                    tracing::error!(channel = %name, error = %e, "cannot claim deliveries; trying again in 1s");
+                    failures += 1;
+                    if failures == 1 {
+                        tracing::error!(channel = %name, error = %e, "cannot claim deliveries; trying again every second");
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(POLL) => {}
                         _ = shutdown.cancelled() => return,

@@ -1725,3 +1725,48 @@ async fn delivery_series_exist_per_channel_from_the_start_and_survive_a_reload()
         assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
     }
 }
+
+/// While the store is away, each channel logs that it cannot claim deliveries once, not once a
+/// second for as long as it lasts, and says so when claims work again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_is_logged_once_per_channel_and_its_end_too() {
+    let slack = FakeSlack::start().await;
+    let d = Daemon::start(&config(&slack, ""));
+    let lines = |message: &str| -> Vec<Value> {
+        d.logs()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["message"] == message)
+            .collect()
+    };
+    let path = d.dir.join("store.db");
+    let away = d.dir.join("moved-away.db");
+    std::fs::rename(&path, &away).unwrap();
+    // Two looks of the 5 s housekeeping tick: each lane has tried to claim (once a second)
+    // several times meanwhile.
+    eventually("two housekeeping ticks", WAIT, || {
+        (lines("cannot check for deliveries of removed channels").len() >= 2).then_some(())
+    })
+    .await;
+    std::fs::rename(&away, &path).unwrap();
+    let back = eventually("both lanes claiming again", WAIT, || {
+        let back = lines("claiming deliveries again: the store is back");
+        (back.len() == 2).then_some(back)
+    })
+    .await;
+    assert!(
+        back.iter().all(|v| v["failures"].as_u64() > Some(1)),
+        "{back:?}"
+    );
+    let failed = lines("cannot claim deliveries; trying again every second");
+    let mut channels: Vec<&str> = failed
+        .iter()
+        .map(|v| v["channel"].as_str().unwrap())
+        .collect();
+    channels.sort();
+    assert_eq!(channels, ["console", "sales"], "{}", d.logs());
+    assert_eq!(failed[0]["level"], "ERROR");
+    // Deliveries go on.
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAafter")).await.0, 200);
+    slack.wait_accepted(1, WAIT).await;
+}
