@@ -282,7 +282,9 @@ where
     let cfg = &live.config.server;
     if !authorized(headers, &cfg.tokens) {
         metrics::call_received("unauthorized");
-        tracing::warn!(%from, "webhook refused: missing or wrong Bearer token");
+        if refusal_logged() {
+            tracing::warn!(%from, "webhook refused: missing or wrong Bearer token");
+        }
         let mut r = error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -296,7 +298,9 @@ where
         metrics::call_received("rejected");
         // One message for every rejection, the why in `reason`: a log query or an alert on
         // "webhook rejected" finds them all.
-        tracing::warn!(%from, status = status.as_u16(), kind, reason = %message, "webhook rejected");
+        if refusal_logged() {
+            tracing::warn!(%from, status = status.as_u16(), kind, reason = %message, "webhook rejected");
+        }
         error(status, kind, message)
     };
     if let Some(ct) = headers.get(header::CONTENT_TYPE) {
@@ -411,6 +415,64 @@ where
             r
         }
     }
+}
+
+/// Refused and rejected webhooks logged per minute at most. Anyone who can reach the webhook can
+/// send them; unbounded, a flood of bad requests would fill the disk or the log pipeline and
+/// bury the lines that matter. Every one is still counted (`calls_received_total`).
+const REFUSALS_LOGGED_PER_MINUTE: u32 = 30;
+
+/// How many refusals were logged and left out in the current minute.
+#[derive(Debug, Default)]
+pub struct RefusalBudget {
+    since: Option<Instant>,
+    logged: u32,
+    left_out: u32,
+}
+
+impl RefusalBudget {
+    /// Whether a refusal at `now` is logged, and how many were left out in the minute that just
+    /// ended (said before the next line, so a flood is never silent in the log).
+    pub fn take(&mut self, now: Instant) -> (bool, u32) {
+        let mut ended = 0;
+        if self
+            .since
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(60))
+        {
+            ended = std::mem::take(&mut self.left_out);
+            self.since = Some(now);
+            self.logged = 0;
+        }
+        if self.logged < REFUSALS_LOGGED_PER_MINUTE {
+            self.logged += 1;
+            (true, ended)
+        } else {
+            self.left_out += 1;
+            (false, ended)
+        }
+    }
+}
+
+/// Process-wide, as the log is.
+static REFUSALS: Mutex<RefusalBudget> = Mutex::new(RefusalBudget {
+    since: None,
+    logged: 0,
+    left_out: 0,
+});
+
+/// Whether to log this refusal; says first how many the last minute left out, if any.
+fn refusal_logged() -> bool {
+    let (log, left_out) = REFUSALS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take(Instant::now());
+    if left_out > 0 {
+        tracing::warn!(
+            left_out,
+            "more webhooks were refused or rejected in the last minute than are logged (calls_received_total counts them all)"
+        );
+    }
+    log
 }
 
 /// Counts and logs a stored (or refused) call, and wakes delivery for what it owes.
@@ -630,6 +692,24 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
+
+    #[test]
+    fn refusals_are_logged_up_to_a_budget_a_minute_and_the_rest_are_said_to_be_left_out() {
+        let mut b = RefusalBudget::default();
+        let t0 = Instant::now();
+        let first: Vec<(bool, u32)> = (0..REFUSALS_LOGGED_PER_MINUTE + 5)
+            .map(|_| b.take(t0 + Duration::from_secs(30)))
+            .collect();
+        assert!(first[..REFUSALS_LOGGED_PER_MINUTE as usize]
+            .iter()
+            .all(|x| *x == (true, 0)));
+        assert!(first[REFUSALS_LOGGED_PER_MINUTE as usize..]
+            .iter()
+            .all(|x| *x == (false, 0)));
+        // The next minute logs again and first says how many the last one left out.
+        assert_eq!(b.take(t0 + Duration::from_secs(95)), (true, 5));
+        assert_eq!(b.take(t0 + Duration::from_secs(96)), (true, 0));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn readiness_probes_the_store_once_for_many_asks_and_again_after_a_failure() {

@@ -1770,3 +1770,47 @@ async fn a_store_outage_is_logged_once_per_channel_and_its_end_too() {
     assert_eq!(d.post(&with_sid(FIXTURE, "CAafter")).await.0, 200);
     slack.wait_accepted(1, WAIT).await;
 }
+
+/// Anyone who can reach the webhook can send bad requests: a flood of them is counted in full
+/// but logs at most 30 lines a minute, so it cannot fill the disk or bury the lines that matter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refused_webhooks_is_counted_in_full_but_logged_within_a_budget() {
+    let slack = FakeSlack::start().await;
+    let d = Daemon::start(&config(&slack, ""));
+    for _ in 0..40 {
+        let (status, _) = post(&d.url("/webhooks/air"), FIXTURE, Some("wrong")).await;
+        assert_eq!(status, 401);
+    }
+    for _ in 0..5 {
+        assert_eq!(d.post("not json").await.0, 400);
+    }
+    // Lines are written in order: once this call's line is there, every refusal's is too.
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAafterflood")).await.0, 200);
+    eventually("the call accepted line", WAIT, || {
+        d.logs()
+            .contains(r#""message":"call accepted","sid":"CAafterflood""#)
+            .then_some(())
+    })
+    .await;
+    let logs = d.logs();
+    let logged = logs
+        .lines()
+        .filter(|l| l.contains("webhook refused") || l.contains("webhook rejected"))
+        .count();
+    assert_eq!(logged, 30, "{logs}");
+    let (_, text) = get(&d.url("/metrics")).await;
+    assert_eq!(
+        metric(
+            &text,
+            r#"callnotify_calls_received_total{result="unauthorized"}"#
+        ),
+        40.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            r#"callnotify_calls_received_total{result="rejected"}"#
+        ),
+        5.0
+    );
+}
