@@ -419,7 +419,9 @@ impl Worker {
                     tracing::warn!(outcome = label, latency_ms, error = detail.as_deref().unwrap_or(""), retry_in = %humantime::format_duration(wait), next_attempt_at = %at, "delivery failed; will retry");
                 }
                 Recorded::Dead => {
-                    tracing::error!(outcome = label, latency_ms, error = detail.as_deref().unwrap_or(""), "delivery is dead; replay with `{} {}`", self.replay, d.id);
+                    // The command in a field too, for a runbook or a bot to take as it is.
+                    let replay = format!("{} {}", self.replay, d.id);
+                    tracing::error!(outcome = label, latency_ms, error = detail.as_deref().unwrap_or(""), replay = %replay, "delivery is dead; replay with `{replay}`");
                 }
             }
             let done = Attempt { id: d.id, attempt, at: now, outcome: recorded.clone(), latency_ms, detail };

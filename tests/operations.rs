@@ -1814,3 +1814,34 @@ async fn a_flood_of_refused_webhooks_is_counted_in_full_but_logged_within_a_budg
         5.0
     );
 }
+
+/// A dead delivery's line says why (`error`) and carries the command that replays it in a field
+/// of its own (`replay`), not only inside the message, so a runbook or bot can take it as is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_delivery_is_logged_with_why_and_the_replay_command_in_fields() {
+    let slack = FakeSlack::start().await;
+    slack.set_default(Reply::status(404, "no_service"));
+    let d = Daemon::start(&config(&slack, ""));
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAdead")).await.0, 200);
+    let line = eventually("a dead line", WAIT, || {
+        d.logs()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["outcome"] == "dead")
+    })
+    .await;
+    assert_eq!(line["level"], "ERROR", "{line}");
+    assert!(
+        line["error"].as_str().unwrap().contains("no_service"),
+        "{line}"
+    );
+    let id = d.deliveries(Some("dead"))[0]["id"].as_i64().unwrap();
+    assert_eq!(
+        line["replay"],
+        format!(
+            "callnotify deliveries retry --config {} {id}",
+            d.config.display()
+        ),
+        "{line}"
+    );
+}
