@@ -144,7 +144,8 @@ where
             let mut r = metrics::handle().render().into_response();
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4"),
+                // Prometheus' text format is UTF-8 (a rule's name in a label may not be ASCII).
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
             );
             r
         }

@@ -1845,3 +1845,32 @@ async fn a_dead_delivery_is_logged_with_why_and_the_replay_command_in_fields() {
         "{line}"
     );
 }
+
+/// `/metrics` says it is Prometheus' text format in UTF-8 (a rule named in another language is a
+/// label value), and HEAD answers like GET without the body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_as_utf8_prometheus_text_to_get_and_head() {
+    let slack = FakeSlack::start().await;
+    let extra =
+        "  - name: réservé\n    notify:\n      - channel: console\n        template: log/summary\n";
+    let d = Daemon::start(&config(&slack, extra));
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAutf8")).await.0, 200);
+    let r = http().get(d.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        r.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let text = r.text().await.unwrap();
+    assert!(
+        text.contains(r#"callnotify_rules_matched_total{rule="réservé"} 1"#),
+        "{text}"
+    );
+    let r = http().head(d.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        r.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    assert!(r.bytes().await.unwrap().is_empty());
+}
