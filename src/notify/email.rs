@@ -12,7 +12,7 @@
 //! connections are made here (`examples/smtp_bench.rs` measures both).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lettre::message::header::{
@@ -80,6 +80,9 @@ pub enum SendError {
     NoLogin {
         encrypted: bool,
     },
+    /// The server's greeting was a 5xx (`554 no service`): refused before we said anything,
+    /// so about the server's state (maintenance, its connection limit), not about the message.
+    Greeting(lettre::transport::smtp::Error),
 }
 
 /// How long a channel's SMTP server is left alone after it refused our login. A wrong or
@@ -317,7 +320,7 @@ impl Transport {
             .await
             .map_err(SendError::Connect)?;
         tcp.set_nodelay(true).map_err(SendError::Connect)?;
-        let mut conn = self.handshake(tcp).await.map_err(SendError::Smtp)?;
+        let mut conn = self.handshake(tcp).await?;
         if let Some(credentials) = &self.credentials {
             let offers = |m| conn.server_info().supports_auth_mechanism(m);
             if !offers(Mechanism::Plain) && !offers(Mechanism::Login) {
@@ -340,10 +343,14 @@ impl Transport {
         Ok(conn)
     }
 
+    /// Implicit TLS if configured, the greeting and EHLO, then STARTTLS if configured. A 5xx
+    /// greeting is [`SendError::Greeting`]: the stream is watched so that a 5xx that came
+    /// before we wrote anything (lettre reads the greeting and sends EHLO in one call) is told
+    /// apart from a 5xx to EHLO.
     async fn handshake(
         &self,
         tcp: tokio::net::TcpStream,
-    ) -> Result<AsyncSmtpConnection, lettre::transport::smtp::Error> {
+    ) -> Result<AsyncSmtpConnection, SendError> {
         let stream: Box<dyn AsyncTokioStream> = match (&self.tls, self.smtp.tls) {
             (Some(params), SmtpTls::Tls) => {
                 #[allow(deprecated)]
@@ -351,14 +358,31 @@ impl Transport {
                     lettre::transport::smtp::client::AsyncNetworkStream::use_existing_tokio1(
                         Box::new(tcp),
                     );
-                s.upgrade_tls(params.clone()).await?;
+                s.upgrade_tls(params.clone())
+                    .await
+                    .map_err(SendError::Smtp)?;
                 Box::new(compat::Tokio(s))
             }
             _ => Box::new(tcp),
         };
-        let mut conn = AsyncSmtpConnection::connect_with_transport(stream, &self.hello).await?;
+        let spoke = Arc::new(AtomicBool::new(false));
+        let stream = Box::new(compat::Watched {
+            inner: stream,
+            wrote: spoke.clone(),
+        });
+        let mut conn = AsyncSmtpConnection::connect_with_transport(stream, &self.hello)
+            .await
+            .map_err(|e| {
+                if e.is_permanent() && !spoke.load(Ordering::Relaxed) {
+                    SendError::Greeting(e)
+                } else {
+                    SendError::Smtp(e)
+                }
+            })?;
         if let (Some(params), SmtpTls::Starttls) = (&self.tls, self.smtp.tls) {
-            conn.starttls(params.clone(), &self.hello).await?;
+            conn.starttls(params.clone(), &self.hello)
+                .await
+                .map_err(SendError::Smtp)?;
         }
         Ok(conn)
     }
@@ -368,6 +392,8 @@ impl Transport {
 #[allow(deprecated)] // AsyncNetworkStream: public, but lettre calls it not meant to be
 mod compat {
     use std::pin::Pin;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
     use std::task::{Context, Poll};
 
     use futures_util::io::{AsyncRead, AsyncWrite};
@@ -419,6 +445,52 @@ mod compat {
     impl AsyncTokioStream for Tokio {
         fn peer_addr(&self) -> std::io::Result<std::net::SocketAddr> {
             self.0.peer_addr()
+        }
+    }
+
+    /// A connection that notes when we first write to it: an answer read before that is the
+    /// server's greeting.
+    #[derive(Debug)]
+    pub struct Watched {
+        pub inner: Box<dyn AsyncTokioStream>,
+        pub wrote: Arc<AtomicBool>,
+    }
+
+    impl tokio::io::AsyncRead for Watched {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl tokio::io::AsyncWrite for Watched {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.wrote.store(true, Ordering::Relaxed);
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    impl AsyncTokioStream for Watched {
+        fn peer_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+            self.inner.peer_addr()
         }
     }
 }
@@ -696,6 +768,20 @@ pub async fn send(
                      use `tls: starttls` or `tls: tls`, or remove them if this server takes \
                      mail without a login"
                 }
+            ),
+        },
+        // As Postfix does (`smtp_skip_5xx_greeting`): a server that will not talk to anybody
+        // now (maintenance, over its connection limit) is tried again later.
+        Err(SendError::Greeting(e)) => Outcome::Retry {
+            after: None,
+            error: excerpt(
+                &format!(
+                    "SMTP: the server refused the connection in its greeting: {}; \
+                     retried, as a 5xx greeting is about the server (maintenance, its \
+                     connection limit), not the message",
+                    error_chain(&e)
+                ),
+                400,
             ),
         },
         Err(SendError::Connect(e)) => Outcome::Retry {
@@ -1466,5 +1552,67 @@ mod tests {
             "{raw}"
         );
         assert!(raw.contains("multipart/alternative"));
+    }
+
+    /// An SMTP "server" on 127.0.0.1 that answers every connection with `greeting` and then
+    /// reads until the client hangs up, returning what the client said.
+    async fn greets_with(
+        greeting: &'static str,
+    ) -> (std::net::SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            sock.write_all(greeting.as_bytes()).await.unwrap();
+            let mut said = Vec::new();
+            let _ = sock.read_to_end(&mut said).await;
+            said
+        });
+        (addr, server)
+    }
+
+    #[tokio::test]
+    async fn a_5xx_greeting_is_retried_and_says_what_the_server_answered() {
+        // A relay in maintenance or at its connection limit answers 554 before anything is
+        // said: that is about the server, not the message (Postfix's smtp_skip_5xx_greeting).
+        for greeting in [
+            "554 5.3.2 no service\r\n",
+            "554-maintenance\r\n554 5.3.2 try later\r\n",
+        ] {
+            let (addr, server) = greets_with(greeting).await;
+            let t = plain_with(addr, Duration::from_secs(10), Some(("calls", "right")));
+            let from: Mailbox = "calls@example.com".parse().unwrap();
+            let outcome = send(&t, &from, &parts_to(&["a@example.com"]), &meta()).await;
+            match &outcome {
+                Outcome::Retry { after: None, error } => {
+                    assert!(
+                        error.contains("refused the connection in its greeting"),
+                        "{error}"
+                    );
+                    assert!(error.contains("(554)"), "{error}");
+                    assert!(
+                        error.contains("try later") || error.contains("no service"),
+                        "{error}"
+                    );
+                    assert!(!error.contains("login refused"), "{error}");
+                }
+                other => panic!("{greeting:?}: {other:?}"),
+            }
+            drop(t);
+            server.await.unwrap();
+        }
+
+        // A 5xx to what we said is still the server's word about it: dead, as before.
+        let (addr, _server) = line_peer(false, |line| match line {
+            l if l.starts_with("EHLO") => Answer::Say("250 test".into()),
+            l if l.starts_with("MAIL") => Answer::Say("550 5.7.1 sender rejected".into()),
+            _ => Answer::Say("250 ok".into()),
+        })
+        .await;
+        let t = plain(addr);
+        let from: Mailbox = "calls@example.com".parse().unwrap();
+        let outcome = send(&t, &from, &parts_to(&["a@example.com"]), &meta()).await;
+        assert!(matches!(outcome, Outcome::Permanent { .. }), "{outcome:?}");
     }
 }
