@@ -75,8 +75,15 @@ pub fn redirected(status: u16, location: Option<&str>) -> Outcome {
     }
 }
 
-/// Slack's answer -> what to do: 2xx done; 429 retry after `Retry-After`; 5xx and 408 retry;
-/// any other 4xx (`invalid_payload`, `channel_not_found`, `channel_is_archived`, ...) permanent.
+/// Slack's answer -> what to do: 2xx done; 429 retry after `Retry-After`; 5xx, 408, 421 and 425
+/// retry, no sooner than a `Retry-After` they carry; any other 4xx (`invalid_payload`,
+/// `channel_not_found`, `channel_is_archived`, ...) permanent.
+///
+/// 408 (Request Timeout), 421 (Misdirected Request: the connection reached a server that does
+/// not serve this host, a CDN or proxy's routing) and 425 (Too Early: TLS early data refused)
+/// say nothing about the message; HTTP has the client send it again (RFC 9110 15.5.9, 15.5.20;
+/// RFC 8470 5.2). A proxy in maintenance answers 503 with the time to come back in `Retry-After`
+/// (RFC 9110 10.2.3).
 pub fn classify(status: u16, retry_after: Option<&str>, body: &str) -> Outcome {
     let body = as_one_line(body);
     let said = if body.is_empty() {
@@ -95,8 +102,10 @@ pub fn classify(status: u16, retry_after: Option<&str>, body: &str) -> Outcome {
             ),
             error: said,
         },
-        408 | 500..=599 => Outcome::Retry {
-            after: None,
+        408 | 421 | 425 | 500..=599 => Outcome::Retry {
+            after: retry_after
+                .and_then(rate_limit_wait)
+                .map(|wait| wait.min(MAX_RATE_LIMIT_WAIT)),
             error: said,
         },
         _ => Outcome::Permanent { error: said },
@@ -913,5 +922,44 @@ mod tests {
                 error: "HTTP 404: channel_not_found".into()
             }
         );
+    }
+
+    #[test]
+    fn every_try_again_status_a_proxy_or_slack_may_answer_is_retried() {
+        // 421 and 425 went dead with every other 4xx: they ask for the same request again.
+        for status in [408, 421, 425, 500, 502, 503, 504] {
+            let outcome = classify(status, None, "");
+            assert_eq!(
+                outcome,
+                Outcome::Retry {
+                    after: None,
+                    error: format!("HTTP {status}")
+                },
+                "{status}"
+            );
+        }
+        // A proxy in maintenance that says when to come back is not asked again before.
+        assert_eq!(
+            classify(503, Some("120"), "maintenance"),
+            Outcome::Retry {
+                after: Some(Duration::from_secs(120)),
+                error: "HTTP 503: maintenance".into()
+            }
+        );
+        assert!(matches!(
+            classify(503, Some("99999999"), ""),
+            Outcome::Retry { after: Some(d), .. } if d == MAX_RATE_LIMIT_WAIT
+        ));
+        assert!(matches!(
+            classify(502, Some("soon"), ""),
+            Outcome::Retry { after: None, .. }
+        ));
+        // What Slack answers about the message or the webhook stays permanent.
+        for status in [400, 401, 403, 404, 405, 410, 413, 422] {
+            assert!(
+                matches!(classify(status, None, "x"), Outcome::Permanent { .. }),
+                "{status}"
+            );
+        }
     }
 }
