@@ -47,6 +47,8 @@ pub fn install_tls_provider() {
 /// The clients for every configured channel, built once per config load.
 pub struct Senders {
     http: reqwest::Client,
+    /// `delivery.request_timeout`, the HTTP client's: named in the error of a send it ended.
+    request_timeout: Duration,
     smtp: HashMap<String, email::Transport>,
     logs: log::Files,
 }
@@ -73,6 +75,7 @@ impl Senders {
         }
         Ok(Senders {
             http,
+            request_timeout: config.delivery.request_timeout,
             smtp,
             logs: log::Files::default(),
         })
@@ -82,7 +85,7 @@ impl Senders {
     pub async fn send(&self, kind: &ChannelKind, message: &Message, meta: &Meta<'_>) -> Outcome {
         match (kind, message) {
             (ChannelKind::Slack { webhook_url }, Message::Slack { body }) => {
-                slack::send(&self.http, webhook_url, body).await
+                slack::send(&self.http, webhook_url, body, self.request_timeout).await
             }
             (ChannelKind::Email { from, .. }, Message::Email(parts)) => {
                 let Some(transport) = self.smtp.get(meta.channel) else {

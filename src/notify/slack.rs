@@ -14,7 +14,14 @@ pub const DEFAULT_RATE_LIMIT_WAIT: Duration = Duration::from_secs(30);
 /// `u64::MAX`, would otherwise overflow the pause's deadline.
 pub const MAX_RATE_LIMIT_WAIT: Duration = Duration::from_secs(3600);
 
-pub async fn send(client: &reqwest::Client, url: &SecretString, body: &Value) -> Outcome {
+/// POSTs `body` to the webhook; `timeout` is the client's request timeout, named in the error
+/// when it ends the request.
+pub async fn send(
+    client: &reqwest::Client,
+    url: &SecretString,
+    body: &Value,
+    timeout: Duration,
+) -> Outcome {
     let response = client.post(url.expose_secret()).json(body).send().await;
     match response {
         Ok(r) => {
@@ -33,7 +40,7 @@ pub async fn send(client: &reqwest::Client, url: &SecretString, body: &Value) ->
             classify(status, retry_after.as_deref(), &text)
         }
         // The error's URL is the secret webhook address: never let it into a message.
-        Err(e) => classify_error(&e.without_url()),
+        Err(e) => classify_error(&e.without_url(), timeout),
     }
 }
 
@@ -125,22 +132,28 @@ fn rate_limit_wait(value: &str) -> Option<Duration> {
     Some(wait.to_std().unwrap_or(Duration::ZERO))
 }
 
-fn classify_error(e: &reqwest::Error) -> Outcome {
-    let kind = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "connection failed"
+/// A request that got no answer. Only a connection that was never made says the message was
+/// not posted: once the request may have reached Slack (no answer within `timeout`, or the
+/// connection lost while waiting), Slack may have posted it, and the error says the retry may
+/// show it twice (incoming webhooks have no idempotency key).
+fn classify_error(e: &reqwest::Error, timeout: Duration) -> Outcome {
+    const TWICE: &str = "Slack may have posted it, so the retry may show it twice";
+    let chain = || excerpt(&as_one_line(&error_chain(e)), 300);
+    let error = if e.is_connect() {
+        format!("connection failed: {}", chain())
+    } else if e.is_timeout() {
+        format!(
+            "no answer within {}; {TWICE}",
+            humantime::format_duration(timeout)
+        )
     } else if e.is_builder() {
         return Outcome::Permanent {
             error: format!("cannot build the request: {e}"),
         };
     } else {
-        "request failed"
+        format!("request failed: {}; {TWICE}", chain())
     };
-    Outcome::Retry {
-        after: None,
-        error: format!("{kind}: {}", excerpt(&as_one_line(&error_chain(e)), 300)),
-    }
+    Outcome::Retry { after: None, error }
 }
 
 /// Slack's limits, and ours for the top-level text (Slack truncates at 40,000 characters).
@@ -824,7 +837,13 @@ mod tests {
             .build()
             .unwrap();
         let url = SecretString::from(format!("http://{addr}/services/T0/B0/secret"));
-        let outcome = send(&client, &url, &serde_json::json!({"text": "hi"})).await;
+        let outcome = send(
+            &client,
+            &url,
+            &serde_json::json!({"text": "hi"}),
+            Duration::from_secs(120),
+        )
+        .await;
         match &outcome {
             Outcome::Retry { after: None, error } => {
                 assert!(error.starts_with("HTTP 500: xxxx"), "{error}")
@@ -960,6 +979,48 @@ mod tests {
                 matches!(classify(status, None, "x"), Outcome::Permanent { .. }),
                 "{status}"
             );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_slack_never_answered_says_the_retry_may_show_it_twice() {
+        use tokio::io::AsyncReadExt;
+        // A peer that takes the whole request and never answers: Slack that posted the message
+        // and whose answer was lost, as far as the client can tell.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _peer = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            while sock.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        });
+        crate::notify::install_tls_provider();
+        let timeout = Duration::from_millis(300);
+        let client = reqwest::Client::builder().timeout(timeout).build().unwrap();
+        let body = serde_json::json!({"text": "hi"});
+        let url = SecretString::from(format!("http://{addr}/services/T0/B0/secret"));
+        assert_eq!(
+            send(&client, &url, &body, timeout).await,
+            Outcome::Retry {
+                after: None,
+                error: "no answer within 300ms; Slack may have posted it, \
+                        so the retry may show it twice"
+                    .into()
+            }
+        );
+
+        // A connection never made posted nothing: no such warning.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let url = SecretString::from(format!("http://127.0.0.1:{port}/services/T0/B0/secret"));
+        match send(&client, &url, &body, timeout).await {
+            Outcome::Retry { after: None, error } => {
+                assert!(error.starts_with("connection failed: "), "{error}");
+                assert!(!error.contains("twice"), "{error}");
+                assert!(!error.contains("secret"), "{error}");
+            }
+            other => panic!("{other:?}"),
         }
     }
 }
