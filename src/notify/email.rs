@@ -261,9 +261,12 @@ impl Transport {
         let limit = self.smtp.timeout;
         let mut conn = match self.reuse().await {
             Some(c) => c,
-            None => tokio::time::timeout(limit, self.connect())
-                .await
-                .map_err(|_| SendError::Timeout("connecting"))??,
+            None => {
+                let deadline = tokio::time::Instant::now() + limit;
+                tokio::time::timeout_at(deadline, self.connect(deadline))
+                    .await
+                    .map_err(|_| SendError::Timeout("connecting"))??
+            }
         };
         let text_sent = AtomicBool::new(false);
         let sent = tokio::time::timeout(
@@ -314,10 +317,19 @@ impl Transport {
         }
     }
 
-    /// TCP with `TCP_NODELAY`, then implicit TLS or STARTTLS as configured, then AUTH (a
-    /// refused login is [`SendError::Auth`]).
-    async fn connect(&self) -> Result<AsyncSmtpConnection, SendError> {
-        let tcp = tokio::net::TcpStream::connect((self.smtp.host.as_str(), self.smtp.port))
+    /// TCP with `TCP_NODELAY` to the first of the host's addresses that answers (see
+    /// [`connect_any`]), then implicit TLS or STARTTLS as configured, then AUTH (a refused login
+    /// is [`SendError::Auth`]). All of it by `deadline`.
+    async fn connect(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<AsyncSmtpConnection, SendError> {
+        let (host, port) = (self.smtp.host.as_str(), self.smtp.port);
+        let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(SendError::Connect)?
+            .collect();
+        let tcp = connect_any(&addrs, deadline)
             .await
             .map_err(SendError::Connect)?;
         tcp.set_nodelay(true).map_err(SendError::Connect)?;
@@ -387,6 +399,44 @@ impl Transport {
         }
         Ok(conn)
     }
+}
+
+/// A TCP connection to the first of `addrs` that answers, in order, by `deadline`. Each address
+/// gets an equal share of the time left when its turn comes (as hyper shares Slack's connect
+/// timeout): one that does not answer (an IPv6 address that is not routed, a host that drops
+/// the packets) costs its share and the next is tried, instead of the whole attempt's time
+/// going to it. One that fails at once (refused) leaves its share to those after it, and a host
+/// with one address gets all the time. The error names each address and what it met.
+pub async fn connect_any(
+    addrs: &[std::net::SocketAddr],
+    deadline: tokio::time::Instant,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let mut failed = Vec::new();
+    let mut kind = std::io::ErrorKind::NotFound;
+    for (i, addr) in addrs.iter().enumerate() {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let share = left / u32::try_from(addrs.len() - i).unwrap_or(u32::MAX);
+        match tokio::time::timeout(share, tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => return Ok(tcp),
+            Ok(Err(e)) => {
+                kind = e.kind();
+                failed.push(format!("{addr}: {e}"));
+            }
+            Err(_) => {
+                kind = std::io::ErrorKind::TimedOut;
+                failed.push(format!(
+                    "{addr}: no answer within {}",
+                    humantime::format_duration(Duration::from_millis(
+                        u64::try_from(share.as_millis()).unwrap_or(u64::MAX)
+                    ))
+                ));
+            }
+        }
+    }
+    if failed.is_empty() {
+        failed.push("the host name resolves to no address".into());
+    }
+    Err(std::io::Error::new(kind, failed.join("; ")))
 }
 
 /// lettre's TLS stream speaks the `futures` I/O traits; its connection wants tokio's.
@@ -1627,5 +1677,60 @@ mod tests {
         let from: Mailbox = "calls@example.com".parse().unwrap();
         let outcome = send(&t, &from, &parts_to(&["a@example.com"]), &meta()).await;
         assert!(matches!(outcome, Outcome::Permanent { .. }), "{outcome:?}");
+    }
+
+    /// A listener on 127.0.0.1 whose accept queue is full, and the connections that fill it:
+    /// the kernel drops a further SYN, so a connect to it gets no answer, as to an address
+    /// that is not routed.
+    async fn never_answers() -> (
+        std::net::SocketAddr,
+        tokio::net::TcpListener,
+        Vec<tokio::net::TcpStream>,
+    ) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut queued = Vec::new();
+        loop {
+            let probe = tokio::net::TcpStream::connect(addr);
+            match tokio::time::timeout(Duration::from_millis(500), probe).await {
+                Ok(Ok(tcp)) => queued.push(tcp),
+                Ok(Err(e)) => panic!("{e}"),
+                Err(_) => return (addr, listener, queued),
+            }
+            assert!(queued.len() < 64, "the accept queue does not fill");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_address_that_does_not_answer_costs_its_share_and_the_next_is_tried() {
+        // Never accepted from while the test runs: the queue stays full.
+        let (silent, _listener, _queued) = never_answers().await;
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good_addr = good.local_addr().unwrap();
+        // As a host name whose first address (an AAAA, say) is not routed, within the
+        // attempt's time as `Transport::send` gives it.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+        let tcp = tokio::time::timeout_at(deadline, connect_any(&[silent, good_addr], deadline))
+            .await
+            .expect("the first address took all the time")
+            .expect("the second address was not tried");
+        assert_eq!(tcp.peer_addr().unwrap(), good_addr);
+
+        // When none answers, the error names each address and why.
+        let refused = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        let e = connect_any(&[refused, silent], deadline).await.unwrap_err();
+        let said = e.to_string();
+        assert!(said.starts_with(&format!("{refused}: ")), "{said}");
+        assert!(
+            said.contains(&format!("; {silent}: no answer within ")),
+            "{said}"
+        );
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
     }
 }
