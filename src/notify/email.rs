@@ -80,6 +80,10 @@ pub enum SendError {
     NoLogin {
         encrypted: bool,
     },
+    /// `tls: starttls` and the server does not offer STARTTLS, or refuses it (the error, then):
+    /// nothing is sent unencrypted. About the server or the channel's settings, not the
+    /// message.
+    NoStartTls(Option<lettre::transport::smtp::Error>),
     /// The server's greeting was a 5xx (`554 no service`): refused before we said anything,
     /// so about the server's state (maintenance, its connection limit), not about the message.
     Greeting(lettre::transport::smtp::Error),
@@ -393,9 +397,19 @@ impl Transport {
                 }
             })?;
         if let (Some(params), SmtpTls::Starttls) = (&self.tls, self.smtp.tls) {
+            if !conn.server_info().supports_feature(Extension::StartTls) {
+                return Err(SendError::NoStartTls(None));
+            }
             conn.starttls(params.clone(), &self.hello)
                 .await
-                .map_err(SendError::Smtp)?;
+                .map_err(|e| {
+                    // A refusal to the command itself; a failed handshake stays a TLS error.
+                    if e.is_permanent() {
+                        SendError::NoStartTls(Some(e))
+                    } else {
+                        SendError::Smtp(e)
+                    }
+                })?;
         }
         Ok(conn)
     }
@@ -819,6 +833,23 @@ pub async fn send(
                      use `tls: starttls` or `tls: tls`, or remove them if this server takes \
                      mail without a login"
                 }
+            ),
+        },
+        // As Postfix defers mail when TLS is required and not offered: the emails wait for the
+        // server or the setting to be fixed instead of going dead or out in the clear.
+        Err(SendError::NoStartTls(refusal)) => Outcome::Retry {
+            after: None,
+            error: excerpt(
+                &format!(
+                    "SMTP: the server {} STARTTLS, which the channel requires (`tls: starttls`), \
+                     so nothing was sent; use `tls: tls` if it speaks TLS from the start \
+                     (port 465), or `tls: none` for a local relay that has no TLS",
+                    match &refusal {
+                        Some(e) => format!("refused ({})", error_chain(e)),
+                        None => "does not offer".into(),
+                    }
+                ),
+                400,
             ),
         },
         // As Postfix does (`smtp_skip_5xx_greeting`): a server that will not talk to anybody
@@ -1732,5 +1763,55 @@ mod tests {
             "{said}"
         );
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test]
+    async fn a_server_without_starttls_is_named_and_the_email_waits_unsent() {
+        // `tls: starttls` against a server whose EHLO lists no STARTTLS (a relay misconfigured,
+        // or a path that strips it): the error said "internal client error"; and one that
+        // answers STARTTLS with a 5xx made the email dead.
+        for refuse in [false, true] {
+            let (addr, server) = line_peer(false, move |line| match line {
+                l if l.starts_with("EHLO") && refuse => {
+                    Answer::Say("250-test\r\n250 STARTTLS".into())
+                }
+                l if l.starts_with("EHLO") => Answer::Say("250-test\r\n250 8BITMIME".into()),
+                "STARTTLS" => Answer::Say("502 5.5.1 not available here".into()),
+                _ => Answer::Say("250 ok".into()),
+            })
+            .await;
+            let t = transport(&SmtpConfig {
+                host: addr.ip().to_string(),
+                port: addr.port(),
+                tls: SmtpTls::Starttls,
+                username: None,
+                password: None,
+                timeout: Duration::from_secs(10),
+            })
+            .unwrap();
+            let from: Mailbox = "calls@example.com".parse().unwrap();
+            let outcome = send(&t, &from, &parts_to(&["a@example.com"]), &meta()).await;
+            let Outcome::Retry { after: None, error } = &outcome else {
+                panic!("refuse {refuse}: {outcome:?}");
+            };
+            if refuse {
+                assert!(
+                    error.contains("the server refused (") && error.contains("(502)"),
+                    "{error}"
+                );
+            } else {
+                assert!(
+                    error.contains("the server does not offer STARTTLS"),
+                    "{error}"
+                );
+            }
+            assert!(error.contains("`tls: starttls`"), "{error}");
+            drop(t);
+            let said = server.await.unwrap();
+            assert!(
+                !said.iter().any(|l| l.starts_with("MAIL")),
+                "sent in the clear: {said:?}"
+            );
+        }
     }
 }
