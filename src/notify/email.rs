@@ -84,6 +84,9 @@ pub enum SendError {
     /// nothing is sent unencrypted. About the server or the channel's settings, not the
     /// message.
     NoStartTls(Option<lettre::transport::smtp::Error>),
+    /// `tls: tls` and the server answered in plain text (its greeting, most likely): it wants
+    /// STARTTLS or no TLS, not TLS from the start.
+    NotTls(lettre::transport::smtp::Error),
     /// The server's greeting was a 5xx (`554 no service`): refused before we said anything,
     /// so about the server's state (maintenance, its connection limit), not about the message.
     Greeting(lettre::transport::smtp::Error),
@@ -375,9 +378,13 @@ impl Transport {
                     lettre::transport::smtp::client::AsyncNetworkStream::use_existing_tokio1(
                         Box::new(tcp),
                     );
-                s.upgrade_tls(params.clone())
-                    .await
-                    .map_err(SendError::Smtp)?;
+                s.upgrade_tls(params.clone()).await.map_err(|e| {
+                    if answered_in_plain_text(&e) {
+                        SendError::NotTls(e)
+                    } else {
+                        SendError::Smtp(e)
+                    }
+                })?;
                 Box::new(compat::Tokio(s))
             }
             _ => Box::new(tcp),
@@ -451,6 +458,29 @@ pub async fn connect_any(
         failed.push("the host name resolves to no address".into());
     }
     Err(std::io::Error::new(kind, failed.join("; ")))
+}
+
+/// Whether a TLS handshake failed because what came back was not TLS at all (rustls:
+/// `InvalidContentType`): a server that greets in plain text.
+fn answered_in_plain_text(e: &lettre::transport::smtp::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        let tls = s.downcast_ref::<rustls::Error>().or_else(|| {
+            s.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if matches!(
+            tls,
+            Some(rustls::Error::InvalidMessage(
+                rustls::InvalidMessage::InvalidContentType
+            ))
+        ) {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// lettre's TLS stream speaks the `futures` I/O traits; its connection wants tokio's.
@@ -833,6 +863,18 @@ pub async fn send(
                      use `tls: starttls` or `tls: tls`, or remove them if this server takes \
                      mail without a login"
                 }
+            ),
+        },
+        Err(SendError::NotTls(e)) => Outcome::Retry {
+            after: None,
+            error: excerpt(
+                &format!(
+                    "SMTP: the server answered in plain text, not TLS ({}); `tls: tls` is for a \
+                     server that speaks TLS from the start (port 465): on port 587 or 25 use \
+                     `tls: starttls`",
+                    error_chain(&e)
+                ),
+                400,
             ),
         },
         // As Postfix defers mail when TLS is required and not offered: the emails wait for the
@@ -1813,5 +1855,35 @@ mod tests {
                 "sent in the clear: {said:?}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn tls_from_the_start_against_a_plain_text_server_says_which_setting_fits() {
+        // `tls: tls` on port 587: the server greets in plain text and the error read
+        // "Connection error: Connection error: received corrupt message of type
+        // InvalidContentType", which says nothing about the setting.
+        let (addr, server) = line_peer(false, |_| Answer::Say("250 ok".into())).await;
+        let t = transport(&SmtpConfig {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+            tls: SmtpTls::Tls,
+            username: None,
+            password: None,
+            timeout: Duration::from_secs(10),
+        })
+        .unwrap();
+        let from: Mailbox = "calls@example.com".parse().unwrap();
+        let outcome = send(&t, &from, &parts_to(&["a@example.com"]), &meta()).await;
+        let Outcome::Retry { after: None, error } = &outcome else {
+            panic!("{outcome:?}");
+        };
+        assert!(
+            error.starts_with("SMTP: the server answered in plain text, not TLS"),
+            "{error}"
+        );
+        assert!(error.contains("use `tls: starttls`"), "{error}");
+        drop(t);
+        let said = server.await.unwrap();
+        assert!(!said.iter().any(|l| l.starts_with("MAIL")), "{said:?}");
     }
 }
