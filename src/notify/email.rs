@@ -34,6 +34,22 @@ use crate::render::EmailParts;
 const MAX_IDLE: usize = 8;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How far a new connection got: for what to say when its time runs out, and to tell the
+/// greeting from later answers.
+#[derive(Default)]
+struct Progress {
+    /// The connection is made (and TLS is up, with `tls: tls`): the server's greeting is due.
+    connected: AtomicBool,
+    /// We wrote to the connection (EHLO): the greeting came.
+    spoke: Arc<AtomicBool>,
+}
+
+impl Progress {
+    fn greeting_awaited(&self) -> bool {
+        self.connected.load(Ordering::Relaxed) && !self.spoke.load(Ordering::Relaxed)
+    }
+}
+
 /// One channel's SMTP client: its settings and a pool of idle connections.
 pub struct Transport {
     smtp: SmtpConfig,
@@ -87,6 +103,11 @@ pub enum SendError {
     /// `tls: tls` and the server answered in plain text (its greeting, most likely): it wants
     /// STARTTLS or no TLS, not TLS from the start.
     NotTls(lettre::transport::smtp::Error),
+    /// The connection was made but the server sent no greeting within `waited`.
+    NoGreeting {
+        tls: SmtpTls,
+        waited: Duration,
+    },
     /// The server's greeting was a 5xx (`554 no service`): refused before we said anything,
     /// so about the server's state (maintenance, its connection limit), not about the message.
     Greeting(lettre::transport::smtp::Error),
@@ -270,9 +291,19 @@ impl Transport {
             Some(c) => c,
             None => {
                 let deadline = tokio::time::Instant::now() + limit;
-                tokio::time::timeout_at(deadline, self.connect(deadline))
+                let progress = Progress::default();
+                tokio::time::timeout_at(deadline, self.connect(deadline, &progress))
                     .await
-                    .map_err(|_| SendError::Timeout("connecting"))??
+                    .map_err(|_| {
+                        if progress.greeting_awaited() {
+                            SendError::NoGreeting {
+                                tls: self.smtp.tls,
+                                waited: limit,
+                            }
+                        } else {
+                            SendError::Timeout("connecting")
+                        }
+                    })??
             }
         };
         let text_sent = AtomicBool::new(false);
@@ -330,6 +361,7 @@ impl Transport {
     async fn connect(
         &self,
         deadline: tokio::time::Instant,
+        progress: &Progress,
     ) -> Result<AsyncSmtpConnection, SendError> {
         let (host, port) = (self.smtp.host.as_str(), self.smtp.port);
         let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host, port))
@@ -340,7 +372,7 @@ impl Transport {
             .await
             .map_err(SendError::Connect)?;
         tcp.set_nodelay(true).map_err(SendError::Connect)?;
-        let mut conn = self.handshake(tcp).await?;
+        let mut conn = self.handshake(tcp, progress).await?;
         if let Some(credentials) = &self.credentials {
             let offers = |m| conn.server_info().supports_auth_mechanism(m);
             if !offers(Mechanism::Plain) && !offers(Mechanism::Login) {
@@ -370,6 +402,7 @@ impl Transport {
     async fn handshake(
         &self,
         tcp: tokio::net::TcpStream,
+        progress: &Progress,
     ) -> Result<AsyncSmtpConnection, SendError> {
         let stream: Box<dyn AsyncTokioStream> = match (&self.tls, self.smtp.tls) {
             (Some(params), SmtpTls::Tls) => {
@@ -389,15 +422,15 @@ impl Transport {
             }
             _ => Box::new(tcp),
         };
-        let spoke = Arc::new(AtomicBool::new(false));
         let stream = Box::new(compat::Watched {
             inner: stream,
-            wrote: spoke.clone(),
+            wrote: progress.spoke.clone(),
         });
+        progress.connected.store(true, Ordering::Relaxed);
         let mut conn = AsyncSmtpConnection::connect_with_transport(stream, &self.hello)
             .await
             .map_err(|e| {
-                if e.is_permanent() && !spoke.load(Ordering::Relaxed) {
+                if e.is_permanent() && progress.greeting_awaited() {
                     SendError::Greeting(e)
                 } else {
                     SendError::Smtp(e)
@@ -862,6 +895,19 @@ pub async fn send(
                     "servers often offer it only over TLS, and this channel has `tls: none`: \
                      use `tls: starttls` or `tls: tls`, or remove them if this server takes \
                      mail without a login"
+                }
+            ),
+        },
+        Err(SendError::NoGreeting { tls, waited }) => Outcome::Retry {
+            after: None,
+            error: format!(
+                "SMTP: connected, but the server sent no greeting within {}{}",
+                humantime::format_duration(waited),
+                if tls == SmtpTls::Tls {
+                    ""
+                } else {
+                    "; a server that speaks TLS from the start (port 465) waits like this for \
+                     `tls: tls`"
                 }
             ),
         },
@@ -1885,5 +1931,41 @@ mod tests {
         drop(t);
         let said = server.await.unwrap();
         assert!(!said.iter().any(|l| l.starts_with("MAIL")), "{said:?}");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_never_greets_is_named_with_the_tls_setting_it_may_want() {
+        // `tls: starttls` (the default) on port 465: the server waits for a TLS handshake and
+        // says nothing, and the error read "no answer in time while connecting", as if the
+        // relay were down.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Accepts and says nothing, as a TLS server waiting for the client's hello.
+        let _server = tokio::spawn(async move {
+            let mut open = Vec::new();
+            loop {
+                open.push(listener.accept().await.unwrap().0);
+            }
+        });
+        let t = transport(&SmtpConfig {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+            tls: SmtpTls::Starttls,
+            username: None,
+            password: None,
+            timeout: Duration::from_millis(300),
+        })
+        .unwrap();
+        let from: Mailbox = "calls@example.com".parse().unwrap();
+        let outcome = send(&t, &from, &parts_to(&["a@example.com"]), &meta()).await;
+        assert_eq!(
+            outcome,
+            Outcome::Retry {
+                after: None,
+                error: "SMTP: connected, but the server sent no greeting within 300ms; a server \
+                        that speaks TLS from the start (port 465) waits like this for `tls: tls`"
+                    .into()
+            }
+        );
     }
 }
