@@ -82,7 +82,7 @@ pub fn redirected(status: u16, location: Option<&str>) -> Outcome {
     }
 }
 
-/// Slack's answer -> what to do: 2xx done; 429 retry after `Retry-After`; 5xx, 408, 421 and 425
+/// Slack's answer -> what to do: 2xx done, unless its body is `{"ok": false, ...}`; 429 retry after `Retry-After`; 5xx, 408, 421 and 425
 /// retry, no sooner than a `Retry-After` they carry; any other 4xx (`invalid_payload`,
 /// `channel_not_found`, `channel_is_archived`, ...) permanent.
 ///
@@ -99,7 +99,31 @@ pub fn classify(status: u16, retry_after: Option<&str>, body: &str) -> Outcome {
         format!("HTTP {status}: {}", excerpt(&body, 300))
     };
     match status {
-        200..=299 => Outcome::Delivered { detail: Some(said) },
+        200..=299 => match refusal(&body) {
+            None => Outcome::Delivered { detail: Some(said) },
+            // Slack's Web API and workflow triggers answer a refusal with 200 and
+            // `{"ok": false, "error": "..."}`: nothing was posted.
+            Some(error) => match error.as_str() {
+                "ratelimited" | "rate_limited" => Outcome::Retry {
+                    after: Some(
+                        retry_after
+                            .and_then(rate_limit_wait)
+                            .map(|wait| wait.min(MAX_RATE_LIMIT_WAIT))
+                            .unwrap_or(DEFAULT_RATE_LIMIT_WAIT),
+                    ),
+                    error: said,
+                },
+                "internal_error" | "fatal_error" | "service_unavailable" | "request_timeout" => {
+                    Outcome::Retry {
+                        after: None,
+                        error: said,
+                    }
+                }
+                _ => Outcome::Permanent {
+                    error: format!("{said} (a refusal, though with a 2xx status)"),
+                },
+            },
+        },
         429 => Outcome::Retry {
             after: Some(
                 retry_after
@@ -117,6 +141,21 @@ pub fn classify(status: u16, retry_after: Option<&str>, body: &str) -> Outcome {
         },
         _ => Outcome::Permanent { error: said },
     }
+}
+
+/// The `error` of a JSON answer that says `"ok": false` (`"unknown"` when it names none); None
+/// for any other answer (`ok`, an empty body, a page).
+fn refusal(body: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(body).ok()?;
+    if v.get("ok")? != &Value::Bool(false) {
+        return None;
+    }
+    Some(
+        v.get("error")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown")
+            .to_string(),
+    )
 }
 
 /// A `Retry-After` value as a wait: seconds (what Slack sends), or an HTTP date (RFC 9110
@@ -1021,6 +1060,50 @@ mod tests {
                 assert!(!error.contains("secret"), "{error}");
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_2xx_whose_body_says_ok_false_is_not_counted_delivered() {
+        // A workflow trigger or a Web API URL pasted as the webhook answers 200 with
+        // {"ok": false, ...} when it posts nothing: that was recorded as delivered.
+        let refused = classify(
+            200,
+            None,
+            r#"{"ok":false,"error":"invalid_workflow_input"}"#,
+        );
+        assert_eq!(
+            refused,
+            Outcome::Permanent {
+                error: r#"HTTP 200: {"ok":false,"error":"invalid_workflow_input"} (a refusal, though with a 2xx status)"#
+                    .into()
+            }
+        );
+        assert!(matches!(
+            classify(200, None, r#"{"ok": false}"#),
+            Outcome::Permanent { .. }
+        ));
+        assert!(matches!(
+            classify(200, Some("9"), r#"{"ok":false,"error":"ratelimited"}"#),
+            Outcome::Retry { after: Some(d), .. } if d == Duration::from_secs(9)
+        ));
+        assert!(matches!(
+            classify(200, None, r#"{"ok":false,"error":"internal_error"}"#),
+            Outcome::Retry { after: None, .. }
+        ));
+        // Everything else a 2xx can carry is a delivery, as before.
+        for body in [
+            "ok",
+            "",
+            r#"{"ok":true}"#,
+            "<html>posted</html>",
+            "[false]",
+            r#"{"ok":"false"}"#,
+        ] {
+            assert!(
+                matches!(classify(200, None, body), Outcome::Delivered { .. }),
+                "{body:?}"
+            );
         }
     }
 }
