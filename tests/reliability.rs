@@ -1538,3 +1538,37 @@ rules:
     shutdown.cancel();
     worker.await.unwrap();
 }
+
+#[tokio::test]
+async fn an_smtp_relay_refusing_everyone_in_its_greeting_is_retried_not_dead() {
+    use std::io::Write;
+    // A relay in maintenance (or at its connection limit): 554 before anything is said.
+    let relay = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = relay.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut sock in relay.incoming().flatten() {
+            let _ = sock.write_all(b"554 5.3.2 no service, try later\r\n");
+        }
+    });
+    let tpl = templates();
+    let d = Daemon::start(&config(
+        tpl.path(),
+        FAST,
+        &email_channel(port),
+        r#"[{ channel: mail, to: ["a@example.com"], subject: "{{sid}}", template: email/sid }]"#,
+    ));
+    accept(&d, "CAgreeting554").await;
+    let row = eventually("two refused attempts", WAIT, || {
+        let r = d.deliveries(None).into_iter().next()?;
+        (r["attempts"].as_u64()? >= 2).then_some(r)
+    })
+    .await;
+    assert_eq!(row["status"], "pending", "{row}");
+    let error = row["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("refused the connection in its greeting")
+            && error.contains("(554)")
+            && error.contains("no service, try later"),
+        "{row}"
+    );
+}
