@@ -1572,3 +1572,22 @@ async fn an_smtp_relay_refusing_everyone_in_its_greeting_is_retried_not_dead() {
         "{row}"
     );
 }
+
+#[tokio::test]
+async fn slack_421_and_425_from_a_proxy_in_front_are_retried_and_delivered_once() {
+    let tpl = templates();
+    let slack = FakeSlack::start().await;
+    slack.script([
+        Reply::status(421, "Misdirected Request"),
+        Reply::status(425, "Too Early"),
+    ]);
+    let d = Daemon::start(&slack_only(tpl.path(), &slack, FAST));
+    accept(&d, "CA421").await;
+    let rows = d.wait_settled(WAIT).await;
+    let row = by_sid(&rows, "CA421");
+    assert_eq!(row["status"], "done", "{row}");
+    assert_eq!(row["attempts"], 3, "{row}");
+    let got: Vec<u16> = slack.received().iter().map(|r| r.answered).collect();
+    assert_eq!(got, [421, 425, 200]);
+    assert_eq!(slack.accepted().len(), 1);
+}
