@@ -1591,3 +1591,22 @@ async fn slack_421_and_425_from_a_proxy_in_front_are_retried_and_delivered_once(
     assert_eq!(got, [421, 425, 200]);
     assert_eq!(slack.accepted().len(), 1);
 }
+
+#[tokio::test]
+async fn a_slack_answer_that_never_came_is_recorded_as_possibly_posted() {
+    let tpl = templates();
+    let slack = FakeSlack::start().await;
+    // Slack takes the message but its answer comes after request_timeout (1s).
+    slack.script([Reply::ok().delayed(Duration::from_secs(5))]);
+    let d = Daemon::start(&slack_only(tpl.path(), &slack, FAST));
+    accept(&d, "CAtwice").await;
+    let rows = d.wait_settled(WAIT).await;
+    let row = by_sid(&rows, "CAtwice");
+    assert_eq!(row["status"], "done", "{row}");
+    assert_eq!(row["attempts"], 2, "{row}");
+    assert_eq!(
+        row["last_error"],
+        "no answer within 1s; Slack may have posted it, so the retry may show it twice",
+        "{row}"
+    );
+}
