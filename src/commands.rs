@@ -266,6 +266,16 @@ fn check_report(config: &Config) -> (Vec<String>, Vec<Problem>) {
             problems.extend(same_problem_once(&at, found));
         }
     }
+    for (name, channel) in &config.channels {
+        if let ChannelKind::Log { file: Some(path) } = &channel.kind {
+            if let Err(e) = can_append(path) {
+                problems.push(Problem::new(
+                    format!("channels.{name}.file"),
+                    format!("cannot open {} for appending: {e}", path.display()),
+                ));
+            }
+        }
+    }
     if let Some(q) = &config.quiet_alert {
         let found = quiet_alert_problems(config, q);
         if found.is_empty() {
@@ -277,6 +287,36 @@ fn check_report(config: &Config) -> (Vec<String>, Vec<Problem>) {
         problems.extend(found);
     }
     (lines, problems)
+}
+
+/// Opens a log channel's file for appending as its lane will (creating the directories and the
+/// file), so a path that cannot be written is found before the first call, with the OS's reason.
+/// What the probe created is removed again: `check` leaves no trace.
+fn can_append(path: &std::path::Path) -> std::io::Result<()> {
+    let mut created = Vec::new();
+    let mut missing = path.parent().filter(|d| !d.as_os_str().is_empty());
+    while let Some(d) = missing.filter(|d| !d.exists()) {
+        created.push(d.to_path_buf());
+        missing = d.parent().filter(|d| !d.as_os_str().is_empty());
+    }
+    let existed = path.exists();
+    // `created` runs deepest first.
+    let opened = created
+        .first()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+        });
+    if opened.is_ok() && !existed {
+        let _ = std::fs::remove_file(path);
+    }
+    for d in &created {
+        let _ = std::fs::remove_dir(d);
+    }
+    opened.map(drop)
 }
 
 /// One problem per distinct message, naming every sample that met it: a template typo is one

@@ -1874,3 +1874,57 @@ async fn metrics_are_served_as_utf8_prometheus_text_to_get_and_head() {
     );
     assert!(r.bytes().await.unwrap().is_empty());
 }
+
+/// A log channel whose file cannot be opened for appending is found by `check` and refused by a
+/// reload, naming the path and the OS's reason, instead of at the first delivery; a file that
+/// can be written passes, and checking it leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_file_that_cannot_be_written_is_found_by_check_and_refused_by_reload() {
+    let slack = FakeSlack::start().await;
+    let d = Daemon::start(&config(&slack, ""));
+    let original = std::fs::read_to_string(&d.config).unwrap();
+    let check = || {
+        let out = d.cli(&["check"]);
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+
+    // A directory that does not exist yet is created by the lane: that is fine, and `check`
+    // does not leave it (or the file) behind.
+    let later = d.dir.join("later/logs/n.jsonl");
+    let fine = original.replace(
+        "console: { type: log }",
+        &format!("console: {{ type: log, file: \"{}\" }}", later.display()),
+    );
+    std::fs::write(&d.config, &fine).unwrap();
+    let (code, out) = check();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!d.dir.join("later").exists(), "check left a trace");
+
+    // A regular file where the directory should be: no user (root included) can write there.
+    std::fs::write(d.dir.join("not-a-dir"), "").unwrap();
+    let blocked = d.dir.join("not-a-dir/n.jsonl");
+    let bad = original.replace(
+        "console: { type: log }",
+        &format!("console: {{ type: log, file: \"{}\" }}", blocked.display()),
+    );
+    std::fs::write(&d.config, &bad).unwrap();
+    let (code, out) = check();
+    assert_eq!(code, Some(1), "{out}");
+    let expected = format!(
+        "channels.console.file: cannot open {} for appending: Not a directory",
+        blocked.display()
+    );
+    assert!(out.contains(&expected), "{out}");
+
+    let r = http().post(d.url("/-/reload")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 422);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["message"].as_str().unwrap().contains(&expected), "{v}");
+}
