@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
@@ -49,6 +49,10 @@ pub struct Shared {
     pub clock: SharedClock,
     pub config_path: PathBuf,
     reload_lock: tokio::sync::Mutex<()>,
+    /// The config and template files as the last load (at start or a reload by any trigger,
+    /// refused or not) read them: `watch_config` reloads only what differs from this, so an
+    /// edit applied by SIGHUP or `POST /-/reload` is not loaded again when the watch sees it.
+    applied: std::sync::Mutex<Snapshot>,
     last_call_ms: AtomicI64,
     shutting_down: AtomicBool,
     /// The last good readiness probe.
@@ -67,15 +71,32 @@ impl Shared {
         let _one_at_a_time = self.reload_lock.lock().await;
         let _systemd = crate::systemd::Reloading::start();
         let path = self.config_path.clone();
-        let loaded =
-            tokio::task::spawn_blocking(move || render_checked(config::load_for_reload(&path)?))
-                .await
-                .unwrap_or_else(|e| {
-                    Err(ConfigError {
-                        source: self.config_path.clone(),
-                        problems: vec![config::Problem::new("reload", e.to_string())],
-                    })
-                });
+        let dir = self.live.load().config.templates.dir().to_path_buf();
+        let loaded = tokio::task::spawn_blocking(move || {
+            // Read before the load: an edit that lands during it differs from this and is
+            // loaded again by the watch, rather than taken for applied.
+            let files = snapshot(&path, &dir);
+            let loaded = config::load_for_reload(&path).and_then(render_checked);
+            let files = match &loaded {
+                Ok(c) if c.templates.dir() != dir => snapshot(&path, c.templates.dir()),
+                _ => files,
+            };
+            (files, loaded)
+        })
+        .await;
+        let (files, loaded) = loaded.unwrap_or_else(|e| {
+            let problem = config::Problem::new("reload", e.to_string());
+            (
+                self.applied(),
+                Err(ConfigError {
+                    source: self.config_path.clone(),
+                    problems: vec![problem],
+                }),
+            )
+        });
+        // Refused or not, these files were tried: the watch waits for the next edit rather
+        // than trying them again.
+        self.set_applied(files);
         let config = match loaded {
             Ok(c) => c,
             Err(e) => {
@@ -177,6 +198,17 @@ impl Shared {
         self.worker.wake();
     }
 
+    fn set_applied(&self, files: Snapshot) {
+        *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = files;
+    }
+
+    fn applied(&self) -> Snapshot {
+        self.applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     pub fn note_call(&self, now_ms: i64) {
         self.last_call_ms.store(now_ms, Ordering::Relaxed);
     }
@@ -233,6 +265,7 @@ impl App {
         let hup = hangup();
         crate::metrics::handle(); // install the recorder before anything counts
         let config = load_checked(config_path)?;
+        let applied = snapshot(config_path, config.templates.dir());
         for w in &config.warnings {
             tracing::warn!("{w}");
         }
@@ -279,6 +312,7 @@ impl App {
             clock,
             config_path: config_path.to_path_buf(),
             reload_lock: tokio::sync::Mutex::new(()),
+            applied: std::sync::Mutex::new(applied),
             last_call_ms: AtomicI64::new(last),
             shutting_down: AtomicBool::new(false),
             ready: Default::default(),
@@ -323,7 +357,7 @@ impl App {
             header_read_timeout: cfg.server.header_read_timeout,
         };
         // Before "listening" is logged: an edit that comes as soon as the daemon is up counts.
-        let watched = Watch::new(snapshot(&shared));
+        let watched = Watch::new(shared.applied());
         let listener_addr = listener.local_addr()?;
         tracing::info!(
             listen = %listener_addr,
@@ -433,7 +467,6 @@ async fn background(
             _ = stop.cancelled() => return,
             _ = recv_hangup(&mut hup) => {
                 let _ = shared.reload("SIGHUP").await;
-                watched = Watch::new(snapshot(&shared));
             }
             _ = tick.tick() => {
                 // First, so that `now` below is already on the caught-up timeline.
@@ -454,7 +487,12 @@ async fn background(
                     }
                     let _ = shared.store.set_meta("last_call_at".into(), shared.last_call_ms().to_string()).await;
                 }
-                if live.config.server.watch_config && watched.settled_change(snapshot(&shared)) {
+                if live.config.server.watch_config
+                    && watched.settled_change(
+                        snapshot(&shared.config_path, live.config.templates.dir()),
+                        &shared.applied(),
+                    )
+                {
                     let _ = shared.reload("file change").await;
                 }
                 match &live.config.quiet_alert {
@@ -466,72 +504,58 @@ async fn background(
     }
 }
 
-/// How each watched file looked: the config file and every template (`*.hbs`) under
+/// How each watched file reads: the config file and every template (`*.hbs`) under
 /// `templates_dir`, by path; None for a file that cannot be read.
-type Snapshot = Vec<(PathBuf, Option<Stamp>)>;
+type Snapshot = Vec<(PathBuf, Option<Content>)>;
 
-/// What tells one version of a file from the next. The modification time alone does not: it
-/// has the kernel's tick as resolution, so a file truncated and written again within one tick
-/// keeps it (and `cp -p` or `rsync -t` set it on purpose). Size and, on unix, the inode and the
-/// change time (which no tool can set) make such a rewrite visible.
+/// What a file holds, as its length and a hash of its bytes. Content, not metadata: a rewrite
+/// within one tick of the modification time (or by `cp -p`) is a change, and a file saved again
+/// unchanged, or an edit a reload already applied, is not.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp {
-    modified: Option<SystemTime>,
-    len: u64,
-    #[cfg(unix)]
-    inode: (u64, i64, i64),
+struct Content {
+    len: usize,
+    hash: u64,
 }
 
-fn stamp(path: &Path) -> Option<Stamp> {
-    let m = std::fs::metadata(path).ok()?;
-    #[cfg(unix)]
-    use std::os::unix::fs::MetadataExt;
-    Some(Stamp {
-        modified: m.modified().ok(),
-        len: m.len(),
-        #[cfg(unix)]
-        inode: (m.ino(), m.ctime(), m.ctime_nsec()),
+fn content(path: &Path) -> Option<Content> {
+    use std::hash::{Hash, Hasher};
+    let bytes = std::fs::read(path).ok()?;
+    let mut h = std::hash::DefaultHasher::new();
+    bytes.hash(&mut h);
+    Some(Content {
+        len: bytes.len(),
+        hash: h.finish(),
     })
 }
 
-/// Decides when `watch_config` reloads: once the files have changed since the last reload and
-/// then look the same on two looks in a row (one tick apart). A file caught while it is being
-/// written (empty, or cut off where a valid YAML prefix leaves out rules or channels) is not
-/// loaded; the finished file is, once the writer is done.
+/// Decides when `watch_config` reloads: once the files differ from what the last load read
+/// ([`Shared::reload`] records that, whatever triggered it) and look the same on two looks in a
+/// row (one tick apart). A file caught while it is being written (empty, or cut off where a
+/// valid YAML prefix leaves out rules or channels) is not loaded; the finished file is, once
+/// the writer is done.
 #[derive(Debug)]
 struct Watch {
-    /// The files as the running config was loaded from (or last tried).
-    loaded: Snapshot,
     /// The files at the previous look.
     seen: Snapshot,
 }
 
 impl Watch {
     fn new(now: Snapshot) -> Watch {
-        Watch {
-            loaded: now.clone(),
-            seen: now,
-        }
+        Watch { seen: now }
     }
 
-    /// Takes a new look; true when the files changed and have stopped changing.
-    fn settled_change(&mut self, now: Snapshot) -> bool {
+    /// Takes a new look; true when the files differ from `applied` and have stopped changing.
+    fn settled_change(&mut self, now: Snapshot, applied: &Snapshot) -> bool {
         let settled = now == self.seen;
         self.seen = now;
-        if settled && self.seen != self.loaded {
-            self.loaded = self.seen.clone();
-            true
-        } else {
-            false
-        }
+        settled && self.seen != *applied
     }
 }
 
-/// The config file and every template file the renderer loads, as they are now.
-fn snapshot(shared: &Shared) -> Snapshot {
-    let mut files = vec![shared.config_path.clone()];
-    let dir = shared.live.load().config.templates.dir().to_path_buf();
-    let mut stack = vec![dir];
+/// The config file and every template file under `templates_dir`, as they are now.
+fn snapshot(config_path: &Path, templates_dir: &Path) -> Snapshot {
+    let mut files = vec![config_path.to_path_buf()];
+    let mut stack = vec![templates_dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         if let Ok(entries) = std::fs::read_dir(&d) {
             for e in entries.flatten() {
@@ -550,8 +574,8 @@ fn snapshot(shared: &Shared) -> Snapshot {
     files
         .into_iter()
         .map(|p| {
-            let s = stamp(&p);
-            (p, s)
+            let c = content(&p);
+            (p, c)
         })
         .collect()
 }
@@ -617,61 +641,70 @@ pub fn shutdown_signal() -> impl Future<Output = ()> {
 mod tests {
     use super::*;
 
-    fn look(files: &[(&str, u64)]) -> Snapshot {
+    fn look(files: &[(&str, usize)]) -> Snapshot {
         files
             .iter()
             .map(|(p, len)| {
-                let s = Stamp {
-                    modified: Some(SystemTime::UNIX_EPOCH),
-                    len: *len,
-                    #[cfg(unix)]
-                    inode: (1, 0, 0),
-                };
-                (PathBuf::from(p), Some(s))
+                let c = Content { len: *len, hash: 7 };
+                (PathBuf::from(p), Some(c))
             })
             .collect()
     }
 
     #[test]
     fn a_change_is_reloaded_once_it_has_stopped_changing() {
-        let mut w = Watch::new(look(&[("c.yaml", 100)]));
+        let mut applied = look(&[("c.yaml", 100)]);
+        let mut w = Watch::new(applied.clone());
         assert!(
-            !w.settled_change(look(&[("c.yaml", 100)])),
+            !w.settled_change(look(&[("c.yaml", 100)]), &applied),
             "nothing changed"
         );
         // Caught half-written: not yet.
-        assert!(!w.settled_change(look(&[("c.yaml", 0)])));
+        assert!(!w.settled_change(look(&[("c.yaml", 0)]), &applied));
         // Still being written: not yet.
-        assert!(!w.settled_change(look(&[("c.yaml", 60)])));
-        assert!(!w.settled_change(look(&[("c.yaml", 120)])));
-        // The same on the next look: reload, once.
-        assert!(w.settled_change(look(&[("c.yaml", 120)])));
-        assert!(!w.settled_change(look(&[("c.yaml", 120)])));
+        assert!(!w.settled_change(look(&[("c.yaml", 60)]), &applied));
+        assert!(!w.settled_change(look(&[("c.yaml", 120)]), &applied));
+        // The same on the next look: reload (which records what it read), once.
+        assert!(w.settled_change(look(&[("c.yaml", 120)]), &applied));
+        applied = look(&[("c.yaml", 120)]);
+        assert!(!w.settled_change(look(&[("c.yaml", 120)]), &applied));
         // A template that comes and goes between two looks leaves things as loaded.
-        assert!(!w.settled_change(look(&[("c.yaml", 120), ("t/a.hbs", 5)])));
-        assert!(!w.settled_change(look(&[("c.yaml", 120)])));
-        assert!(!w.settled_change(look(&[("c.yaml", 120)])));
+        assert!(!w.settled_change(look(&[("c.yaml", 120), ("t/a.hbs", 5)]), &applied));
+        assert!(!w.settled_change(look(&[("c.yaml", 120)]), &applied));
+        assert!(!w.settled_change(look(&[("c.yaml", 120)]), &applied));
         // A template added for good is a change.
-        assert!(!w.settled_change(look(&[("c.yaml", 120), ("t/b.hbs", 5)])));
-        assert!(w.settled_change(look(&[("c.yaml", 120), ("t/b.hbs", 5)])));
+        assert!(!w.settled_change(look(&[("c.yaml", 120), ("t/b.hbs", 5)]), &applied));
+        assert!(w.settled_change(look(&[("c.yaml", 120), ("t/b.hbs", 5)]), &applied));
+    }
+
+    /// SIGHUP or `POST /-/reload` applied the edit before the watch settled on it: the watch
+    /// does not load the same files again.
+    #[test]
+    fn an_edit_another_reload_applied_is_not_reloaded_again() {
+        let mut w = Watch::new(look(&[("c.yaml", 100)]));
+        assert!(!w.settled_change(look(&[("c.yaml", 120)]), &look(&[("c.yaml", 100)])));
+        let applied = look(&[("c.yaml", 120)]);
+        assert!(!w.settled_change(look(&[("c.yaml", 120)]), &applied));
+        assert!(!w.settled_change(look(&[("c.yaml", 120)]), &applied));
     }
 
     #[test]
     fn a_rewrite_that_keeps_the_modification_time_is_noticed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.yaml");
-        std::fs::write(&path, "server: {}\n").unwrap();
-        let before = stamp(&path).unwrap();
-        let mtime = before.modified.unwrap();
-        std::fs::write(&path, "server: {}\nrules: []\n").unwrap();
+        std::fs::write(&path, "server: {}\nrules: [a]\n").unwrap();
+        let before = content(&path).unwrap();
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        std::fs::write(&path, "server: {}\nrules: [b]\n").unwrap();
         std::fs::File::options()
             .write(true)
             .open(&path)
             .unwrap()
             .set_modified(mtime)
             .unwrap();
-        let after = stamp(&path).unwrap();
-        assert_eq!(after.modified, before.modified);
-        assert_ne!(after, before);
+        assert_ne!(content(&path).unwrap(), before);
+        // Saved again as it was: no change.
+        std::fs::write(&path, "server: {}\nrules: [a]\n").unwrap();
+        assert_eq!(content(&path).unwrap(), before);
     }
 }

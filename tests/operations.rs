@@ -1928,3 +1928,46 @@ async fn a_log_file_that_cannot_be_written_is_found_by_check_and_refused_by_relo
     let v: Value = r.json().await.unwrap();
     assert!(v["message"].as_str().unwrap().contains(&expected), "{v}");
 }
+
+/// With `watch_config`, an edit that `POST /-/reload` (or SIGHUP) already applied is not loaded
+/// a second time when the watch sees it; the next edit still is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_watch_config_an_edit_applied_by_post_reload_is_not_reloaded_again() {
+    let slack = FakeSlack::start().await;
+    let yaml = config(&slack, "").replace("  tokens:", "  watch_config: true\n  tokens:");
+    let d = Daemon::start(&yaml);
+    let original = std::fs::read_to_string(&d.config).unwrap();
+    let rule = |name: &str| {
+        format!("  - name: {name}\n    notify:\n      - channel: console\n        template: log/summary\n")
+    };
+    std::fs::write(&d.config, format!("{original}{}", rule("by_hand"))).unwrap();
+    let r = http().post(d.url("/-/reload")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    // The watch looks every 5 s and reloads on the second look that sees the same files: two
+    // looks and a margin is when it reloaded the same files again.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    // A later edit is still watched; once it is loaded, the watch has seen the first one too.
+    std::fs::write(
+        &d.config,
+        format!("{original}{}{}", rule("by_hand"), rule("watched")),
+    )
+    .unwrap();
+    eventually("a reload on file change", WAIT, || {
+        d.logs()
+            .contains("\"trigger\":\"file change\"")
+            .then_some(())
+    })
+    .await;
+    let (_, body) = d.post(&with_sid(FIXTURE, "CAwatch")).await;
+    assert_eq!(
+        body["rules"],
+        serde_json::json!(["every_call", "by_hand", "watched"])
+    );
+    let logs = d.logs();
+    assert_eq!(logs.matches("config reloaded").count(), 2, "{logs}");
+    assert_eq!(
+        logs.matches("\"trigger\":\"file change\"").count(),
+        1,
+        "{logs}"
+    );
+}
