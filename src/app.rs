@@ -64,10 +64,32 @@ pub struct Shared {
     _store_lock: DaemonLock,
 }
 
+/// Unfinished deliveries that a reload's config can no longer send, grouped by what they need.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Stranded {
+    pub channel: String,
+    pub template: String,
+    pub deliveries: usize,
+    /// What is missing, and what becomes of them.
+    pub reason: String,
+}
+
+/// What a reload that was accepted left behind: deliveries planned under the old config that
+/// the new one cannot send (a template renamed or removed, a channel removed or of another type).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Reloaded {
+    pub stranded: Vec<Stranded>,
+}
+
+/// Says how to get stranded deliveries sent after all.
+pub const STRANDED_HINT: &str = "put back what they need (the template, or the channel as it was) and reload before their next attempt; once they are dead, put it back, reload and replay them: callnotify deliveries retry --all-dead";
+
 impl Shared {
     /// Loads, validates and render-checks the config file again; swaps it in when good, keeps
-    /// the old one (and says why) when not. Calls arriving meanwhile use the old config.
-    pub async fn reload(&self, trigger: &str) -> Result<(), ConfigError> {
+    /// the old one (and says why) when not. Calls arriving meanwhile use the old config. A
+    /// config swapped in that cannot send some unfinished deliveries (their template or channel
+    /// is gone) is still swapped in: they are counted, logged and returned.
+    pub async fn reload(&self, trigger: &str) -> Result<Reloaded, ConfigError> {
         let _one_at_a_time = self.reload_lock.lock().await;
         let _systemd = crate::systemd::Reloading::start();
         let path = self.config_path.clone();
@@ -125,9 +147,28 @@ impl Shared {
         };
         let channels = live.config.channels.len();
         crate::metrics::channels(live.config.channels.keys());
+        let config = live.config.clone();
         self.live.store(Arc::new(live));
         crate::metrics::reload("success");
         tracing::info!(trigger, channels, "config reloaded");
+        // Before the orphan sweep, which kills those of removed channels.
+        let stranded = match self.store.open_needs().await {
+            Ok(needs) => stranded(&config, needs),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check whether unfinished deliveries can be sent with the new config");
+                Vec::new()
+            }
+        };
+        for s in &stranded {
+            tracing::warn!(
+                trigger,
+                channel = %s.channel,
+                template = %s.template,
+                deliveries = s.deliveries,
+                "unfinished deliveries the new config cannot send: {}; {STRANDED_HINT}",
+                s.reason
+            );
+        }
         for setting in restart_only {
             tracing::warn!(
                 setting,
@@ -136,7 +177,7 @@ impl Shared {
         }
         self.dead_letter_orphans().await;
         self.worker.wake();
-        Ok(())
+        Ok(Reloaded { stranded })
     }
 
     /// Pending deliveries whose channel is not in the running config would wait for a lane that
@@ -221,6 +262,36 @@ impl Shared {
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Relaxed)
     }
+}
+
+/// Which groups of unfinished deliveries (see [`Store::open_needs`]) `config` cannot send, and
+/// why: the worker would find the same when it tries them.
+fn stranded(config: &Config, needs: Vec<(String, Option<String>, String, usize)>) -> Vec<Stranded> {
+    needs
+        .into_iter()
+        .filter_map(|(channel, planned, template, deliveries)| {
+            let reason = match config.channels.get(&channel) {
+                None => format!(
+                    "channel {channel} is no longer in the config; pending ones are dead now"
+                ),
+                Some(c) if planned.as_deref().is_some_and(|p| p != c.kind.type_name()) => format!(
+                    "channel {channel} had type {} when they were planned and has type {} now; they go dead at their next attempt",
+                    planned.unwrap_or_default(),
+                    c.kind.type_name()
+                ),
+                Some(c) => match config.templates.resolve(c.kind.type_name(), &template) {
+                    Ok(_) => return None,
+                    Err(e) => format!("template {template}: {e}; they go dead at their next attempt"),
+                },
+            };
+            Some(Stranded {
+                channel,
+                template,
+                deliveries,
+                reason,
+            })
+        })
+        .collect()
 }
 
 /// Loads and validates a config, then renders the templates the rules and the quiet alert use

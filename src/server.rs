@@ -150,7 +150,20 @@ where
             r
         }
         _ => match shared.reload("HTTP").await {
-            Ok(()) => ok_json(json!({"status": "reloaded"})),
+            Ok(r) if r.stranded.is_empty() => {
+                ok_json(json!({"status": "reloaded", "stranded": []}))
+            }
+            Ok(r) => {
+                let n: usize = r.stranded.iter().map(|s| s.deliveries).sum();
+                ok_json(json!({
+                    "status": "reloaded",
+                    "stranded": r.stranded,
+                    "message": format!(
+                        "{n} unfinished deliveries cannot be sent with the new config; {}",
+                        crate::app::STRANDED_HINT
+                    ),
+                }))
+            }
             Err(e) => error(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "config_invalid",

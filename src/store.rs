@@ -532,6 +532,31 @@ impl Store {
         .await
     }
 
+    /// Unfinished (pending or sending) deliveries grouped by what sending them needs from the
+    /// config: (channel, the channel's type when planned, template, how many). A reload asks,
+    /// to tell which of them the config it swapped in can no longer send.
+    pub async fn open_needs(
+        &self,
+    ) -> Result<Vec<(String, Option<String>, String, usize)>, StoreError> {
+        self.run(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT channel, channel_type, json_extract(action, '$.template'), COUNT(*)
+                 FROM deliveries WHERE status != 'done' AND status != 'dead'
+                 GROUP BY 1, 2, 3 ORDER BY 1, 3",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get::<_, Option<String>>(2)?.unwrap_or_default(),
+                    r.get::<_, i64>(3)? as usize,
+                ))
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
     /// Marks every pending delivery of a channel that no longer exists as dead, so it is
     /// visible and can be replayed once the channel is back. `channels` is asked on the writer
     /// thread, in order with the inserts: a call matched against a config that added a channel

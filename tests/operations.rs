@@ -1971,3 +1971,75 @@ async fn with_watch_config_an_edit_applied_by_post_reload_is_not_reloaded_again(
         "{logs}"
     );
 }
+
+/// A reload that renames the template pending deliveries use is accepted (new calls use the new
+/// name), and says how many deliveries it strands, why, and how to get them sent: in its log
+/// line and in the `POST /-/reload` answer. Put back, they are sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_strands_pending_deliveries_says_how_many_and_how_to_replay_them() {
+    let tpl = tempfile::tempdir().unwrap();
+    for (path, text) in [("slack/s.hbs", "{{sid}}"), ("log/summary.hbs", "{{sid}}")] {
+        let p = tpl.path().join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+    let slack = FakeSlack::start().await;
+    slack.set_default(Reply::status(500, "internal_error"));
+    let yaml = config(&slack, "")
+        .replace("{templates}", &tpl.path().display().to_string())
+        .replace("slack/summary", "slack/s");
+    let d = Daemon::start(&yaml);
+    for sid in ["CAst1", "CAst2"] {
+        assert_eq!(d.post(&with_sid(FIXTURE, sid)).await.0, 200);
+    }
+    eventually("two failed first attempts", WAIT, || {
+        let rows = d.deliveries(Some("pending"));
+        (rows.len() == 2 && rows.iter().all(|r| r["attempts"] == 1)).then_some(())
+    })
+    .await;
+
+    // Renamed: the file and the rule together.
+    let original = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::rename(
+        tpl.path().join("slack/s.hbs"),
+        tpl.path().join("slack/t.hbs"),
+    )
+    .unwrap();
+    std::fs::write(&d.config, original.replace("slack/s", "slack/t")).unwrap();
+    let r = http().post(d.url("/-/reload")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["status"], "reloaded", "{v}");
+    let stranded = v["stranded"].as_array().unwrap();
+    assert_eq!(stranded.len(), 1, "{v}");
+    assert_eq!(stranded[0]["channel"], "sales", "{v}");
+    assert_eq!(stranded[0]["template"], "slack/s", "{v}");
+    assert_eq!(stranded[0]["deliveries"], 2, "{v}");
+    assert!(
+        stranded[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no template"),
+        "{v}"
+    );
+    let message = v["message"].as_str().unwrap();
+    assert!(message.starts_with("2 unfinished deliveries"), "{v}");
+    assert!(message.contains("deliveries retry --all-dead"), "{v}");
+    let logs = d.logs();
+    assert!(
+        logs.contains("unfinished deliveries the new config cannot send"),
+        "{logs}"
+    );
+
+    // Put back beside the new name: nothing is stranded, and the waiting deliveries are sent.
+    std::fs::write(tpl.path().join("slack/s.hbs"), "{{sid}}").unwrap();
+    let r = http().post(d.url("/-/reload")).send().await.unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["stranded"], serde_json::json!([]), "{v}");
+    slack.set_default(Reply::ok());
+    let out = d.cli(&["deliveries", "retry", "--all-pending"]);
+    assert!(out.status.success(), "{out:?}");
+    let sent = slack.wait_accepted(2, WAIT).await;
+    assert_eq!(sent.len(), 2);
+    assert!(d.deliveries(Some("dead")).is_empty());
+}
