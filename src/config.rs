@@ -758,7 +758,7 @@ fn layered(path: &Path, text: &str, env: &BTreeMap<String, String>) -> Result<Va
         .map_err(|e| {
             fail(vec![Problem::new(
                 path.display().to_string(),
-                e.to_string(),
+                plain_yaml_error(e.to_string()),
             )])
         })?;
     let mut tree: Value = layered.try_deserialize().map_err(|e| {
@@ -1017,6 +1017,28 @@ fn section<T: DeserializeOwned>(v: Value, at: &str, problems: &mut Vec<Problem>)
             None
         }
     }
+}
+
+/// The YAML parser's `String("console"): duplicated key in mapping at byte 210 line 6 column
+/// 24` in an operator's words: which key, where, and why it is refused rather than the last one
+/// silently winning.
+fn plain_yaml_error(message: String) -> String {
+    const DUPLICATE: &str = "): duplicated key in mapping";
+    let Some((key, place)) = message.split_once(DUPLICATE) else {
+        return message;
+    };
+    let key = key
+        .split_once('(')
+        .map_or(key, |(_, inner)| inner)
+        .trim_matches('"');
+    // The column is where the parser noticed, past the key: the line is what helps.
+    let place = match place.split_once(" line ") {
+        Some((_, l)) => format!(" (the second on line {})", l.split(' ').next().unwrap_or(l)),
+        None => String::new(),
+    };
+    format!(
+        "the key {key:?} appears twice in one mapping{place}; one would silently replace the other, so give each its own name or merge them"
+    )
 }
 
 /// serde's "expected u64", "expected struct RawSmtp" and the like, in the words of YAML.
@@ -2652,5 +2674,21 @@ rules:
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].at, "server.tokens[0]");
         assert!(problems[0].message.contains("NOPE_TOKEN"));
+    }
+
+    #[test]
+    fn a_key_written_twice_is_refused_naming_the_key_and_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = "channels:\n  console: { type: log }\n  console: { type: log, file: x }\n";
+        let path = write(dir.path(), yaml);
+        let e = load_with_env(&path, &good_env(&[])).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains(
+                "the key \"console\" appears twice in one mapping (the second on line 3);"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("String("), "{text}");
     }
 }
