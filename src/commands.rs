@@ -289,34 +289,36 @@ fn check_report(config: &Config) -> (Vec<String>, Vec<Problem>) {
     (lines, problems)
 }
 
-/// Opens a log channel's file for appending as its lane will (creating the directories and the
-/// file), so a path that cannot be written is found before the first call, with the OS's reason.
-/// What the probe created is removed again: `check` leaves no trace.
+/// Whether a log channel's lane will be able to open its file for appending, so a path that
+/// cannot be written is found before the first call, with the OS's reason. An existing file is
+/// opened for appending; for a missing one (which the lane creates, with the directories above
+/// it), the nearest directory that exists must take a new file: a probe file with a name of its
+/// own, removed at once. Nothing else is created, so `check` leaves no trace and two checks side
+/// by side do not trip over each other.
 fn can_append(path: &std::path::Path) -> std::io::Result<()> {
-    let mut created = Vec::new();
-    let mut missing = path.parent().filter(|d| !d.as_os_str().is_empty());
-    while let Some(d) = missing.filter(|d| !d.exists()) {
-        created.push(d.to_path_buf());
-        missing = d.parent().filter(|d| !d.as_os_str().is_empty());
+    if path.exists() {
+        return std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map(drop);
     }
-    let existed = path.exists();
-    // `created` runs deepest first.
-    let opened = created
-        .first()
-        .map_or(Ok(()), std::fs::create_dir_all)
-        .and_then(|()| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-        });
-    if opened.is_ok() && !existed {
-        let _ = std::fs::remove_file(path);
+    let mut dir = path.parent();
+    while let Some(d) = dir.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        dir = d.parent();
     }
-    for d in &created {
-        let _ = std::fs::remove_dir(d);
-    }
-    opened.map(drop)
+    let dir = dir
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let probe = dir.join(format!(".callnotify-check-{}-{nanos}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
 }
 
 /// One problem per distinct message, naming every sample that met it: a template typo is one
