@@ -1214,7 +1214,12 @@ fn from_tree(
     match take("rules") {
         Value::Array(items) => {
             for (i, v) in items.into_iter().enumerate() {
-                let at = format!("rules[{i}]");
+                // Named from the start: in a list of thirty rules, `rules[17]` alone sends the
+                // reader counting.
+                let at = match v.get("name").and_then(Value::as_str) {
+                    Some(name) => format!("rules[{i}] ({name})"),
+                    None => format!("rules[{i}]"),
+                };
                 let Some(raw) = section::<RawRule>(v, &at, problems) else {
                     continue;
                 };
@@ -2262,7 +2267,7 @@ rules:
             "channels.ok.webhook_url",
             "rules[0] (r).notify[0].to",
             "rules[0] (r).notify[0].template",
-            "rules[1].extra",
+            "rules[1] (q).extra",
         ] {
             assert!(
                 places.iter().any(|p| p.starts_with(want)),
@@ -2690,5 +2695,12 @@ rules:
             "{text}"
         );
         assert!(!text.contains("String("), "{text}");
+    }
+
+    #[test]
+    fn a_rule_that_cannot_be_read_is_named_in_its_problem() {
+        let yaml = GOOD.replace("    notify:", "    stopp: true\n    notify:");
+        let (places, e) = refused(&yaml, GOOD_VARS);
+        assert_eq!(places, ["rules[0] (r).stopp"], "{e}");
     }
 }
