@@ -1811,6 +1811,19 @@ fn build_quiet(
             ));
             ok = false;
         }
+        // As in a rule's action: recipients for a channel that has none are a mistake (the
+        // channel meant was an email one), not something to drop without a word.
+        Some(ch) if !matches!(ch.kind, ChannelKind::Email { .. }) && !q.to.is_empty() => {
+            problems.push(Problem::new(
+                "quiet_alert.to",
+                format!(
+                    "`to` is for email channels; {:?} is a {} channel",
+                    q.channel,
+                    ch.kind.type_name()
+                ),
+            ));
+            ok = false;
+        }
         Some(_) => {}
     }
     let tz = match crate::render::time_zone(&q.timezone) {
@@ -2702,5 +2715,18 @@ rules:
         let yaml = GOOD.replace("    notify:", "    stopp: true\n    notify:");
         let (places, e) = refused(&yaml, GOOD_VARS);
         assert_eq!(places, ["rules[0] (r).stopp"], "{e}");
+    }
+
+    #[test]
+    fn quiet_alert_recipients_for_a_channel_that_is_not_email_are_refused() {
+        let yaml =
+            format!("{GOOD}quiet_alert: {{ after: 2h, channel: s, to: [\"ops@example.com\"] }}\n");
+        let (places, e) = refused(&yaml, GOOD_VARS);
+        assert_eq!(places, ["quiet_alert.to"], "{e}");
+        assert!(
+            e.to_string()
+                .contains("`to` is for email channels; \"s\" is a slack channel"),
+            "{e}"
+        );
     }
 }
