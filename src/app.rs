@@ -353,6 +353,23 @@ impl App {
                 "requeued deliveries interrupted by the last stop"
             );
         }
+        // The config may have changed while the daemon was stopped, as at a reload.
+        match store.open_needs().await {
+            Ok(needs) => {
+                for s in stranded(&config, needs) {
+                    tracing::warn!(
+                        channel = %s.channel,
+                        template = %s.template,
+                        deliveries = s.deliveries,
+                        "unfinished deliveries this config cannot send: {}; {STRANDED_HINT}",
+                        s.reason
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check whether unfinished deliveries can be sent with this config")
+            }
+        }
         let listener = TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.server.listen))?;

@@ -2043,3 +2043,43 @@ async fn a_reload_that_strands_pending_deliveries_says_how_many_and_how_to_repla
     assert_eq!(sent.len(), 2);
     assert!(d.deliveries(Some("dead")).is_empty());
 }
+
+/// The same when the template was renamed while the daemon was stopped: the start says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_whose_config_strands_pending_deliveries_says_so() {
+    let tpl = tempfile::tempdir().unwrap();
+    for (path, text) in [("slack/s.hbs", "{{sid}}"), ("log/summary.hbs", "{{sid}}")] {
+        let p = tpl.path().join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+    let slack = FakeSlack::start().await;
+    slack.set_default(Reply::status(500, "internal_error"));
+    let yaml = config(&slack, "")
+        .replace("{templates}", &tpl.path().display().to_string())
+        .replace("slack/summary", "slack/s");
+    let mut d = Daemon::start(&yaml);
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAstart")).await.0, 200);
+    eventually("a failed first attempt", WAIT, || {
+        let rows = d.deliveries(Some("pending"));
+        (rows.len() == 1 && rows[0]["attempts"] == 1).then_some(())
+    })
+    .await;
+    assert_eq!(d.terminate(), Some(0));
+    let original = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::rename(
+        tpl.path().join("slack/s.hbs"),
+        tpl.path().join("slack/t.hbs"),
+    )
+    .unwrap();
+    std::fs::write(&d.config, original.replace("slack/s", "slack/t")).unwrap();
+    d.spawn();
+    let logs = d.logs();
+    let warning = logs
+        .lines()
+        .find(|l| l.contains("unfinished deliveries this config cannot send"))
+        .unwrap_or_else(|| panic!("no warning in {logs}"));
+    assert!(warning.contains("\"template\":\"slack/s\""), "{warning}");
+    assert!(warning.contains("\"deliveries\":1"), "{warning}");
+    assert!(warning.contains("deliveries retry --all-dead"), "{warning}");
+}
