@@ -586,6 +586,7 @@ fn from_text(
     let mut tree = layered(path, text, env)?;
     let mut problems = Vec::new();
     let mut placeholders = Vec::new();
+    variables_in_keys(&tree, "", &mut problems);
     expand_env(&mut tree, "", env, unset, &mut problems, &mut placeholders);
     type_settings(&mut tree);
     let config = from_tree(path, tree, &placeholders, &mut problems);
@@ -814,6 +815,35 @@ fn expand_env(
             Err(msg) => problems.push(Problem::new(at, msg)),
         }
     });
+}
+
+/// `${VAR}` is replaced in values only: in a key (a channel's name, a `when` field) it would
+/// stay a literal `${VAR}`, so it is a problem, never a name no rule can mean.
+fn variables_in_keys(v: &Value, at: &str, problems: &mut Vec<Problem>) {
+    match v {
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                variables_in_keys(item, &format!("{at}[{i}]"), problems);
+            }
+        }
+        Value::Object(map) => {
+            for (k, item) in map {
+                let path = if at.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{at}.{k}")
+                };
+                if k.contains("${") {
+                    problems.push(Problem::new(
+                        &path,
+                        format!("{k:?}: ${{VAR}} is replaced in values, not in keys; write the name itself"),
+                    ));
+                }
+                variables_in_keys(item, &path, problems);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Calls `f` with every string in the tree and its place (`rules[0].notify[1].to[0]`).
@@ -2726,6 +2756,20 @@ rules:
         assert!(
             e.to_string()
                 .contains("`to` is for email channels; \"s\" is a slack channel"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_variable_in_a_key_is_refused_not_kept_as_a_literal_name() {
+        let yaml = GOOD
+            .replace("  s: { type: slack", "  ${CH}: { type: slack")
+            .replace("channel: s,", "channel: \"${CH}\",");
+        let (places, e) = refused(&yaml, &[("CH", "s"), GOOD_VARS[0], GOOD_VARS[1]]);
+        assert!(places.contains(&"channels.${CH}".to_string()), "{e}");
+        assert!(
+            e.to_string()
+                .contains("is replaced in values, not in keys; write the name itself"),
             "{e}"
         );
     }
