@@ -2025,11 +2025,13 @@ async fn a_reload_that_strands_pending_deliveries_says_how_many_and_how_to_repla
     let message = v["message"].as_str().unwrap();
     assert!(message.starts_with("2 unfinished deliveries"), "{v}");
     assert!(message.contains("deliveries retry --all-dead"), "{v}");
-    let logs = d.logs();
-    assert!(
-        logs.contains("unfinished deliveries the new config cannot send"),
-        "{logs}"
-    );
+    // Logs are written by a background thread: the line may follow the answer.
+    eventually("the stranded deliveries' warning", WAIT, || {
+        d.logs()
+            .contains("unfinished deliveries the new config cannot send")
+            .then_some(())
+    })
+    .await;
 
     // Put back beside the new name: nothing is stranded, and the waiting deliveries are sent.
     std::fs::write(tpl.path().join("slack/s.hbs"), "{{sid}}").unwrap();
