@@ -563,9 +563,13 @@ async fn a_reload_that_needs_a_new_environment_variable_says_to_restart() {
             && message.contains("restart it to pick up a variable set since"),
         "{message}"
     );
-    assert!(d
-        .logs()
-        .contains("restart it to pick up a variable set since"));
+    // Logs are written by a background thread: the line may follow the answer.
+    eventually("the refusal in the log", WAIT, || {
+        d.logs()
+            .contains("restart it to pick up a variable set since")
+            .then_some(())
+    })
+    .await;
 }
 
 /// An empty file is what a config looks like for a moment while it is rewritten in place. Taken
