@@ -182,12 +182,16 @@ async fn ready(shared: &Shared) -> Response {
         );
     }
     let now = shared.clock.now_ms();
-    match shared.ready.check(|| shared.store.probe(now)).await {
+    match shared
+        .ready
+        .check(|failed| shared.store.probe(now, failed.into_iter().collect()))
+        .await
+    {
         Ok(()) => ok_json(json!({"status": "ready"})),
         Err(e) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "store_unavailable",
-            format!("the store does not accept writes: {e}"),
+            format!("the store cannot take a call: {e}"),
         ),
     }
 }
@@ -195,26 +199,54 @@ async fn ready(shared: &Shared) -> Response {
 /// How long a good store probe answers `/readyz`.
 const READY_REUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// `/readyz` writes to the store to prove it takes writes. It may be reachable from outside (no
-/// `admin.listen`), so a good probe is reused for a second: however often it is asked, the
-/// store sees at most one probe a second. A failed probe is not reused; the next ask tries again.
+/// `/readyz` tries the webhook's own writes on the store (undone) to prove a call would be
+/// taken. It may be reachable from outside (no `admin.listen`), so a good probe is reused for a
+/// second: however often it is asked, the store sees at most one probe a second. A failed probe
+/// is not reused; the next ask tries again. A webhook whose commit failed is remembered until
+/// it or a probe with its sid commits: until then no good answer is reused, and the probe tries
+/// that sid too (a store damaged in part can refuse some calls and take the probe's).
 #[derive(Debug, Default)]
-pub struct ReadyCache(tokio::sync::Mutex<Option<tokio::time::Instant>>);
+pub struct ReadyCache {
+    good_at: tokio::sync::Mutex<Option<tokio::time::Instant>>,
+    /// The sid of the last webhook whose commit failed, until it commits.
+    failed: Mutex<Option<String>>,
+}
 
 impl ReadyCache {
     pub async fn check<F, Fut, E>(&self, probe: F) -> Result<(), E>
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Option<String>) -> Fut,
         Fut: std::future::Future<Output = Result<(), E>>,
     {
         // Held across the probe: callers arriving meanwhile wait for it and reuse its result.
-        let mut good_at = self.0.lock().await;
-        if good_at.is_some_and(|t| t.elapsed() < READY_REUSE) {
+        let mut good_at = self.good_at.lock().await;
+        let failed = self.failed().clone();
+        if failed.is_none() && good_at.is_some_and(|t| t.elapsed() < READY_REUSE) {
             return Ok(());
         }
-        let result = probe().await;
+        let result = probe(failed.clone()).await;
         *good_at = result.is_ok().then(tokio::time::Instant::now);
+        if result.is_ok() && failed.is_some() {
+            self.committed(failed.as_deref().unwrap_or_default());
+        }
         result
+    }
+
+    /// A webhook's commit failed: readiness must not be taken from an earlier good probe.
+    pub fn commit_failed(&self, sid: &str) {
+        *self.failed() = Some(sid.to_string());
+    }
+
+    /// A webhook's commit succeeded: if it was the one that failed, that is over.
+    pub fn committed(&self, sid: &str) {
+        let mut failed = self.failed();
+        if failed.as_deref() == Some(sid) {
+            *failed = None;
+        }
+    }
+
+    fn failed(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.failed.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -500,6 +532,7 @@ fn note_outcome(
 ) {
     match inserted {
         Ok(Inserted::Accepted { deliveries, .. }) => {
+            shared.ready.committed(sid);
             metrics::call_received("accepted");
             metrics::last_call_at(now);
             shared.note_call(now);
@@ -514,10 +547,12 @@ fn note_outcome(
             tracing::info!(sid = %sid, event, rules = %rules, deliveries, "call accepted");
         }
         Ok(Inserted::Duplicate) => {
+            shared.ready.committed(sid);
             metrics::call_received("duplicate");
             tracing::info!(sid = %sid, event, "duplicate call ignored");
         }
         Err(e) => {
+            shared.ready.commit_failed(sid);
             metrics::call_received("unavailable");
             tracing::error!(sid = %sid, error = %e, "cannot store the call; answering 503");
         }
@@ -733,7 +768,7 @@ mod tests {
             let (cache, probes) = (cache.clone(), probes.clone());
             async move {
                 cache
-                    .check(|| async {
+                    .check(|_| async {
                         probes.fetch_add(1, Ordering::SeqCst);
                         if fails {
                             Err("locked")
@@ -758,5 +793,47 @@ mod tests {
         tokio::time::advance(READY_REUSE).await;
         assert_eq!(ask(false).await, Ok(()));
         assert_eq!(probes.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_failed_commit_readiness_probes_with_its_sid_until_one_commits() {
+        let cache = ReadyCache::default();
+        let seen = Mutex::new(Vec::new());
+        let ask = |fails: bool| {
+            let (cache, seen) = (&cache, &seen);
+            async move {
+                cache
+                    .check(|failed| async move {
+                        seen.lock().unwrap().push(failed);
+                        if fails {
+                            Err("malformed")
+                        } else {
+                            Ok(())
+                        }
+                    })
+                    .await
+            }
+        };
+        assert_eq!(ask(false).await, Ok(()));
+        // A webhook's commit fails: the good answer of a moment ago is not reused, and the
+        // probe tries that call too.
+        cache.commit_failed("CAbad");
+        assert_eq!(ask(true).await, Err("malformed"));
+        assert_eq!(ask(true).await, Err("malformed"));
+        // Once the probe with its sid commits, the good answer is reused again.
+        assert_eq!(ask(false).await, Ok(()));
+        assert_eq!(ask(false).await, Ok(()));
+        // The call committing (Air's retry) ends it as well; another call's commit does not.
+        cache.commit_failed("CAbad");
+        cache.committed("CAother");
+        assert_eq!(ask(false).await, Ok(()));
+        cache.commit_failed("CAbad");
+        cache.committed("CAbad");
+        assert_eq!(ask(false).await, Ok(()));
+        let bad = Some("CAbad".to_string());
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [None, bad.clone(), bad.clone(), bad.clone(), bad]
+        );
     }
 }

@@ -24,6 +24,10 @@ use crate::rules::Action;
 /// Most jobs committed in one transaction.
 const MAX_BATCH: usize = 1024;
 
+/// The call the readiness probe writes and undoes; no webhook has this event.
+const PROBE_SID: &str = "callnotify-readiness-probe";
+const PROBE_EVENT: &str = "readiness-probe";
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store error: {0}")]
@@ -675,9 +679,37 @@ impl Store {
         self.run(stats).await
     }
 
-    /// A write that proves the store accepts commits (readiness).
-    pub async fn probe(&self, now: i64) -> Result<(), StoreError> {
-        self.set_meta("probe".into(), now.to_string()).await
+    /// Readiness: whether the store would take a call now. Runs the webhook's own statements (a
+    /// call and its delivery, as [`Store::insert_call`] writes them) for a probe sid and for each
+    /// of `sids` (a call whose commit just failed), undoes them, then commits a small write. A
+    /// store damaged where calls go fails here as the webhook does, even while other tables
+    /// still take writes. Nothing the probe inserted is ever committed.
+    pub async fn probe(&self, now: i64, sids: Vec<String>) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            control(conn, "SAVEPOINT readiness_probe")?;
+            let owed = [NewDelivery {
+                rule: PROBE_EVENT.into(),
+                action_idx: 0,
+                action: Action {
+                    channel: PROBE_EVENT.into(),
+                    template: PROBE_EVENT.into(),
+                    to: vec![],
+                    subject: None,
+                },
+                channel_type: None,
+            }];
+            let tried = std::iter::once(PROBE_SID)
+                .chain(sids.iter().map(String::as_str))
+                .try_for_each(|sid| {
+                    insert_call(conn, sid, PROBE_EVENT, "{}", now, &owed).map(drop)
+                });
+            // Should the undo itself fail, the job fails and the whole transaction is rolled back.
+            control(conn, "ROLLBACK TO readiness_probe")?;
+            control(conn, "RELEASE readiness_probe")?;
+            tried?;
+            put_meta(conn, "probe", &now.to_string())
+        })
+        .await
     }
 
     pub async fn set_meta(&self, key: String, value: String) -> Result<(), StoreError> {
@@ -1771,5 +1803,40 @@ mod tests {
             store.get_meta("k".into()).await.unwrap().as_deref(),
             Some("v")
         );
+    }
+
+    #[tokio::test]
+    async fn the_readiness_probe_tries_the_webhooks_writes_and_keeps_none_of_them() {
+        let (_dir, store) = temp_store();
+        stored(&store, "CAkept", 1, 2).await;
+        let count = |sql: &'static str| {
+            let store = store.clone();
+            async move {
+                store
+                    .run(move |c| c.query_row(sql, [], |r| r.get::<_, i64>(0)))
+                    .await
+                    .unwrap()
+            }
+        };
+        // Also for a sid a real call already has (a retried call), and one it does not.
+        store
+            .probe(5, vec!["CAkept".into(), "CAnew".into()])
+            .await
+            .unwrap();
+        assert_eq!(calls(&store).await, 1);
+        assert_eq!(count("SELECT COUNT(*) FROM deliveries").await, 2);
+        // A call that cannot be written fails the probe, as it fails the webhook.
+        store
+            .run(|c| {
+                c.execute_batch(
+                    "CREATE TRIGGER refuse BEFORE INSERT ON deliveries
+                     BEGIN SELECT RAISE(ABORT, 'deliveries refused'); END",
+                )
+            })
+            .await
+            .unwrap();
+        let e = store.probe(6, vec![]).await.unwrap_err();
+        assert!(e.to_string().contains("deliveries refused"), "{e}");
+        assert_eq!(calls(&store).await, 1);
     }
 }

@@ -2093,3 +2093,57 @@ async fn a_start_whose_config_strands_pending_deliveries_says_so() {
     assert!(warning.contains("\"deliveries\":1"), "{warning}");
     assert!(warning.contains("deliveries retry --all-dead"), "{warning}");
 }
+
+/// Overwrites the first page of the `calls` table's (sid, event) index with garbage, in a store
+/// whose daemon is stopped: every new call then fails to commit ("database disk image is
+/// malformed"), while writes to other tables (`meta`, where readiness used to write) still work.
+fn corrupt_the_call_index(store: &std::path::Path) {
+    use std::io::{Seek, SeekFrom, Write};
+    let (page_size, root): (i64, i64) = {
+        let conn = rusqlite::Connection::open(store).unwrap();
+        let size = conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .unwrap();
+        let root = conn
+            .query_row(
+                "SELECT rootpage FROM sqlite_master WHERE name = 'sqlite_autoindex_calls_1'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        (size, root)
+    };
+    let mut f = std::fs::OpenOptions::new().write(true).open(store).unwrap();
+    f.seek(SeekFrom::Start(((root - 1) * page_size) as u64))
+        .unwrap();
+    f.write_all(&vec![0xab; page_size as usize]).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// A store damaged where calls are written answered 503 to every webhook while `/readyz` said
+/// ready (its probe wrote to a table that still worked): a load balancer kept sending calls to a
+/// daemon that refused them all. Readiness now tries the webhook's own writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_cannot_take_calls_is_not_ready() {
+    let slack = FakeSlack::start().await;
+    let mut d = Daemon::start(&config(&slack, ""));
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAbeforedamage")).await.0, 200);
+    slack.wait_accepted(1, WAIT).await;
+    assert_eq!(tokio::task::block_in_place(|| d.terminate()), Some(0));
+    corrupt_the_call_index(&d.dir.join("store.db"));
+    tokio::task::block_in_place(|| d.spawn());
+
+    let (status, body) = d.post(&with_sid(FIXTURE, "CAafterdamage")).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "store_unavailable", "{body}");
+    let (status, body) = get(&d.url("/readyz")).await;
+    assert_eq!(status, 503, "ready while every call is refused: {body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"], "store_unavailable", "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("malformed"),
+        "{body}"
+    );
+    // Asked again (a good answer is reused for a second; a bad one never is): still not ready.
+    assert_eq!(get(&d.url("/readyz")).await.0, 503);
+}
