@@ -434,14 +434,39 @@ where
         note_outcome(&shared, &inserted, &sid, event, &rule_names, now);
         (inserted, sid, rule_names)
     });
-    let Ok((inserted, sid, rule_names)) = commit.await else {
+    answer_commit(commit.await, event)
+}
+
+/// What a sender is told to wait before trying again after a 503.
+const RETRY_AFTER_SECS: &str = "5";
+
+/// The webhook's 503: nothing (or nothing known) was stored. Always says when to try again.
+fn store_unavailable(message: &str) -> Response {
+    let mut r = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        message,
+    );
+    r.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from_static(RETRY_AFTER_SECS),
+    );
+    r
+}
+
+/// What the commit task returns: the store's answer, the sid and the rules matched.
+type Committed = (
+    Result<Inserted, crate::store::StoreError>,
+    String,
+    Vec<String>,
+);
+
+/// The webhook's answer once its commit task has finished (or failed to).
+fn answer_commit(joined: Result<Committed, tokio::task::JoinError>, event: &str) -> Response {
+    let Ok((inserted, sid, rule_names)) = joined else {
         // The task panicked or the runtime is stopping; whether the call was stored is unknown,
         // and Air's retry is answered `duplicate` if it was.
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store_unavailable",
-            "the call could not be stored; please retry",
-        );
+        return store_unavailable("the call could not be stored; please retry");
     };
     match inserted {
         Ok(Inserted::Accepted { deliveries, .. }) => ok_json(
@@ -451,14 +476,7 @@ where
             ok_json(json!({"status": "duplicate", "sid": sid, "event": event, "notifications": 0}))
         }
         Err(_) => {
-            let mut r = error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                "the call could not be stored; nothing was accepted, please retry",
-            );
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-            r
+            store_unavailable("the call could not be stored; nothing was accepted, please retry")
         }
     }
 }
@@ -835,5 +853,38 @@ mod tests {
             *seen.lock().unwrap(),
             [None, bad.clone(), bad.clone(), bad.clone(), bad]
         );
+    }
+
+    /// Every 503 the webhook answers tells the sender when to try again, including the one for
+    /// a commit task that panicked (it had none).
+    #[tokio::test]
+    async fn every_webhook_503_says_when_to_retry() {
+        let panicked = tokio::spawn(async {
+            panic!("the commit task failed");
+        })
+        .await
+        .map(|()| unreachable!());
+        let refused = Ok((
+            Err(crate::store::StoreError::Closed),
+            "CA1".to_string(),
+            vec![],
+        ));
+        for joined in [panicked, refused] {
+            let r = answer_commit(joined, "POST_CALL_DATA");
+            assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(
+                r.headers().get(header::RETRY_AFTER).map(|v| v.as_bytes()),
+                Some(&b"5"[..])
+            );
+            let once = Arc::new(std::sync::Mutex::new(Some(r)));
+            let reply = warp::any().map(move || once.lock().unwrap().take().unwrap());
+            let body: serde_json::Value =
+                serde_json::from_slice(warp::test::request().reply(&reply).await.body()).unwrap();
+            assert_eq!(body["error"], "store_unavailable", "{body}");
+            assert!(
+                body["message"].as_str().unwrap().contains("retry"),
+                "{body}"
+            );
+        }
     }
 }
