@@ -30,8 +30,12 @@ const PROBE_EVENT: &str = "readiness-probe";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// Not a `source`: its text is already in the message, and `{:#}` would print it twice.
     #[error("store error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
+    /// What cannot be written, named (see [`read_only_cause`]).
+    #[error("the store cannot be written: {0}")]
+    ReadOnly(String),
     #[error("store commit failed: {0}")]
     Commit(String),
     #[error("store is closed")]
@@ -40,6 +44,108 @@ pub enum StoreError {
     Open { path: String, reason: String },
     #[error("another callnotify daemon is using the store at {path} (it holds {lock}); stop it first, or give this one its own store.path")]
     InUse { path: String, lock: String },
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> StoreError {
+        StoreError::Sqlite(e)
+    }
+}
+
+impl StoreError {
+    /// `e` from the store at `path`: where SQLite could not write or open it, what is
+    /// read-only, by name ("attempt to write a readonly database" names nothing).
+    fn at(path: &Path, e: rusqlite::Error) -> StoreError {
+        use rusqlite::ErrorCode::{CannotOpen, ReadOnly};
+        match e.sqlite_error_code() {
+            Some(ReadOnly | CannotOpen) => match read_only_cause(path) {
+                Some(cause) => StoreError::ReadOnly(cause),
+                None => StoreError::Sqlite(e),
+            },
+            _ => StoreError::Sqlite(e),
+        }
+    }
+}
+
+/// The path of a file SQLite keeps beside the store (`-wal`, `-shm`) or ours (`.lock`).
+fn beside(store: &Path, suffix: &str) -> PathBuf {
+    let mut name = store.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// What keeps SQLite from writing the store at `path`: the store file, the write-ahead log or
+/// its index beside it, or the directory where those two must be created; None when all of
+/// them can be written. Opening a file for writing changes nothing; the directory is tried by
+/// creating (and removing) an empty file, only when the log or index is missing.
+pub(crate) fn read_only_cause(path: &Path) -> Option<String> {
+    let mut missing = false;
+    for file in [
+        path.to_path_buf(),
+        beside(path, "-wal"),
+        beside(path, "-shm"),
+    ] {
+        match std::fs::OpenOptions::new().write(true).open(&file) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing = true,
+            Err(e) => return Some(cannot_write(&file, "", &e)),
+        }
+    }
+    if !missing {
+        return None;
+    }
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let trial = dir.join(format!(".callnotify-write-check-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&trial)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&trial);
+            None
+        }
+        Err(e) => Some(cannot_write(
+            dir,
+            &format!(
+                " (the directory holding the store: SQLite creates {} and {} there)",
+                beside(path, "-wal").display(),
+                beside(path, "-shm").display()
+            ),
+            &e,
+        )),
+    }
+}
+
+/// `X is on a read-only file system`, or `X cannot be written by this process (why; owner, mode)`.
+fn cannot_write(file: &Path, what: &str, e: &std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem {
+        return format!("{}{what} is on a read-only file system", file.display());
+    }
+    let owner = owner_and_mode(file).unwrap_or_default();
+    format!(
+        "{}{what} cannot be written by this process ({e}{owner})",
+        file.display()
+    )
+}
+
+#[cfg(unix)]
+fn owner_and_mode(file: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(file).ok()?;
+    Some(format!(
+        "; owned by uid {}, mode {:o}",
+        m.uid(),
+        m.mode() & 0o7777
+    ))
+}
+
+#[cfg(not(unix))]
+fn owner_and_mode(_: &Path) -> Option<String> {
+    None
 }
 
 /// One daemon per store. A second `serve` on the same store would requeue, as it starts, the
@@ -113,7 +219,7 @@ where
     F: Fn(&Connection) -> rusqlite::Result<T> + Send,
 {
     fn run(&mut self, conn: &Connection) -> bool {
-        let result = (self.f)(conn).map_err(StoreError::from);
+        let result = (self.f)(conn).map_err(|e| error_of(conn, e));
         let ok = result.is_ok();
         self.result = Some(result);
         ok
@@ -368,12 +474,17 @@ impl Store {
             path: path.display().to_string(),
             reason,
         };
+        // SQLite's own words, or what is read-only where that is the cause.
+        let sql_err = |e: rusqlite::Error| match StoreError::at(path, e) {
+            StoreError::ReadOnly(cause) => open_err(cause),
+            other => open_err(other.to_string()),
+        };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
         }
-        let conn = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
+        let conn = Connection::open(path).map_err(sql_err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(|e| open_err(e.to_string()))?;
+            .map_err(sql_err)?;
         let sync = match durability {
             Durability::Full => "FULL",
             Durability::Normal => "NORMAL",
@@ -382,10 +493,9 @@ impl Store {
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;
              PRAGMA temp_store = MEMORY;"
         ))
-        .map_err(|e| open_err(e.to_string()))?;
-        conn.execute_batch(SCHEMA)
-            .map_err(|e| open_err(e.to_string()))?;
-        migrate(&conn).map_err(|e| open_err(e.to_string()))?;
+        .map_err(sql_err)?;
+        conn.execute_batch(SCHEMA).map_err(sql_err)?;
+        migrate(&conn).map_err(sql_err)?;
         conn.set_prepared_statement_cache_capacity(64);
         let file = OpenedFile::of(path).map_err(|e| open_err(e.to_string()))?;
         let (tx, rx) = mpsc::channel::<Msg>();
@@ -756,6 +866,14 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     tx.commit()
 }
 
+/// `e` from a statement on `conn`, with what is read-only named ([`StoreError::at`]).
+fn error_of(conn: &Connection, e: rusqlite::Error) -> StoreError {
+    match conn.path().filter(|p| !p.is_empty()) {
+        Some(path) => StoreError::at(Path::new(path), e),
+        None => StoreError::Sqlite(e),
+    }
+}
+
 /// Runs a transaction-control statement from the statement cache (parsed once, not per call).
 fn control(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(|_| ())
@@ -891,7 +1009,8 @@ fn commit(
     file: &mut OpenedFile,
     jobs: &mut [Job],
 ) -> Result<(), Option<String>> {
-    control(conn, "BEGIN IMMEDIATE").map_err(|e| Some(e.to_string()))?;
+    let why = |e: rusqlite::Error| Some(error_of(conn, e).to_string());
+    control(conn, "BEGIN IMMEDIATE").map_err(why)?;
     for job in jobs.iter_mut() {
         if !job.run(conn) {
             let _ = control(conn, "ROLLBACK");
@@ -904,7 +1023,7 @@ fn commit(
     }
     control(conn, "COMMIT").map_err(|e| {
         let _ = control(conn, "ROLLBACK");
-        Some(e.to_string())
+        why(e)
     })
 }
 
@@ -1089,14 +1208,17 @@ pub fn list_at(
 ) -> Result<Vec<DeliveryRow>, StoreError> {
     let open_err = |e: rusqlite::Error| StoreError::Open {
         path: path.display().to_string(),
-        reason: e.to_string(),
+        reason: match StoreError::at(path, e) {
+            StoreError::ReadOnly(cause) => cause,
+            other => other.to_string(),
+        },
     };
     let flags =
         rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags).map_err(open_err)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))
         .map_err(open_err)?;
-    Ok(list(&conn, status, sid, limit)?)
+    list(&conn, status, sid, limit).map_err(open_err)
 }
 
 /// The `deliveries list` query (?1 status, ?2 sid, ?3 limit), written for each filter so that
@@ -1838,5 +1960,37 @@ mod tests {
         let e = store.probe(6, vec![]).await.unwrap_err();
         assert!(e.to_string().contains("deliveries refused"), "{e}");
         assert_eq!(calls(&store).await, 1);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_read_only_store_directory_is_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        drop(Store::open(&path).unwrap()); // closed: no -wal or -shm left
+        assert_eq!(read_only_cause(&path), None);
+        let set_mode = |mode| {
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        set_mode(0o555);
+        let cause = read_only_cause(&path);
+        set_mode(0o755);
+        if std::fs::File::create(dir.path().join("root-writes-anyway")).is_ok() && cause.is_none() {
+            // Root ignores the mode: nothing is read-only for it here.
+            return;
+        }
+        let cause = cause.expect("a read-only directory is a cause");
+        assert!(
+            cause.starts_with(&format!(
+                "{} (the directory holding the store",
+                dir.path().display()
+            )),
+            "{cause}"
+        );
+        assert!(
+            cause.contains("cannot be written by this process"),
+            "{cause}"
+        );
     }
 }

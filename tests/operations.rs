@@ -2147,3 +2147,126 @@ async fn a_store_that_cannot_take_calls_is_not_ready() {
     // Asked again (a good answer is reused for a second; a bad one never is): still not ready.
     assert_eq!(get(&d.url("/readyz")).await.0, 503);
 }
+
+/// `chattr +i` on a file while alive (even root cannot write it then); undone on drop. None
+/// where the file system or the user cannot set it: the test that needs it says so and passes.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn set(path: &std::path::Path) -> Option<Immutable> {
+        let ok = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(path)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Immutable(path.to_path_buf()))
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A small tmpfs, unmounted on drop; None where mounting is not allowed.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount() -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Tmpfs(dir))
+    }
+
+    fn read_only(&self) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", "remount,ro"])
+            .arg(self.0.path())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+/// A store that cannot be written was reported as "attempt to write a readonly database" (or
+/// "unable to open database file"), twice over and without a path: the operator was not told
+/// which file to fix. Each message now names what is read-only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_store_is_reported_with_the_file_that_is_read_only() {
+    let slack = FakeSlack::start().await;
+    let mut d = Daemon::start(&config(&slack, ""));
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAreadonly")).await.0, 200);
+    slack.wait_accepted(1, WAIT).await;
+    assert_eq!(tokio::task::block_in_place(|| d.terminate()), Some(0));
+    let store = d.dir.join("store.db");
+    let store_name = store.display().to_string();
+
+    // The store file itself cannot be written (as when it belongs to another user).
+    match Immutable::set(&store) {
+        None => println!("skipped: cannot make a file immutable here"),
+        Some(_undo) => {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"))
+                .args(["serve", "--config"])
+                .arg(&d.config)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{err}");
+            assert!(
+                err.contains(&format!("{store_name} cannot be written")),
+                "{err}"
+            );
+            assert_eq!(err.matches("readonly database").count(), 0, "{err}");
+            let out = d.cli(&["deliveries", "retry", "--all-dead"]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{err}");
+            assert!(
+                err.contains(&format!("{store_name} cannot be written")),
+                "{err}"
+            );
+        }
+    }
+
+    // The store on a file system mounted read-only.
+    let Some(disk) = Tmpfs::mount() else {
+        println!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let copy = disk.0.path().join("store.db");
+    std::fs::copy(&store, &copy).unwrap();
+    disk.read_only();
+    let copy_name = copy.display().to_string();
+    for args in [
+        &["deliveries", "list"][..],
+        &["deliveries", "retry", "--all-dead"],
+    ] {
+        let out = d
+            .command_with_env(args, &[("CALLNOTIFY_STORE__PATH", &copy_name)])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("{copy_name} is on a read-only file system")),
+            "{args:?}: {err}"
+        );
+    }
+}
