@@ -599,17 +599,17 @@ pub fn format_deliveries(rows: &[DeliveryRow]) -> String {
         } else {
             "-".into()
         };
+        // A delivered row keeps the error of a failed attempt before it: useful (it was
+        // retried, and why), but under "last error" alone it reads as a failure.
+        let error = match (r.status.as_str(), r.last_error.as_deref()) {
+            (_, None) => String::new(),
+            ("done", Some(e)) => format!("earlier attempt: {e}"),
+            (_, Some(e)) => e.to_string(),
+        };
         let _ = writeln!(
             out,
             "{:>6}  {:<8}  {:<34}  {:<18}  {:<14}  {:>8}  {:<19}  {}",
-            r.id,
-            r.status,
-            r.sid,
-            r.rule,
-            r.channel,
-            r.attempts,
-            next,
-            r.last_error.as_deref().unwrap_or("")
+            r.id, r.status, r.sid, r.rule, r.channel, r.attempts, next, error
         );
     }
     if rows.is_empty() {

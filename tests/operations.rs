@@ -2270,3 +2270,33 @@ async fn a_read_only_store_is_reported_with_the_file_that_is_read_only() {
         );
     }
 }
+
+/// `deliveries list` showed a delivered message with the error of an attempt before it, under
+/// "last error", as if it had failed. That error is now labelled as an earlier attempt's; the
+/// error of a delivery still waiting or dead is shown as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivered_row_labels_the_error_of_an_earlier_attempt() {
+    let slack = FakeSlack::start().await;
+    slack.script([Reply::status(500, "briefly down")]);
+    let yaml = format!(
+        "{}delivery: {{ retry_schedule: [\"1s\"] }}\n",
+        config(&slack, "")
+    );
+    let d = Daemon::start(&yaml);
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAretried")).await.0, 200);
+    let rows = d.wait_settled(WAIT).await;
+    assert_eq!(rows[0]["status"], "done", "{rows:?}");
+    assert_eq!(rows[0]["attempts"], 2, "{rows:?}");
+    let out = d.cli(&["deliveries", "list"]);
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    let line = table
+        .lines()
+        .find(|l| l.contains("CAretried"))
+        .unwrap_or_else(|| panic!("{table}"));
+    let error = rows[0]["last_error"].as_str().unwrap();
+    assert!(error.contains("500"), "{rows:?}");
+    assert!(
+        line.ends_with(&format!("  earlier attempt: {error}")),
+        "{table}"
+    );
+}
