@@ -580,17 +580,30 @@ pub fn dry_run(config: &Config, body: &[u8], as_json: bool) -> Result<(String, b
     Ok((out, all_good))
 }
 
-/// Formats deliveries as a table.
+/// Formats deliveries as a table. Each column is as wide as its widest value (ids past
+/// 999,999, long rule names), so the columns line up whatever the store holds.
 pub fn format_deliveries(rows: &[DeliveryRow]) -> String {
     let ts = |ms: i64| {
         chrono::DateTime::from_timestamp_millis(ms)
             .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
             .unwrap_or_default()
     };
+    let width = |header: &str, value: fn(&DeliveryRow) -> String| {
+        rows.iter()
+            .map(|r| value(r).chars().count())
+            .chain([header.chars().count()])
+            .max()
+            .unwrap_or_default()
+    };
+    let id = width("id", |r| r.id.to_string());
+    let status = width("status", |r| r.status.clone());
+    let sid = width("sid", |r| r.sid.clone());
+    let rule = width("rule", |r| r.rule.clone());
+    let channel = width("channel", |r| r.channel.clone());
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>6}  {:<8}  {:<34}  {:<18}  {:<14}  {:>8}  {:<19}  last error",
+        "{:>id$}  {:<status$}  {:<sid$}  {:<rule$}  {:<channel$}  {:>8}  {:<19}  last error",
         "id", "status", "sid", "rule", "channel", "attempts", "next attempt (UTC)"
     );
     for r in rows {
@@ -608,7 +621,7 @@ pub fn format_deliveries(rows: &[DeliveryRow]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:>6}  {:<8}  {:<34}  {:<18}  {:<14}  {:>8}  {:<19}  {}",
+            "{:>id$}  {:<status$}  {:<sid$}  {:<rule$}  {:<channel$}  {:>8}  {:<19}  {}",
             r.id, r.status, r.sid, r.rule, r.channel, r.attempts, next, error
         );
     }

@@ -2300,3 +2300,42 @@ async fn a_delivered_row_labels_the_error_of_an_earlier_attempt() {
         "{table}"
     );
 }
+
+/// The `id` column of `deliveries list` was six wide: past 999,999 deliveries an id pushed the
+/// rest of its row to the right. Columns are now as wide as what they hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_list_columns_line_up_with_large_ids_and_long_names() {
+    let slack = FakeSlack::start().await;
+    let long_rule = "  - name: a_rule_with_a_name_longer_than_eighteen\n    notify: [{ channel: console, template: log/summary }]\n";
+    let d = Daemon::start(&config(&slack, long_rule));
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAwide")).await.0, 200);
+    d.wait_settled(WAIT).await;
+    // As a store that has taken ten million deliveries numbers them.
+    rusqlite::Connection::open(d.dir.join("store.db"))
+        .unwrap()
+        .execute_batch(
+            "PRAGMA foreign_keys = OFF;
+             UPDATE attempts SET delivery_id = 12345678
+                 WHERE delivery_id = (SELECT id FROM deliveries WHERE rule = 'every_call');
+             UPDATE deliveries SET id = 12345678 WHERE rule = 'every_call';",
+        )
+        .unwrap();
+    let out = d.cli(&["deliveries", "list"]);
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    let col = |line: &str, word: &str| line.find(word).unwrap_or_else(|| panic!("{table}"));
+    for row in &lines[1..] {
+        assert_eq!(col(row, "done"), col(lines[0], "status"), "{table}");
+        assert_eq!(col(row, "CAwide"), col(lines[0], "sid"), "{table}");
+        assert_eq!(
+            col(row, " 1  "),
+            col(lines[0], "attempts") + "attempts".len() - 2,
+            "{table}"
+        );
+    }
+    assert!(
+        lines.iter().any(|l| l.starts_with("12345678  done")),
+        "{table}"
+    );
+}
