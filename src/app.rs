@@ -345,13 +345,28 @@ impl App {
         }
         // Before anything is requeued: what is `sending` may be another daemon's, in flight.
         let store_lock = DaemonLock::acquire(&config.store.path)?;
-        let store = Store::open_with(&config.store.path, config.store.synchronous)?;
-        let requeued = store.reset_inflight(clock.now_ms()).await?;
-        if requeued > 0 {
-            tracing::info!(
-                deliveries = requeued,
-                "requeued deliveries interrupted by the last stop"
-            );
+        // A full disk is no reason to exit (systemd would restart the daemon in a loop): it
+        // starts, answers 503 and is not ready until the store opens.
+        let now = {
+            let clock = clock.clone();
+            move || clock.now_ms()
+        };
+        let (store, waiting) =
+            Store::open_or_wait(&config.store.path, config.store.synchronous, now)?;
+        match waiting {
+            Some(why) => tracing::error!(
+                store = %config.store.path.display(),
+                "{why}: the store cannot be opened; every call is answered 503 and /readyz is not ready until there is room (tried every second)"
+            ),
+            None => {
+                let requeued = store.reset_inflight(clock.now_ms()).await?;
+                if requeued > 0 {
+                    tracing::info!(
+                        deliveries = requeued,
+                        "requeued deliveries interrupted by the last stop"
+                    );
+                }
+            }
         }
         // The config may have changed while the daemon was stopped, as at a reload.
         match store.open_needs().await {

@@ -33,9 +33,12 @@ pub enum StoreError {
     /// Not a `source`: its text is already in the message, and `{:#}` would print it twice.
     #[error("store error: {0}")]
     Sqlite(rusqlite::Error),
-    /// What cannot be written, named (see [`read_only_cause`]).
+    /// What keeps the store from being written, named (see [`write_cause`]).
     #[error("the store cannot be written: {0}")]
-    ReadOnly(String),
+    CannotWrite(String),
+    /// The disk holding the store is full; the message names it. Passes once there is room.
+    #[error("{0}")]
+    DiskFull(String),
     #[error("store commit failed: {0}")]
     Commit(String),
     #[error("store is closed")]
@@ -53,16 +56,26 @@ impl From<rusqlite::Error> for StoreError {
 }
 
 impl StoreError {
-    /// `e` from the store at `path`: where SQLite could not write or open it, what is
-    /// read-only, by name ("attempt to write a readonly database" names nothing).
+    /// `e` from the store at `path`: where SQLite could not write or open it, what is in the
+    /// way, by name ("attempt to write a readonly database", "disk I/O error" name nothing).
     fn at(path: &Path, e: rusqlite::Error) -> StoreError {
-        use rusqlite::ErrorCode::{CannotOpen, ReadOnly};
+        use rusqlite::ErrorCode::{CannotOpen, DiskFull, ReadOnly, SystemIoFailure};
         match e.sqlite_error_code() {
-            Some(ReadOnly | CannotOpen) => match read_only_cause(path) {
-                Some(cause) => StoreError::ReadOnly(cause),
+            Some(ReadOnly | CannotOpen | DiskFull | SystemIoFailure) => match write_cause(path) {
+                Some(Cause::Full(why)) => StoreError::DiskFull(why),
+                Some(Cause::Other(why)) => StoreError::CannotWrite(why),
                 None => StoreError::Sqlite(e),
             },
             _ => StoreError::Sqlite(e),
+        }
+    }
+
+    /// The message without the variant's prefix, for [`StoreError::Open`]'s reason.
+    fn reason(self) -> String {
+        match self {
+            StoreError::Sqlite(e) => e.to_string(),
+            StoreError::CannotWrite(cause) => cause,
+            other => other.to_string(),
         }
     }
 }
@@ -74,62 +87,110 @@ fn beside(store: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// What keeps SQLite from writing the store at `path`: the store file, the write-ahead log or
-/// its index beside it, or the directory where those two must be created; None when all of
-/// them can be written. Opening a file for writing changes nothing; the directory is tried by
-/// creating (and removing) an empty file, only when the log or index is missing.
-pub(crate) fn read_only_cause(path: &Path) -> Option<String> {
-    let mut missing = false;
-    for file in [
-        path.to_path_buf(),
-        beside(path, "-wal"),
-        beside(path, "-shm"),
-    ] {
-        match std::fs::OpenOptions::new().write(true).open(&file) {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing = true,
-            Err(e) => return Some(cannot_write(&file, "", &e)),
-        }
-    }
-    if !missing {
-        return None;
-    }
+/// Room a trial write asks for: what SQLite needs to open a store (its `-shm` index is 32 KiB)
+/// with some to spare.
+const TRIAL_BYTES: usize = 64 * 1024;
+
+/// What keeps SQLite from writing the store at `path`: the file system is read-only, the store
+/// file or the write-ahead log or its index beside it cannot be written by this process, the
+/// directory where those two are created cannot be written, or the disk is full; None when none
+/// of these is so. The store's own files are never opened here: closing any handle to them
+/// would drop the locks SQLite holds on them for the whole process (a `deliveries` command
+/// could then checkpoint and remove the log under the running daemon). They are asked with
+/// SQLite's own access check instead, and the directory is tried by writing (and removing) a
+/// small file of our own beside the store.
+pub(crate) fn write_cause(path: &Path) -> Option<Cause> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let trial = dir.join(format!(".callnotify-write-check-{}", std::process::id()));
-    match std::fs::OpenOptions::new()
+    let written = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&trial)
-    {
-        Ok(_) => {
-            let _ = std::fs::remove_file(&trial);
-            None
+        .map_err(|e| (false, e))
+        .and_then(|mut f| {
+            std::io::Write::write_all(&mut f, &[0; TRIAL_BYTES])
+                .and_then(|()| f.sync_all())
+                .map_err(|e| (true, e))
+        });
+    let _ = std::fs::remove_file(&trial);
+    if let Err((_, e)) = &written {
+        if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem {
+            return Some(Cause::Other(format!(
+                "{} is on a read-only file system",
+                path.display()
+            )));
         }
-        Err(e) => Some(cannot_write(
-            dir,
-            &format!(
-                " (the directory holding the store: SQLite creates {} and {} there)",
-                beside(path, "-wal").display(),
-                beside(path, "-shm").display()
-            ),
-            &e,
-        )),
+    }
+    for file in [
+        path.to_path_buf(),
+        beside(path, "-wal"),
+        beside(path, "-shm"),
+    ] {
+        if file.exists() && !may_write(&file) {
+            let owner = owner_and_mode(&file).map(|o| format!(" ({o})"));
+            return Some(Cause::Other(format!(
+                "{} cannot be written by this process{}",
+                file.display(),
+                owner.unwrap_or_default()
+            )));
+        }
+    }
+    match written {
+        Ok(()) => None,
+        Err((_, e)) if e.kind() == std::io::ErrorKind::StorageFull => Some(Cause::Full(format!(
+            "the disk holding {} is full (no space left on device)",
+            path.display()
+        ))),
+        // Created, but the write failed otherwise: not a question of permissions.
+        Err((true, _)) => None,
+        Err((false, e)) => Some(Cause::Other(format!(
+            "{} (the directory holding the store: SQLite creates {} and {} there) cannot be \
+             written by this process ({e}{})",
+            dir.display(),
+            beside(path, "-wal").display(),
+            beside(path, "-shm").display(),
+            owner_and_mode(dir)
+                .map(|o| format!("; {o}"))
+                .unwrap_or_default()
+        ))),
     }
 }
 
-/// `X is on a read-only file system`, or `X cannot be written by this process (why; owner, mode)`.
-fn cannot_write(file: &Path, what: &str, e: &std::io::Error) -> String {
-    if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem {
-        return format!("{}{what} is on a read-only file system", file.display());
-    }
-    let owner = owner_and_mode(file).unwrap_or_default();
-    format!(
-        "{}{what} cannot be written by this process ({e}{owner})",
-        file.display()
-    )
+/// Whether this process may read and write `file`, as SQLite's own VFS decides it (`access(2)`
+/// on Unix: permissions, ACLs, an immutable file), without opening it. True when it cannot tell.
+fn may_write(file: &Path) -> bool {
+    use rusqlite::ffi;
+    let Some(name) = file.to_str().and_then(|s| std::ffi::CString::new(s).ok()) else {
+        return true;
+    };
+    let mut answer: std::ffi::c_int = 0;
+    // SAFETY: the default VFS is registered for the life of the process and never freed;
+    // `name` is a NUL-terminated string that outlives the call, and `answer` a valid int.
+    let rc = unsafe {
+        let vfs = ffi::sqlite3_vfs_find(std::ptr::null());
+        match vfs.as_ref().and_then(|v| v.xAccess) {
+            Some(access) => access(
+                vfs,
+                name.as_ptr(),
+                ffi::SQLITE_ACCESS_READWRITE,
+                &mut answer,
+            ),
+            None => return true,
+        }
+    };
+    rc != ffi::SQLITE_OK || answer != 0
+}
+
+/// Why the store cannot be written ([`write_cause`]).
+#[derive(Debug, PartialEq)]
+pub(crate) enum Cause {
+    /// No space left: passes by itself once some is freed.
+    Full(String),
+    /// Read-only: someone must change a mount, an owner or a mode.
+    Other(String),
 }
 
 #[cfg(unix)]
@@ -137,7 +198,7 @@ fn owner_and_mode(file: &Path) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(file).ok()?;
     Some(format!(
-        "; owned by uid {}, mode {:o}",
+        "owned by uid {}, mode {:o}",
         m.uid(),
         m.mode() & 0o7777
     ))
@@ -470,39 +531,55 @@ impl Store {
 
     /// Opens (creating if needed) the store at `path` and starts its writer thread.
     pub fn open_with(path: &Path, durability: Durability) -> Result<Store, StoreError> {
-        let open_err = |reason: String| StoreError::Open {
-            path: path.display().to_string(),
-            reason,
+        let (conn, file) = connect(path, durability)?;
+        Self::start(path, move |rx| writer(conn, file, rx))
+    }
+
+    /// As [`Store::open_with`], except on a full disk: then the store is returned all the same,
+    /// with the reason, and its thread tries to open it again every second. Until it opens,
+    /// every job is answered that the disk is full (the webhook answers 503, `/readyz` is not
+    /// ready); once it opens, deliveries left `sending` by the last process are requeued (as
+    /// [`Store::reset_inflight`] does, at `now()`) before any job, and it works as any store.
+    /// A daemon that exited instead would be restarted by systemd in a loop until it gave up,
+    /// and would need starting by hand once space was freed.
+    pub fn open_or_wait<N>(
+        path: &Path,
+        durability: Durability,
+        now: N,
+    ) -> Result<(Store, Option<String>), StoreError>
+    where
+        N: Fn() -> i64 + Send + 'static,
+    {
+        let why = match connect(path, durability) {
+            Ok((conn, file)) => {
+                let store = Self::start(path, move |rx| writer(conn, file, rx))?;
+                return Ok((store, None));
+            }
+            Err(StoreError::DiskFull(why)) => why,
+            Err(e) => return Err(e),
         };
-        // SQLite's own words, or what is read-only where that is the cause.
-        let sql_err = |e: rusqlite::Error| match StoreError::at(path, e) {
-            StoreError::ReadOnly(cause) => open_err(cause),
-            other => open_err(other.to_string()),
-        };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
-        }
-        let conn = Connection::open(path).map_err(sql_err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(sql_err)?;
-        let sync = match durability {
-            Durability::Full => "FULL",
-            Durability::Normal => "NORMAL",
-        };
-        conn.execute_batch(&format!(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;
-             PRAGMA temp_store = MEMORY;"
-        ))
-        .map_err(sql_err)?;
-        conn.execute_batch(SCHEMA).map_err(sql_err)?;
-        migrate(&conn).map_err(sql_err)?;
-        conn.set_prepared_statement_cache_capacity(64);
-        let file = OpenedFile::of(path).map_err(|e| open_err(e.to_string()))?;
+        let at = path.to_path_buf();
+        let waiting = why.clone();
+        let store = Self::start(path, move |rx| {
+            if let Some((conn, file)) = wait_for_room(&at, durability, waiting, &now, &rx) {
+                writer(conn, file, rx)
+            }
+        })?;
+        Ok((store, Some(why)))
+    }
+
+    fn start<W>(path: &Path, run: W) -> Result<Store, StoreError>
+    where
+        W: FnOnce(mpsc::Receiver<Msg>) + Send + 'static,
+    {
         let (tx, rx) = mpsc::channel::<Msg>();
         std::thread::Builder::new()
             .name("callnotify-store".into())
-            .spawn(move || writer(conn, file, rx))
-            .map_err(|e| open_err(e.to_string()))?;
+            .spawn(move || run(rx))
+            .map_err(|e| StoreError::Open {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
         Ok(Store { tx })
     }
 
@@ -846,6 +923,87 @@ impl Store {
             rows.collect()
         })
         .await
+    }
+}
+
+/// Opens the store at `path` (creating it if needed) and brings its schema up to date. A full
+/// disk is [`StoreError::DiskFull`]; other failures are [`StoreError::Open`] with the reason.
+fn connect(path: &Path, durability: Durability) -> Result<(Connection, OpenedFile), StoreError> {
+    let open_err = |reason: String| StoreError::Open {
+        path: path.display().to_string(),
+        reason,
+    };
+    // SQLite's own words, or what is in the way where that is the cause.
+    let sql_err = |e: rusqlite::Error| match StoreError::at(path, e) {
+        full @ StoreError::DiskFull(_) => full,
+        other => open_err(other.reason()),
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
+    }
+    let conn = Connection::open(path).map_err(sql_err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(sql_err)?;
+    let sync = match durability {
+        Durability::Full => "FULL",
+        Durability::Normal => "NORMAL",
+    };
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;
+         PRAGMA temp_store = MEMORY;"
+    ))
+    .map_err(sql_err)?;
+    conn.execute_batch(SCHEMA).map_err(sql_err)?;
+    migrate(&conn).map_err(sql_err)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    let file = OpenedFile::of(path).map_err(|e| open_err(e.to_string()))?;
+    Ok((conn, file))
+}
+
+/// How often a store waiting for room tries to open again.
+const REOPEN_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Until the store at `path` opens and its interrupted deliveries are requeued: answers every
+/// job that it cannot be written (`why`), and tries again every [`REOPEN_EVERY`]. None when the
+/// store was closed meanwhile.
+fn wait_for_room(
+    path: &Path,
+    durability: Durability,
+    mut why: String,
+    now: &dyn Fn() -> i64,
+    rx: &mpsc::Receiver<Msg>,
+) -> Option<(Connection, OpenedFile)> {
+    let mut next_try = std::time::Instant::now() + REOPEN_EVERY;
+    loop {
+        match rx.recv_timeout(next_try.saturating_duration_since(std::time::Instant::now())) {
+            Ok(Msg::Job(job)) => job.answer(Some(&why)),
+            Ok(Msg::Close(done)) => {
+                let _ = done.send(());
+                return None;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                next_try = std::time::Instant::now() + REOPEN_EVERY;
+                let opened = connect(path, durability).and_then(|(conn, file)| {
+                    let requeued = conn
+                        .execute(RESET_INFLIGHT, params![now()])
+                        .map_err(|e| StoreError::at(path, e))?;
+                    Ok((conn, file, requeued))
+                });
+                match opened {
+                    Ok((conn, file, requeued)) => {
+                        tracing::info!(
+                            store = %path.display(),
+                            requeued,
+                            "the store has room again and is open; taking calls"
+                        );
+                        return Some((conn, file));
+                    }
+                    Err(StoreError::DiskFull(w)) => why = w,
+                    Err(e) => why = e.to_string(),
+                }
+            }
+        }
     }
 }
 
@@ -1208,10 +1366,7 @@ pub fn list_at(
 ) -> Result<Vec<DeliveryRow>, StoreError> {
     let open_err = |e: rusqlite::Error| StoreError::Open {
         path: path.display().to_string(),
-        reason: match StoreError::at(path, e) {
-            StoreError::ReadOnly(cause) => cause,
-            other => other.to_string(),
-        },
+        reason: StoreError::at(path, e).reason(),
     };
     let flags =
         rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
@@ -1969,18 +2124,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
         drop(Store::open(&path).unwrap()); // closed: no -wal or -shm left
-        assert_eq!(read_only_cause(&path), None);
+        assert_eq!(write_cause(&path), None);
         let set_mode = |mode| {
             std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode)).unwrap()
         };
         set_mode(0o555);
-        let cause = read_only_cause(&path);
+        let cause = write_cause(&path);
         set_mode(0o755);
         if std::fs::File::create(dir.path().join("root-writes-anyway")).is_ok() && cause.is_none() {
             // Root ignores the mode: nothing is read-only for it here.
             return;
         }
-        let cause = cause.expect("a read-only directory is a cause");
+        let Some(Cause::Other(cause)) = cause else {
+            panic!("a read-only directory is a cause: {cause:?}");
+        };
         assert!(
             cause.starts_with(&format!(
                 "{} (the directory holding the store",

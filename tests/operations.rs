@@ -2339,3 +2339,65 @@ async fn deliveries_list_columns_line_up_with_large_ids_and_long_names() {
         "{table}"
     );
 }
+
+/// A daemon started on a full disk exited ("disk I/O error", no path), and systemd restarted it
+/// in a loop until it gave up: once space was freed, someone had to start it by hand. It now
+/// starts, says which disk is full, answers 503 (with Retry-After) and is not ready until the
+/// store opens, then takes calls without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_started_on_a_full_disk_waits_for_room_instead_of_exiting() {
+    let Some(disk) = Tmpfs::mount() else {
+        println!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let filler = disk.0.path().join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        while f.write_all(&[0u8; 512]).is_ok() {}
+    }
+    let slack = FakeSlack::start().await;
+    let store = disk.0.path().join("store.db");
+    let store_name = store.display().to_string();
+    let d = Daemon::start_with_env(
+        &config(&slack, ""),
+        &[("CALLNOTIFY_STORE__PATH", &store_name)],
+    );
+    let full = format!("the disk holding {store_name} is full");
+    assert!(d.logs().contains(&full), "{}", d.logs());
+
+    let r = http()
+        .post(d.url("/webhooks/air"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body(with_sid(FIXTURE, "CAfullatstart"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    assert_eq!(r.headers()["retry-after"], "5");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "store_unavailable", "{body}");
+    let (status, ready) = get(&d.url("/readyz")).await;
+    assert_eq!(status, 503, "{ready}");
+    assert!(ready.contains(&full), "{ready}");
+    assert_eq!(get(&d.url("/healthz")).await.0, 200);
+
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (status, body) = d.post(&with_sid(FIXTURE, "CAfullatstart")).await;
+        if status == 200 {
+            assert_eq!(body["status"], "accepted", "{body}");
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(std::time::Instant::now() < deadline, "never took calls");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    slack.wait_accepted(1, WAIT).await;
+    assert_eq!(get(&d.url("/readyz")).await.0, 200);
+    drop(d);
+}
