@@ -641,15 +641,24 @@ pub fn open_store(store: &StoreConfig) -> anyhow::Result<Store> {
 }
 
 /// `deliveries list`: reads the daemon's existing store without taking its write lock (see
-/// [`crate::store::list_at`]).
+/// [`crate::store::list_at`]). The newest `limit` rows, and a note for stderr when there are
+/// more: a list cut at `--limit` must not pass for the whole backlog.
 pub fn list_deliveries(
     store: &StoreConfig,
     status: Option<&str>,
     sid: Option<&str>,
     limit: usize,
-) -> anyhow::Result<Vec<DeliveryRow>> {
+) -> anyhow::Result<(Vec<DeliveryRow>, Option<String>)> {
     must_exist(store)?;
-    Ok(crate::store::list_at(&store.path, status, sid, limit)?)
+    let mut rows = crate::store::list_at(&store.path, status, sid, limit.saturating_add(1))?;
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    let note = more.then(|| {
+        format!(
+            "only the newest {limit} are shown; there are more: raise --limit, or narrow with --status or --sid"
+        )
+    });
+    Ok((rows, note))
 }
 
 fn must_exist(store: &StoreConfig) -> anyhow::Result<()> {

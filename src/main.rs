@@ -124,7 +124,7 @@ enum Deliveries {
         /// Only the deliveries of this call.
         #[arg(long)]
         sid: Option<String>,
-        /// At most this many, newest first.
+        /// At most this many, newest first; a line on stderr says when there are more.
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
         limit: u32,
         /// Print JSON lines.
@@ -385,7 +385,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     limit,
                     json,
                 } => {
-                    let rows = commands::list_deliveries(
+                    let (rows, more) = commands::list_deliveries(
                         &store_config,
                         status.as_deref(),
                         sid.as_deref(),
@@ -397,6 +397,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         }
                     } else {
                         print!("{}", commands::format_deliveries(&rows));
+                    }
+                    if let Some(more) = more {
+                        eprintln!("{more}");
                     }
                 }
                 Deliveries::Retry {

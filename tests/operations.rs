@@ -2401,3 +2401,44 @@ async fn a_daemon_started_on_a_full_disk_waits_for_room_instead_of_exiting() {
     assert_eq!(get(&d.url("/readyz")).await.0, 200);
     drop(d);
 }
+
+/// `deliveries list` stops at `--limit` (100 by default), newest first, and said nothing about
+/// the rest: during an outage with 5,000 deliveries waiting, 100 rows passed for the backlog.
+/// When there are more it now says so (on stderr, so `--json` output stays JSON lines).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_list_says_when_rows_were_left_out_by_the_limit() {
+    let slack = FakeSlack::start().await;
+    let d = Daemon::start(&config(&slack, ""));
+    for i in 0..3 {
+        assert_eq!(
+            d.post(&with_sid(FIXTURE, &format!("CAmore{i}"))).await.0,
+            200
+        );
+    }
+    d.wait_settled(WAIT).await;
+    let list = |limit: &str, json: bool| {
+        let mut args = vec!["deliveries", "list", "--limit", limit];
+        if json {
+            args.push("--json");
+        }
+        let out = d.cli(&args);
+        assert!(out.status.success());
+        (
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (table, note) = list("2", false);
+    assert_eq!(table.lines().count(), 3, "{table}");
+    assert!(
+        note.contains("only the newest 2 are shown; there are more"),
+        "{note}"
+    );
+    let (lines, note) = list("2", true);
+    assert_eq!(lines.lines().count(), 2, "{lines}");
+    assert!(note.contains("there are more"), "{note}");
+    // Exactly as many as the limit: nothing was left out.
+    let (table, note) = list("3", false);
+    assert_eq!(table.lines().count(), 4, "{table}");
+    assert_eq!(note, "");
+}
