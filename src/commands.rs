@@ -653,12 +653,44 @@ pub fn list_deliveries(
     let mut rows = crate::store::list_at(&store.path, status, sid, limit.saturating_add(1))?;
     let more = rows.len() > limit;
     rows.truncate(limit);
-    let note = more.then(|| {
+    let mut note = more.then(|| {
         format!(
             "only the newest {limit} are shown; there are more: raise --limit, or narrow with --status or --sid"
         )
     });
+    // "(no deliveries)" for a call does not say whether it came at all: the first question
+    // when a notification was expected and never arrived.
+    if let (Some(sid), None, true) = (sid, status, rows.is_empty()) {
+        note = Some(call_without_deliveries(
+            sid,
+            &crate::store::calls_at(&store.path, sid)?,
+        ));
+    }
     Ok((rows, note))
+}
+
+/// Why a call has no deliveries: it matched no rule, or it is not in the store.
+fn call_without_deliveries(sid: &str, calls: &[(String, i64)]) -> String {
+    if calls.is_empty() {
+        return format!(
+            "no call {sid} in the store: it never arrived, it was refused (the daemon's log says \
+             why, with the sender's address), or it was pruned after delivery.keep_delivered"
+        );
+    }
+    let when: Vec<String> = calls
+        .iter()
+        .map(|(event, at)| {
+            let at = chrono::DateTime::from_timestamp_millis(*at)
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+                .unwrap_or_default();
+            format!("{event} at {at}")
+        })
+        .collect();
+    format!(
+        "call {sid} was received ({}) and matched no rule, so it owes no notification; \
+         `callnotify render` on its payload shows why each rule did not match",
+        when.join(", ")
+    )
 }
 
 fn must_exist(store: &StoreConfig) -> anyhow::Result<()> {

@@ -1364,6 +1364,24 @@ pub fn list_at(
     sid: Option<&str>,
     limit: usize,
 ) -> Result<Vec<DeliveryRow>, StoreError> {
+    read_at(path, |conn| list(conn, status, sid, limit))
+}
+
+/// The calls stored under `sid`, as (event, received_at), oldest first: for `deliveries list
+/// --sid` to say whether a call that owes nothing was received at all. Read as [`list_at`] is.
+pub fn calls_at(path: &Path, sid: &str) -> Result<Vec<(String, i64)>, StoreError> {
+    read_at(path, |conn| {
+        conn.prepare("SELECT event, received_at FROM calls WHERE sid = ?1 ORDER BY id")?
+            .query_map(params![sid], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect()
+    })
+}
+
+/// Runs `read` on a connection of its own to the store at `path` (see [`list_at`]).
+fn read_at<T>(
+    path: &Path,
+    read: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+) -> Result<T, StoreError> {
     let open_err = |e: rusqlite::Error| StoreError::Open {
         path: path.display().to_string(),
         reason: StoreError::at(path, e).reason(),
@@ -1373,7 +1391,7 @@ pub fn list_at(
     let conn = Connection::open_with_flags(path, flags).map_err(open_err)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))
         .map_err(open_err)?;
-    list(&conn, status, sid, limit).map_err(open_err)
+    read(&conn).map_err(open_err)
 }
 
 /// The `deliveries list` query (?1 status, ?2 sid, ?3 limit), written for each filter so that

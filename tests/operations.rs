@@ -2442,3 +2442,47 @@ async fn deliveries_list_says_when_rows_were_left_out_by_the_limit() {
     assert_eq!(table.lines().count(), 4, "{table}");
     assert_eq!(note, "");
 }
+
+/// `deliveries list --sid` for a call that owes nothing printed "(no deliveries)", which does
+/// not answer the on-call question "did the call reach us at all?". It now says which: received
+/// and matched no rule (with when), or not in the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_list_for_a_call_without_deliveries_says_whether_it_was_received() {
+    let yaml = format!(
+        r#"
+server: {{ listen: "127.0.0.1:0", tokens: ["{TOKEN}"] }}
+store: {{ path: "{{dir}}/store.db" }}
+templates_dir: "{{templates}}"
+channels:
+  console: {{ type: log }}
+rules:
+  - name: very_long_calls
+    when: {{ duration: {{ gte: 100000 }} }}
+    notify: [{{ channel: console, template: log/summary }}]
+"#
+    );
+    let d = Daemon::start(&yaml);
+    let (status, body) = d.post(&with_sid(FIXTURE, "CAnomatch")).await;
+    assert_eq!(
+        (status, body["notifications"].as_u64()),
+        (200, Some(0)),
+        "{body}"
+    );
+    let list = |sid: &str| {
+        let out = d.cli(&["deliveries", "list", "--sid", sid]);
+        assert!(out.status.success());
+        (
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (table, why) = list("CAnomatch");
+    assert!(table.contains("(no deliveries)"), "{table}");
+    assert!(
+        why.contains("call CAnomatch was received (POST_CALL_DATA at ")
+            && why.contains("matched no rule"),
+        "{why}"
+    );
+    let (_, why) = list("CAnever");
+    assert!(why.contains("no call CAnever in the store"), "{why}");
+}
