@@ -613,10 +613,14 @@ pub fn format_deliveries(rows: &[DeliveryRow]) -> String {
             "-".into()
         };
         // A delivered row keeps the error of a failed attempt before it: useful (it was
-        // retried, and why), but under "last error" alone it reads as a failure.
+        // retried, and why), but under "last error" alone it reads as a failure. So does a
+        // replayed one (`deliveries retry` counts attempts from 0 again) not tried since.
         let error = match (r.status.as_str(), r.last_error.as_deref()) {
             (_, None) => String::new(),
             ("done", Some(e)) => format!("earlier attempt: {e}"),
+            ("pending" | "sending", Some(e)) if r.attempts == 0 => {
+                format!("before the replay: {e}")
+            }
             (_, Some(e)) => e.to_string(),
         };
         let _ = writeln!(

@@ -2486,3 +2486,32 @@ rules:
     let (_, why) = list("CAnever");
     assert!(why.contains("no call CAnever in the store"), "{why}");
 }
+
+/// After `deliveries retry`, a dead delivery is pending again with no attempts, and the table
+/// showed the error it died of as its "last error", as if the replay had already failed. A
+/// row not tried since its replay now labels that error as from before the replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_row_labels_the_error_it_died_of() {
+    let slack = FakeSlack::start().await;
+    slack.set_default(Reply::status(404, "no_service"));
+    let mut d = Daemon::start(&config(&slack, ""));
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAreplayed")).await.0, 200);
+    let rows = d.wait_settled(WAIT).await;
+    assert_eq!(rows[0]["status"], "dead", "{rows:?}");
+    let error = rows[0]["last_error"].as_str().unwrap().to_string();
+    // Replayed while the daemon is stopped, so it stays pending, untried, for the list.
+    assert_eq!(tokio::task::block_in_place(|| d.terminate()), Some(0));
+    let out = d.cli(&["deliveries", "retry", "--all-dead"]);
+    assert!(out.status.success());
+    let out = d.cli(&["deliveries", "list"]);
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    let line = table
+        .lines()
+        .find(|l| l.contains("CAreplayed"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(line.contains(" pending "), "{table}");
+    assert!(
+        line.ends_with(&format!("  before the replay: {error}")),
+        "{table}"
+    );
+}
