@@ -891,9 +891,12 @@ impl Store {
                     insert_call(conn, sid, PROBE_EVENT, "{}", now, &owed).map(drop)
                 });
             // Should the undo itself fail, the job fails and the whole transaction is rolled back.
-            control(conn, "ROLLBACK TO readiness_probe")?;
-            control(conn, "RELEASE readiness_probe")?;
+            // The webhook's own error comes first: an error that rolled the transaction back
+            // already leaves no savepoint, and "no such savepoint" would hide why.
+            let undone = control(conn, "ROLLBACK TO readiness_probe")
+                .and_then(|()| control(conn, "RELEASE readiness_probe"));
             tried?;
+            undone?;
             put_meta(conn, "probe", &now.to_string())
         })
         .await
@@ -2167,5 +2170,34 @@ mod tests {
             cause.contains("cannot be written by this process"),
             "{cause}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_probe_on_a_full_store_says_it_is_full() {
+        let (_dir, store) = temp_store();
+        // No page may be added: the next call cannot be written, as on a full disk.
+        store
+            .run(|c| {
+                let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+                c.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
+            })
+            .await
+            .unwrap();
+        // Fill what room the pages have left, with calls as large as fit, then smaller.
+        for size in [2000, 200, 1] {
+            for i in 0.. {
+                let sid = format!("CAfill{size}-{i}");
+                let body = "x".repeat(size);
+                if store
+                    .insert_call(sid, "POST_CALL_DATA", body, 1, owed(1))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
+        let e = store.probe(1, vec![]).await.unwrap_err().to_string();
+        assert!(e.contains("full"), "{e}");
     }
 }
