@@ -1,5 +1,5 @@
 //! One-shot commands: `check` (validate and render everything), `render` (the dry run),
-//! `deliveries list|retry` and `send-test`. They print; `main.rs` only parses arguments.
+//! `deliveries list|show|retry` and `send-test`. They print; `main.rs` only parses arguments.
 
 use std::fmt::Write;
 
@@ -10,7 +10,7 @@ use crate::notify::{self, Meta, Outcome, Senders};
 use crate::payload::{self, Call};
 use crate::render::{self, Message};
 use crate::rules::{self, Action};
-use crate::store::{DeliveryRow, Store};
+use crate::store::{AttemptRow, DeliveryRow, Store};
 
 /// Sample payloads shipped inside the binary: Air's documented examples, and edge cases every
 /// template must survive.
@@ -612,17 +612,7 @@ pub fn format_deliveries(rows: &[DeliveryRow]) -> String {
         } else {
             "-".into()
         };
-        // A delivered row keeps the error of a failed attempt before it: useful (it was
-        // retried, and why), but under "last error" alone it reads as a failure. So does a
-        // replayed one (`deliveries retry` counts attempts from 0 again) not tried since.
-        let error = match (r.status.as_str(), r.last_error.as_deref()) {
-            (_, None) => String::new(),
-            ("done", Some(e)) => format!("earlier attempt: {e}"),
-            ("pending" | "sending", Some(e)) if r.attempts == 0 => {
-                format!("before the replay: {e}")
-            }
-            (_, Some(e)) => e.to_string(),
-        };
+        let error = shown_error(r);
         let _ = writeln!(
             out,
             "{:>id$}  {:<status$}  {:<sid$}  {:<rule$}  {:<channel$}  {:>8}  {:<19}  {}",
@@ -631,6 +621,76 @@ pub fn format_deliveries(rows: &[DeliveryRow]) -> String {
     }
     if rows.is_empty() {
         let _ = writeln!(out, "(no deliveries)");
+    }
+    out
+}
+
+/// A delivery's last error as the tables show it. A delivered row keeps the error of a failed
+/// attempt before it: useful (it was retried, and why), but under "last error" alone it reads as
+/// a failure. So does a replayed one (`deliveries retry` counts attempts from 0 again) not
+/// tried since.
+fn shown_error(r: &DeliveryRow) -> String {
+    match (r.status.as_str(), r.last_error.as_deref()) {
+        (_, None) => String::new(),
+        ("done", Some(e)) => format!("earlier attempt: {e}"),
+        ("pending" | "sending", Some(e)) if r.attempts == 0 => format!("before the replay: {e}"),
+        (_, Some(e)) => e.to_string(),
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS UTC`.
+fn utc(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+        .unwrap_or_default()
+}
+
+/// `deliveries show`: one delivery and every attempt at it (None: no such delivery).
+pub fn show_delivery(
+    store: &StoreConfig,
+    id: i64,
+) -> anyhow::Result<Option<(DeliveryRow, Vec<AttemptRow>)>> {
+    must_exist(store)?;
+    Ok(crate::store::show_at(&store.path, id)?)
+}
+
+/// Formats one delivery and its attempts: what each try met, which `list` (last error only)
+/// cannot tell.
+pub fn format_delivery(r: &DeliveryRow, attempts: &[AttemptRow]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "delivery {}: {}", r.id, r.status);
+    let _ = writeln!(out, "  call        {} ({})", r.sid, r.event);
+    let _ = writeln!(out, "  rule        {} -> channel {}", r.rule, r.channel);
+    let _ = writeln!(out, "  created     {}", utc(r.created_at));
+    if r.status == "pending" {
+        let _ = writeln!(out, "  next try    {}", utc(r.next_attempt_at));
+    }
+    let error = shown_error(r);
+    if !error.is_empty() {
+        let _ = writeln!(out, "  last error  {error}");
+    }
+    if attempts.is_empty() {
+        let _ = writeln!(out, "no attempts yet");
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "attempts, oldest first (numbered from 1 again after each replay):"
+    );
+    for a in attempts {
+        let latency = a
+            .latency_ms
+            .map(|ms| format!("{ms} ms"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  #{:<3} {}  {:<5}  {:>8}  {}",
+            a.attempt,
+            utc(a.at),
+            a.outcome,
+            latency,
+            a.detail.as_deref().unwrap_or("")
+        );
     }
     out
 }

@@ -90,7 +90,7 @@ enum Command {
     /// Inspect and replay deliveries (works while the daemon runs).
     #[command(
         subcommand,
-        after_help = "Examples:\n  callnotify deliveries list --status dead\n  callnotify deliveries retry 17 18\n  callnotify deliveries retry --all-dead"
+        after_help = "Examples:\n  callnotify deliveries list --status dead\n  callnotify deliveries show 17\n  callnotify deliveries retry 17 18\n  callnotify deliveries retry --all-dead"
     )]
     Deliveries(Deliveries),
     /// Render a sample call for one channel and really send it; prints what the destination said.
@@ -128,6 +128,16 @@ enum Deliveries {
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
         limit: u32,
         /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one delivery and every attempt at it: when, the outcome, and what the destination
+    /// answered (`list` shows only the last error).
+    #[command(after_help = "Examples:\n  callnotify deliveries show 17")]
+    Show {
+        /// The delivery's id (from `deliveries list`).
+        id: i64,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
@@ -400,6 +410,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                     if let Some(more) = more {
                         eprintln!("{more}");
+                    }
+                }
+                Deliveries::Show { id, json } => {
+                    let Some((row, attempts)) = commands::show_delivery(&store_config, id)? else {
+                        eprintln!("no delivery {id} (see `deliveries list`)");
+                        return Ok(ExitCode::from(1));
+                    };
+                    if json {
+                        let out = serde_json::json!({"delivery": row, "attempts": attempts});
+                        println!("{out}");
+                    } else {
+                        print!("{}", commands::format_delivery(&row, &attempts));
                     }
                 }
                 Deliveries::Retry {

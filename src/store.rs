@@ -1409,13 +1409,73 @@ fn list_sql(status: Option<&str>, sid: Option<&str>) -> String {
         // Newest first by id; done rows are most rows, so the limit ends the walk early.
         _ => "(?1 IS NULL OR d.status = ?1)",
     };
-    format!(
-        "SELECT d.id, c.sid, c.event, d.rule, d.channel, d.status, d.attempts, d.next_attempt_at,
-                d.created_at, d.updated_at, d.last_error
-         FROM deliveries d JOIN calls c ON c.id = d.call_id
-         WHERE {filter}
-         ORDER BY d.id DESC LIMIT ?3"
-    )
+    format!("{DELIVERY_ROWS} WHERE {filter} ORDER BY d.id DESC LIMIT ?3")
+}
+
+/// Deliveries with their calls, as [`delivery_row`] reads them.
+const DELIVERY_ROWS: &str =
+    "SELECT d.id, c.sid, c.event, d.rule, d.channel, d.status, d.attempts, d.next_attempt_at,
+            d.created_at, d.updated_at, d.last_error
+     FROM deliveries d JOIN calls c ON c.id = d.call_id";
+
+fn delivery_row(r: &rusqlite::Row) -> rusqlite::Result<DeliveryRow> {
+    Ok(DeliveryRow {
+        id: r.get(0)?,
+        sid: r.get(1)?,
+        event: r.get(2)?,
+        rule: r.get(3)?,
+        channel: r.get(4)?,
+        status: r.get(5)?,
+        attempts: r.get(6)?,
+        next_attempt_at: r.get(7)?,
+        created_at: r.get(8)?,
+        updated_at: r.get(9)?,
+        last_error: r.get(10)?,
+    })
+}
+
+/// One attempt at a delivery, as `deliveries show` prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptRow {
+    /// 1-based, counted from the delivery's creation or its last replay.
+    pub attempt: u32,
+    /// When it finished, unix ms.
+    pub at: i64,
+    /// `done`, `retry` or `dead`.
+    pub outcome: String,
+    pub latency_ms: Option<i64>,
+    /// The destination's answer or the error.
+    pub detail: Option<String>,
+}
+
+/// One delivery and every attempt at it, oldest first, for `deliveries show`; None when there
+/// is no such delivery. Read as [`list_at`] is.
+pub fn show_at(path: &Path, id: i64) -> Result<Option<(DeliveryRow, Vec<AttemptRow>)>, StoreError> {
+    read_at(path, |conn| {
+        let Some(row) = conn
+            .prepare(&format!("{DELIVERY_ROWS} WHERE d.id = ?1"))?
+            .query_row(params![id], delivery_row)
+            .optional()?
+        else {
+            return Ok(None);
+        };
+        let attempts = conn
+            .prepare(
+                "SELECT attempt, at, outcome, latency_ms, detail FROM attempts
+                 WHERE delivery_id = ?1 ORDER BY id",
+            )?
+            .query_map(params![id], |r| {
+                Ok(AttemptRow {
+                    attempt: r.get(0)?,
+                    at: r.get(1)?,
+                    outcome: r.get(2)?,
+                    latency_ms: r.get(3)?,
+                    detail: r.get(4)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(Some((row, attempts)))
+    })
 }
 
 fn list(
@@ -1425,21 +1485,7 @@ fn list(
     limit: usize,
 ) -> rusqlite::Result<Vec<DeliveryRow>> {
     let mut stmt = conn.prepare(&list_sql(status, sid))?;
-    let rows = stmt.query_map(params![status, sid, limit as i64], |r| {
-        Ok(DeliveryRow {
-            id: r.get(0)?,
-            sid: r.get(1)?,
-            event: r.get(2)?,
-            rule: r.get(3)?,
-            channel: r.get(4)?,
-            status: r.get(5)?,
-            attempts: r.get(6)?,
-            next_attempt_at: r.get(7)?,
-            created_at: r.get(8)?,
-            updated_at: r.get(9)?,
-            last_error: r.get(10)?,
-        })
-    })?;
+    let rows = stmt.query_map(params![status, sid, limit as i64], delivery_row)?;
     rows.collect()
 }
 

@@ -2515,3 +2515,52 @@ async fn a_replayed_row_labels_the_error_it_died_of() {
         "{table}"
     );
 }
+
+/// `deliveries list` shows only a delivery's last error; what each attempt met (the 500 before
+/// the success, the timeouts before the dead letter) was only in the store, for `sqlite3`.
+/// `deliveries show ID` prints the delivery and every attempt at it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_show_prints_every_attempt() {
+    let slack = FakeSlack::start().await;
+    slack.script([Reply::status(500, "briefly down")]);
+    let yaml = format!(
+        "{}delivery: {{ retry_schedule: [\"1s\"] }}\n",
+        config(&slack, "")
+    );
+    let d = Daemon::start(&yaml);
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAshown")).await.0, 200);
+    let rows = d.wait_settled(WAIT).await;
+    let id = rows[0]["id"].to_string();
+    let out = d.cli(&["deliveries", "show", &id]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.starts_with(&format!("delivery {id}: done\n")),
+        "{text}"
+    );
+    assert!(text.contains("CAshown (POST_CALL_DATA)"), "{text}");
+    assert!(text.contains("every_call -> channel sales"), "{text}");
+    let tries: Vec<&str> = text.lines().filter(|l| l.starts_with("  #")).collect();
+    assert_eq!(tries.len(), 2, "{text}");
+    assert!(
+        tries[0].starts_with("  #1 ") && tries[0].contains(" retry "),
+        "{text}"
+    );
+    assert!(tries[0].ends_with("HTTP 500: briefly down"), "{text}");
+    assert!(
+        tries[1].starts_with("  #2 ") && tries[1].contains(" done "),
+        "{text}"
+    );
+
+    let out = d.cli(&["deliveries", "show", &id, "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["delivery"]["sid"], "CAshown", "{v}");
+    assert_eq!(v["attempts"][0]["outcome"], "retry", "{v}");
+    assert_eq!(v["attempts"][1]["outcome"], "done", "{v}");
+
+    let out = d.cli(&["deliveries", "show", "999999"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no delivery 999999"));
+    let help = d.cli(&["deliveries", "show", "--help"]);
+    assert!(String::from_utf8_lossy(&help.stdout).contains("Example"));
+}
