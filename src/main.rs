@@ -457,7 +457,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                                 None => "there is no such delivery".to_string(),
                                 Some("done") => "it is done: it was delivered".into(),
                                 Some(s) => format!(
-                                    "it is {s}: it is being sent now (see `deliveries list --status {s}`)"
+                                    "it is {s}: the daemon is sending it now (see `deliveries show {id}`); \
+                                     if no daemon is running, it was interrupted and is sent again when the daemon starts"
                                 ),
                             };
                             eprintln!("delivery {id} was not retried: {why}");

@@ -2564,3 +2564,30 @@ async fn deliveries_show_prints_every_attempt() {
     let help = d.cli(&["deliveries", "show", "--help"]);
     assert!(String::from_utf8_lossy(&help.stdout).contains("Example"));
 }
+
+/// `deliveries retry` of a delivery left `sending` by a daemon that was killed said "it is
+/// being sent now", while nothing was sending it: it waits for the next start. The refusal now
+/// says both cases, so the operator knows to start the daemon rather than wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retrying_a_sending_delivery_says_a_stopped_daemon_requeues_it_at_start() {
+    let slack = FakeSlack::start().await;
+    let mut d = Daemon::start(&config(&slack, ""));
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAinterrupted")).await.0, 200);
+    let rows = d.wait_settled(WAIT).await;
+    tokio::task::block_in_place(|| d.kill());
+    // As a kill -9 during the send leaves it.
+    rusqlite::Connection::open(d.dir.join("store.db"))
+        .unwrap()
+        .execute("UPDATE deliveries SET status = 'sending'", [])
+        .unwrap();
+    let id = rows[0]["id"].to_string();
+    let out = d.cli(&["deliveries", "retry", &id]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(
+            "if no daemon is running, it was interrupted and is sent again when the daemon starts"
+        ),
+        "{err}"
+    );
+}
