@@ -80,7 +80,7 @@ impl StoreError {
     }
 }
 
-/// The path of a file SQLite keeps beside the store (`-wal`, `-shm`) or ours (`.lock`).
+/// The path of a file SQLite keeps beside the store: `-wal`, `-shm`.
 fn beside(store: &Path, suffix: &str) -> PathBuf {
     let mut name = store.as_os_str().to_owned();
     name.push(suffix);
