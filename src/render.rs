@@ -302,39 +302,19 @@ fn unescape_slack(s: &str) -> String {
     out
 }
 
-/// `end`, moved back to the start of the user-perceived character it falls in. An
-/// approximation of Unicode's grapheme clusters for what a cut must not split: combining
-/// marks, variation selectors, skin tones, emoji tags, `ZWJ` sequences, regional-indicator
-/// pairs.
-pub fn grapheme_start(s: &str, mut end: usize) -> usize {
-    let extends = |c: char| {
-        matches!(c,
-            '\u{200D}'
-            | '\u{0300}'..='\u{036F}'
-            | '\u{1AB0}'..='\u{1AFF}'
-            | '\u{1DC0}'..='\u{1DFF}'
-            | '\u{20D0}'..='\u{20FF}'
-            | '\u{FE00}'..='\u{FE0F}'
-            | '\u{FE20}'..='\u{FE2F}'
-            | '\u{1F3FB}'..='\u{1F3FF}'
-            | '\u{E0020}'..='\u{E007F}'
-            | '\u{E0100}'..='\u{E01EF}')
-    };
-    let regional = |c: char| ('\u{1F1E6}'..='\u{1F1FF}').contains(&c);
-    loop {
-        let (Some(next), Some(prev)) = (s[end..].chars().next(), s[..end].chars().next_back())
-        else {
-            return end;
-        };
-        let joined = extends(next) || prev == '\u{200D}';
-        // Flags are pairs: the cut falls inside one after an odd number of indicators.
-        let half_flag = regional(next)
-            && regional(prev)
-            && s[..end].chars().rev().take_while(|&c| regional(c)).count() % 2 == 1;
-        if !(joined || half_flag) {
-            return end;
-        }
-        end -= prev.len_utf8();
+/// `end` (a char boundary of `s`), moved back to the start of the user-perceived character
+/// (extended grapheme cluster, UAX #29) it falls in: a cut there never splits an emoji and its
+/// skin tone or ZWJ sequence, a flag, a letter and its accents, a Devanagari or Thai syllable
+/// with its vowel sign, or a Hangul syllable spelled in jamo. Only called when a cut is needed.
+pub fn grapheme_start(s: &str, end: usize) -> usize {
+    let mut cursor = unicode_segmentation::GraphemeCursor::new(end, s.len(), true);
+    // The whole string is the one chunk, so the cursor never asks for more context.
+    if cursor.is_boundary(s, 0).unwrap_or(true) {
+        return end;
+    }
+    match cursor.prev_boundary(s, 0) {
+        Ok(start) => start.unwrap_or(0),
+        Err(_) => end,
     }
 }
 
@@ -1518,6 +1498,57 @@ mod tests {
         );
         // Four code points would have been "ok " and a lone woman.
         assert_eq!(char_prefix(note, 4), "ok ");
+    }
+
+    #[test]
+    fn cuts_fall_between_grapheme_clusters_in_every_script() {
+        // Each case: text, and what a cut after "ab" and one more character keeps. The first
+        // four were split by the hand-written approximation this replaced, which knew only
+        // combining accents, emoji modifiers, ZWJ and flags.
+        let cases = [
+            ("ab\u{0915}\u{093F}cd", "ab"), // कि: KA + vowel sign I (a SpacingMark)
+            ("ab\u{1100}\u{1161}\u{11A8}cd", "ab"), // 각 as Hangul jamo L + V + T
+            ("ab\u{0628}\u{064E}cd", "ab"), // بَ: BEH + FATHA (a haraka)
+            ("ab\u{0E01}\u{0E33}cd", "ab"), // กำ: KO KAI + SARA AM
+            ("ab\u{1F469}\u{200D}\u{1F469}\u{200D}\u{1F467}cd", "ab"), // 👩‍👩‍👧
+            ("ab\u{1F44D}\u{1F3FD}cd", "ab"), // 👍🏽
+            ("ab\u{1F1E9}\u{1F1EA}\u{1F1EB}\u{1F1F7}", "ab"), // 🇩🇪🇫🇷
+            ("abe\u{0301}cd", "ab"),        // é as e + combining acute
+            ("ab1\u{FE0F}\u{20E3}cd", "ab"), // 1️⃣ keycap
+            ("abcd", "abc"),
+        ];
+        for (text, kept) in cases {
+            assert_eq!(char_prefix(text, 3), kept, "{text:?}");
+        }
+        // A whole cluster that fits is kept, and the cut never moves past one.
+        assert_eq!(char_prefix("ab\u{0915}\u{093F}cd", 4), "ab\u{0915}\u{093F}");
+        assert_eq!(
+            char_prefix("ab\u{1100}\u{1161}\u{11A8}cd", 4),
+            "ab",
+            "L + V is still not the syllable"
+        );
+        assert_eq!(
+            char_prefix("ab\u{1F1E9}\u{1F1EA}\u{1F1EB}\u{1F1F7}", 5),
+            "ab\u{1F1E9}\u{1F1EA}"
+        );
+        assert_eq!(char_prefix("\u{0915}\u{093F}", 1), "");
+        assert_eq!(char_prefix("abc", 10), "abc");
+
+        // What a template's truncate shows: whole syllables, never a bare consonant.
+        let mut r = Renderer::empty();
+        r.register("l", "{{truncate call.leadData.note 3}}")
+            .unwrap();
+        let mut call = fixture_call();
+        call.raw.insert(
+            "leadData".into(),
+            json!({ "note": "\u{0915}\u{093F}\u{0924}\u{093E}\u{092C}" }), // किताब
+        );
+        let text = match r.render("log", &action("l"), &context(&call, "r")).unwrap() {
+            Message::Log { text } => text,
+            other => panic!("{other:?}"),
+        };
+        // किताब cut at 3 characters: कि and then त without its vowel sign ा would split.
+        assert_eq!(text, "\u{0915}\u{093F}…");
     }
 
     #[test]

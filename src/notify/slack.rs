@@ -380,8 +380,9 @@ fn shorten_field(t: &mut String, max: usize) -> bool {
 
 /// The longest prefix of at most `max` characters (Unicode scalar values, as Slack and its
 /// SDK's validator count them) that does not end inside an `&...;` entity, inside a
-/// `<url|label>` or `<@U1>` that closes further on, or inside what reads as one character: an
-/// emoji with a skin tone or joined by U+200D (👩‍👩‍👧), a flag, a letter and its accent.
+/// `<url|label>` or `<@U1>` that closes further on, or inside what reads as one character (a
+/// grapheme cluster: an emoji with a skin tone or joined by U+200D (👩‍👩‍👧), a flag, a letter
+/// and its accent, a syllable and its vowel sign).
 fn safe_prefix(s: &str, max: usize) -> &str {
     let end = s.char_indices().nth(max).map_or(s.len(), |(i, _)| i);
     let head = &s[..crate::render::grapheme_start(s, end)];
