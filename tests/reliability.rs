@@ -1610,3 +1610,34 @@ async fn a_slack_answer_that_never_came_is_recorded_as_possibly_posted() {
         "{row}"
     );
 }
+
+#[tokio::test]
+async fn a_long_ok_false_answer_with_a_2xx_status_is_not_counted_delivered() {
+    // A Web API URL or workflow trigger pasted as the webhook refuses with 200 and a JSON body;
+    // one with a message per invalid block is longer than the part of the body that is read.
+    let messages: Vec<String> = (0..400)
+        .map(|i| format!("[ERROR] must be a valid block [json-pointer:/blocks/{i}/text]"))
+        .collect();
+    let refusal = serde_json::json!({
+        "ok": false,
+        "error": "invalid_blocks",
+        "response_metadata": {"messages": messages},
+    })
+    .to_string();
+    assert!(refusal.len() > 20_000);
+    let tpl = templates();
+    let slack = FakeSlack::start().await;
+    slack.script([Reply::status(200, &refusal)]);
+    let d = Daemon::start(&slack_only(tpl.path(), &slack, FAST));
+    accept(&d, "CAlongrefusal").await;
+    let rows = d.wait_settled(WAIT).await;
+    let row = by_sid(&rows, "CAlongrefusal");
+    assert_eq!(row["status"], "dead", "{row}");
+    assert_eq!(row["attempts"], 1, "{row}");
+    let error = row["last_error"].as_str().unwrap();
+    assert!(
+        error.starts_with(r#"HTTP 200: {"ok":false,"error":"invalid_blocks""#)
+            && error.ends_with("(a refusal, though with a 2xx status)"),
+        "{row}"
+    );
+}

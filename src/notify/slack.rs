@@ -145,17 +145,56 @@ pub fn classify(status: u16, retry_after: Option<&str>, body: &str) -> Outcome {
 
 /// The `error` of a JSON answer that says `"ok": false` (`"unknown"` when it names none); None
 /// for any other answer (`ok`, an empty body, a page).
+///
+/// Read as far as it goes rather than as a whole document: the body is cut at
+/// [`MAX_ANSWER_BYTES`], and a refusal with a long `response_metadata` (one message per
+/// invalid block), or with anything after its closing brace, failed to parse whole and counted
+/// as delivered. The `ok` and `error` that come before the cut (Slack writes `ok` first) say
+/// what the answer is.
 fn refusal(body: &str) -> Option<String> {
-    let v: Value = serde_json::from_str(body).ok()?;
-    if v.get("ok")? != &Value::Bool(false) {
-        return None;
+    let mut said = Said::default();
+    let _ = serde::de::DeserializeSeed::deserialize(
+        &mut said,
+        &mut serde_json::Deserializer::from_str(body),
+    );
+    (said.ok == Some(false)).then(|| said.error.unwrap_or_else(|| "unknown".into()))
+}
+
+/// The top-level `ok` and `error` of a JSON object, noted as they are read, so that what came
+/// before an error (the end of a cut body) is kept.
+#[derive(Default)]
+struct Said {
+    ok: Option<bool>,
+    error: Option<String>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for &mut Said {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
     }
-    Some(
-        v.get("error")
-            .and_then(Value::as_str)
-            .unwrap_or("unknown")
-            .to_string(),
-    )
+}
+
+impl<'de> serde::de::Visitor<'de> for &mut Said {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "ok" => self.ok = map.next_value::<Value>()?.as_bool(),
+                "error" => self.error = map.next_value::<Value>()?.as_str().map(str::to_string),
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A `Retry-After` value as a wait: seconds (what Slack sends), or an HTTP date (RFC 9110
@@ -1104,6 +1143,61 @@ mod tests {
             assert!(
                 matches!(classify(200, None, body), Outcome::Delivered { .. }),
                 "{body:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_refusal_is_read_even_when_its_body_is_cut_or_followed_by_more() {
+        // One message per invalid block: longer than the part of the body that is read.
+        let messages: Vec<String> = (0..400)
+            .map(|i| format!("[ERROR] must be a valid block [json-pointer:/blocks/{i}/text]"))
+            .collect();
+        let long = serde_json::json!({
+            "ok": false,
+            "error": "invalid_blocks",
+            "response_metadata": {"messages": messages},
+        })
+        .to_string();
+        assert!(long.len() > MAX_ANSWER_BYTES, "{}", long.len());
+        let cut = &long[..MAX_ANSWER_BYTES];
+        let outcome = classify(200, None, cut);
+        assert!(
+            matches!(&outcome, Outcome::Permanent { error }
+                if error.starts_with(r#"HTTP 200: {"ok":false,"error":"invalid_blocks""#)
+                    && error.ends_with("(a refusal, though with a 2xx status)")),
+            "{outcome:?}"
+        );
+        let cut_rate_limit = format!(
+            r#"{{"ok":false,"error":"ratelimited","warning":"{}"#,
+            "x".repeat(MAX_ANSWER_BYTES)
+        );
+        assert!(matches!(
+            classify(200, Some("9"), &cut_rate_limit[..MAX_ANSWER_BYTES]),
+            Outcome::Retry { after: Some(d), .. } if d == Duration::from_secs(9)
+        ));
+        // Something after the object (a second one, a note a proxy added) does not hide it.
+        for body in [
+            r#"{"ok":false,"error":"invalid_auth"} {"ok":true}"#,
+            r#"{"ok":false,"error":"invalid_auth"}<!-- served by proxy -->"#,
+        ] {
+            assert!(
+                matches!(classify(200, None, body), Outcome::Permanent { .. }),
+                "{body:?}"
+            );
+        }
+        // Only the top level speaks: a nested "ok": false, or one cut before it is read,
+        // is no refusal; nor is a body nested past the parser's depth.
+        for body in [
+            r#"{"result":{"ok":false,"error":"x"}}"#,
+            r#"{"ok":fa"#,
+            &("[".repeat(1000) + "]".repeat(1000).as_str()),
+            &format!(r#"{{"ok":true,"error":"{}"#, "y".repeat(MAX_ANSWER_BYTES)),
+        ] {
+            assert!(
+                matches!(classify(200, None, body), Outcome::Delivered { .. }),
+                "{}",
+                excerpt(body, 80)
             );
         }
     }
