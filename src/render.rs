@@ -251,10 +251,12 @@ fn show_plain_text_as_written(v: &mut Value) {
             }
             // A button's `url`, an image's `image_url` and `alt_text` are plain strings too:
             // `?a=1&amp;b=2` would be a broken link. Only entities are undone there (`%7C`
-            // from a URL value is a valid way to write `|`).
+            // from a URL value is a valid way to write `|`), and the word joiner after an
+            // `@here` goes: Slack looks for no mention there, and in
+            // `https://social.example/@here` it made another address.
             for key in ["url", "image_url", "alt_text"] {
                 if let Some(Value::String(text)) = map.get_mut(key) {
-                    *text = unescape_entities(text);
+                    *text = unescape_entities(text).replace("@\u{2060}", "@");
                 }
             }
             map.values_mut().for_each(show_plain_text_as_written);
@@ -1834,5 +1836,40 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn a_url_value_with_an_at_mention_in_its_path_is_kept_as_sent() {
+        let mut r = Renderer::empty();
+        r.register(
+            "b.json",
+            r#"{"blocks":[
+                {"type":"actions","elements":[{"type":"button","text":{"type":"plain_text","text":"Profile"},"url":"{{call.leadData.profile}}"}]},
+                {"type":"image","image_url":"{{call.leadData.profile}}/avatar.png","alt_text":"{{call.leadData.profile}}"},
+                {"type":"section","text":{"type":"mrkdwn","text":"{{call.leadData.profile}}"}}
+            ]}"#,
+        )
+        .unwrap();
+        let mut call = fixture_call();
+        let profile = "https://social.example/@here?tab=posts&lang=en";
+        call.raw["leadData"]["profile"] = profile.into();
+        let Message::Slack { body } = r
+            .render("slack", &action("b"), &context(&call, "r"))
+            .unwrap()
+        else {
+            panic!()
+        };
+        // The button led to https://social.example/@%E2%81%A0here: a word joiner in the path.
+        assert_eq!(body["blocks"][0]["elements"][0]["url"], profile);
+        assert_eq!(
+            body["blocks"][1]["image_url"],
+            format!("{profile}/avatar.png")
+        );
+        assert_eq!(body["blocks"][1]["alt_text"], profile);
+        // In mrkdwn, which Slack parses, the value still cannot ping.
+        assert_eq!(
+            body["blocks"][2]["text"]["text"],
+            "https://social.example/@\u{2060}here?tab=posts&amp;lang=en"
+        );
     }
 }
