@@ -277,9 +277,10 @@ fn fit_with(body: &mut Value, cap_fields: bool) -> usize {
             .to_string();
         match kind.as_str() {
             "header" => {
+                let plain = block.get("text").is_some_and(is_plain_text);
                 if let Some(Value::String(t)) = block.pointer_mut("/text/text") {
                     if t.chars().count() > MAX_HEADER_CHARS {
-                        *t = format!("{}…", safe_prefix(t, MAX_HEADER_CHARS - 1));
+                        *t = format!("{}…", prefix(t, MAX_HEADER_CHARS - 1, plain));
                         cuts += 1;
                     }
                 }
@@ -288,13 +289,15 @@ fn fit_with(body: &mut Value, cap_fields: bool) -> usize {
             "section" => {
                 if let Some(Value::Array(fields)) = block.get_mut("fields") {
                     for f in fields {
+                        let plain = is_plain_text(f);
                         if let Some(Value::String(t)) = f.get_mut("text") {
-                            cuts += usize::from(shorten_field(t, MAX_FIELD_CHARS));
+                            cuts += usize::from(shorten_field(t, MAX_FIELD_CHARS, plain));
                         }
                     }
                 }
                 // The long text is taken out of the block, so what is copied for each
                 // continuation is only the text object's small keys (`type`, `verbatim`).
+                let plain = block.get("text").is_some_and(is_plain_text);
                 let text = match block.pointer_mut("/text/text") {
                     Some(Value::String(t)) if t.chars().count() > MAX_SECTION_CHARS => {
                         std::mem::take(t)
@@ -304,7 +307,7 @@ fn fit_with(body: &mut Value, cap_fields: bool) -> usize {
                         continue;
                     }
                 };
-                let mut chunks = split_lines(&text, MAX_SECTION_CHARS).into_iter();
+                let mut chunks = split_lines(&text, MAX_SECTION_CHARS, plain).into_iter();
                 // Only blank lines: the block (its fields, say) is kept without them.
                 let first = chunks.next().unwrap_or_default();
                 let text_object = block["text"].clone();
@@ -409,12 +412,30 @@ fn drop_extra_fields(blocks: Vec<Value>, cuts: &mut usize) -> Vec<Value> {
 
 /// Cuts a field's text longer than `max` characters to a prefix ending in "…", `max` in all.
 /// Text that is only blank is left for the blank-text pass to remove. Returns whether it cut.
-fn shorten_field(t: &mut String, max: usize) -> bool {
+fn shorten_field(t: &mut String, max: usize, plain: bool) -> bool {
     if t.chars().count() <= max || t.trim().is_empty() {
         return false;
     }
-    *t = format!("{}…", safe_prefix(t, max - 1));
+    *t = format!("{}…", prefix(t, max - 1, plain));
     true
+}
+
+/// Whether a text object is `plain_text`, where Slack reads no markup: the renderer has given
+/// back its `&`, `<` and `>`, so they are characters like any other there.
+fn is_plain_text(object: &Value) -> bool {
+    object.get("type").and_then(Value::as_str) == Some("plain_text")
+}
+
+/// The prefix a cut keeps: [`safe_prefix`] for mrkdwn; for `plain_text` only whole characters
+/// ([`crate::render::char_prefix`]). Backing off from a `&` or a `<` there, as if it began an
+/// entity or a link, dropped text that fits: a header cut inside `Maria <maria@x.example>`
+/// ended at `Maria`, up to 148 characters short.
+fn prefix(s: &str, max: usize, plain: bool) -> &str {
+    if plain {
+        crate::render::char_prefix(s, max)
+    } else {
+        safe_prefix(s, max)
+    }
 }
 
 /// The longest prefix of at most `max` characters (Unicode scalar values, as Slack and its
@@ -438,7 +459,7 @@ fn safe_prefix(s: &str, max: usize) -> &str {
 }
 
 /// Splits text into chunks of at most `max` characters, at line boundaries where it can.
-fn split_lines(text: &str, max: usize) -> Vec<String> {
+fn split_lines(text: &str, max: usize, plain: bool) -> Vec<String> {
     let mut chunks = Vec::new();
     let mut cur = String::new();
     let mut cur_len = 0;
@@ -461,7 +482,7 @@ fn split_lines(text: &str, max: usize) -> Vec<String> {
                 continue;
             }
             // One line longer than a whole chunk: hard split.
-            let head = safe_prefix(line, max);
+            let head = prefix(line, max, plain);
             let head = if head.is_empty() {
                 &line[..line.char_indices().nth(max).map_or(line.len(), |(i, _)| i)]
             } else {
@@ -785,7 +806,7 @@ mod tests {
     #[test]
     fn one_long_line_is_split_into_whole_entities_in_order() {
         let line = "x&amp;yz".repeat(1000);
-        let chunks = split_lines(&format!("head\n{line}\ntail"), 3000);
+        let chunks = split_lines(&format!("head\n{line}\ntail"), 3000, false);
         // Every character once, in order (the line breaks chunks end at are dropped).
         assert!(chunks.concat().replace('\n', "") == format!("head{line}tail"));
         for c in &chunks {
@@ -1200,5 +1221,44 @@ mod tests {
                 excerpt(body, 80)
             );
         }
+    }
+
+    #[test]
+    fn plain_text_is_cut_at_its_limit_and_not_before_a_bracket_or_an_ampersand() {
+        // The renderer gives plain_text its `&`, `<` and `>` back: there they start nothing.
+        let header = format!(
+            "Call with {} <maria.gonzalez@bigcorp.example> about roofing",
+            "x".repeat(120)
+        );
+        let field = "f".repeat(MAX_FIELD_CHARS - 5) + " R&D team";
+        let line = "p".repeat(MAX_SECTION_CHARS - 4) + " <abc> " + &"q".repeat(100);
+        let mut body = serde_json::json!({"blocks": [
+            {"type": "header", "text": {"type": "plain_text", "text": header}},
+            {"type": "section", "text": {"type": "plain_text", "text": line},
+             "fields": [{"type": "plain_text", "text": field},
+                        {"type": "mrkdwn", "text": field}]},
+        ]});
+        fit(&mut body);
+        let blocks = body["blocks"].as_array().unwrap();
+        let kept: String = header.chars().take(MAX_HEADER_CHARS - 1).collect();
+        assert_eq!(blocks[0]["text"]["text"], format!("{kept}…"));
+        assert_eq!(
+            blocks[1]["fields"][0]["text"],
+            "f".repeat(MAX_FIELD_CHARS - 5) + " R&D…"
+        );
+        assert_eq!(
+            blocks[1]["text"]["text"],
+            "p".repeat(MAX_SECTION_CHARS - 4) + " <ab"
+        );
+        assert_eq!(
+            blocks[2]["text"]["text"],
+            "c> ".to_string() + &"q".repeat(100)
+        );
+        // mrkdwn still backs off from what may be an entity.
+        assert_eq!(
+            blocks[1]["fields"][1]["text"],
+            "f".repeat(MAX_FIELD_CHARS - 5) + " R…"
+        );
+        assert!(crate::commands::slack_rejects(&body).is_empty(), "{body}");
     }
 }
