@@ -351,22 +351,18 @@ impl App {
             let clock = clock.clone();
             move || clock.now_ms()
         };
-        let (store, waiting) =
+        let (store, opened) =
             Store::open_or_wait(&config.store.path, config.store.synchronous, now)?;
-        match waiting {
-            Some(why) => tracing::error!(
+        match opened {
+            Err(why) => tracing::error!(
                 store = %config.store.path.display(),
                 "{why}: the store cannot be opened; every call is answered 503 and /readyz is not ready until there is room (tried every second)"
             ),
-            None => {
-                let requeued = store.reset_inflight(clock.now_ms()).await?;
-                if requeued > 0 {
-                    tracing::info!(
-                        deliveries = requeued,
-                        "requeued deliveries interrupted by the last stop"
-                    );
-                }
-            }
+            Ok(requeued) if requeued > 0 => tracing::info!(
+                deliveries = requeued,
+                "requeued deliveries interrupted by the last stop"
+            ),
+            Ok(_) => {}
         }
         // The config may have changed while the daemon was stopped, as at a reload.
         match store.open_needs().await {

@@ -535,25 +535,27 @@ impl Store {
         Self::start(path, move |rx| writer(conn, file, rx))
     }
 
-    /// As [`Store::open_with`], except on a full disk: then the store is returned all the same,
-    /// with the reason, and its thread tries to open it again every second. Until it opens,
-    /// every job is answered that the disk is full (the webhook answers 503, `/readyz` is not
-    /// ready); once it opens, deliveries left `sending` by the last process are requeued (as
-    /// [`Store::reset_inflight`] does, at `now()`) before any job, and it works as any store.
-    /// A daemon that exited instead would be restarted by systemd in a loop until it gave up,
-    /// and would need starting by hand once space was freed.
+    /// The daemon's open: as [`Store::open_with`], and deliveries left `sending` by the last
+    /// process are requeued (as [`Store::reset_inflight`] does, at `now()`) before any job.
+    /// Returns the store with how many were requeued, or with why it waits: on a full disk
+    /// (where the store cannot be opened, or the requeue, the first write, cannot be made) the
+    /// store is returned all the same, and its thread tries to open it again every second.
+    /// Until it opens, every job is answered that the disk is full (the webhook answers 503,
+    /// `/readyz` is not ready); once it opens, the requeue comes first, then it works as any
+    /// store. A daemon that exited instead would be restarted by systemd in a loop until it
+    /// gave up, and would need starting by hand once space was freed.
     pub fn open_or_wait<N>(
         path: &Path,
         durability: Durability,
         now: N,
-    ) -> Result<(Store, Option<String>), StoreError>
+    ) -> Result<(Store, Result<usize, String>), StoreError>
     where
         N: Fn() -> i64 + Send + 'static,
     {
-        let why = match connect(path, durability) {
-            Ok((conn, file)) => {
+        let why = match connect_and_requeue(path, durability, now()) {
+            Ok((conn, file, requeued)) => {
                 let store = Self::start(path, move |rx| writer(conn, file, rx))?;
-                return Ok((store, None));
+                return Ok((store, Ok(requeued)));
             }
             Err(StoreError::DiskFull(why)) => why,
             Err(e) => return Err(e),
@@ -565,7 +567,7 @@ impl Store {
                 writer(conn, file, rx)
             }
         })?;
-        Ok((store, Some(why)))
+        Ok((store, Err(why)))
     }
 
     fn start<W>(path: &Path, run: W) -> Result<Store, StoreError>
@@ -963,6 +965,22 @@ fn connect(path: &Path, durability: Durability) -> Result<(Connection, OpenedFil
     Ok((conn, file))
 }
 
+/// [`connect`], then the deliveries left `sending` by the last process back in the queue, before
+/// the writer thread runs any job (no claim may come first). After a `kill -9` the store opens
+/// even on a full disk (its log and index are still there), so this requeue is a start's first
+/// write: it meets a full disk as an open does ([`StoreError::DiskFull`]).
+fn connect_and_requeue(
+    path: &Path,
+    durability: Durability,
+    now: i64,
+) -> Result<(Connection, OpenedFile, usize), StoreError> {
+    let (conn, file) = connect(path, durability)?;
+    let requeued = conn
+        .execute(RESET_INFLIGHT, params![now])
+        .map_err(|e| StoreError::at(path, e))?;
+    Ok((conn, file, requeued))
+}
+
 /// How often a store waiting for room tries to open again.
 const REOPEN_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -987,13 +1005,7 @@ fn wait_for_room(
             Err(mpsc::RecvTimeoutError::Disconnected) => return None,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 next_try = std::time::Instant::now() + REOPEN_EVERY;
-                let opened = connect(path, durability).and_then(|(conn, file)| {
-                    let requeued = conn
-                        .execute(RESET_INFLIGHT, params![now()])
-                        .map_err(|e| StoreError::at(path, e))?;
-                    Ok((conn, file, requeued))
-                });
-                match opened {
+                match connect_and_requeue(path, durability, now()) {
                     Ok((conn, file, requeued)) => {
                         tracing::info!(
                             store = %path.display(),

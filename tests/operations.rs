@@ -2591,3 +2591,68 @@ async fn retrying_a_sending_delivery_says_a_stopped_daemon_requeues_it_at_start(
         "{err}"
     );
 }
+
+/// Fills the tmpfs at `disk` to the last byte with one file, and returns its path (remove it to
+/// free the space).
+fn fill(disk: &Tmpfs) -> PathBuf {
+    use std::io::Write;
+    let filler = disk.0.path().join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let block = vec![0u8; 64 * 1024];
+    while f.write_all(&block).is_ok() {}
+    while f.write_all(&[0u8; 512]).is_ok() {}
+    filler
+}
+
+/// A daemon killed with a send in flight leaves the store's log and index beside it, so the next
+/// start opens the store even on a full disk; requeueing the interrupted delivery is its first
+/// write, and it failed: the daemon exited ("cannot start: ... is full") instead of waiting for
+/// room as it does when the store itself cannot be opened, and systemd restarted it in a loop.
+/// The requeue is now part of opening: the daemon waits, then requeues and sends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_on_a_full_disk_with_a_send_interrupted_waits_for_room_then_sends_it() {
+    let Some(disk) = Tmpfs::mount() else {
+        println!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let slack = FakeSlack::start().await;
+    // The first send is held: the process dies before Slack answers it.
+    slack.script([Reply::ok().delayed(Duration::from_secs(30))]);
+    let store = disk.0.path().join("store.db");
+    let store_name = store.display().to_string();
+    let yaml = format!(
+        "{}delivery: {{ retry_schedule: [\"1s\"], request_timeout: \"60s\" }}\n",
+        config(&slack, "")
+    );
+    let mut d = Daemon::start_with_env(&yaml, &[("CALLNOTIFY_STORE__PATH", &store_name)]);
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAinterruptedfull")).await.0, 200);
+    eventually("the send to be in flight", WAIT, || {
+        (!slack.received().is_empty()).then_some(())
+    })
+    .await;
+    tokio::task::block_in_place(|| d.kill());
+    let filler = fill(&disk);
+
+    // Exits before listening without the fix (the helper panics then).
+    tokio::task::block_in_place(|| d.spawn());
+    let full = format!("the disk holding {store_name} is full");
+    assert!(d.logs().contains(&full), "{}", d.logs());
+    let (status, ready) = get(&d.url("/readyz")).await;
+    assert_eq!(status, 503, "{ready}");
+
+    std::fs::remove_file(&filler).unwrap();
+    eventually("the interrupted send made again", WAIT, || {
+        (slack.received().len() == 2).then_some(())
+    })
+    .await;
+    let rows = d.wait_settled(WAIT).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["status"], "done", "{rows:?}");
+    assert!(
+        d.logs().contains("the store has room again"),
+        "{}",
+        d.logs()
+    );
+    assert_eq!(get(&d.url("/readyz")).await.0, 200);
+    assert_eq!(tokio::task::block_in_place(|| d.terminate()), Some(0));
+}
