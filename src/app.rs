@@ -259,6 +259,32 @@ impl Shared {
         self.last_call_ms.load(Ordering::Relaxed)
     }
 
+    /// Takes the last call's time from the store where it is later than what this process
+    /// knows: a daemon started on a full disk could not read it, and went on with 0. True once
+    /// the store answered.
+    async fn restore_last_call(&self) -> bool {
+        let Ok(stored) = self.store.get_meta("last_call_at".into()).await else {
+            return false;
+        };
+        let stored = stored.and_then(|v| v.parse().ok()).unwrap_or(0);
+        if self.last_call_ms.fetch_max(stored, Ordering::Relaxed) < stored {
+            crate::metrics::last_call_at(stored);
+        }
+        true
+    }
+
+    /// Keeps the last call's time for the next start. Not while none is known: a 0 would
+    /// overwrite the time a start that could not read the store left there.
+    async fn save_last_call(&self) {
+        let last = self.last_call_ms();
+        if last > 0 {
+            let _ = self
+                .store
+                .set_meta("last_call_at".into(), last.to_string())
+                .await;
+        }
+    }
+
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Relaxed)
     }
@@ -511,10 +537,7 @@ impl App {
             tracing::warn!(grace = %humantime::format_duration(grace), "grace period over; unfinished deliveries resume at the next start");
         }
         let _ = background.await;
-        let _ = shared
-            .store
-            .set_meta("last_call_at".into(), shared.last_call_ms().to_string())
-            .await;
+        shared.save_last_call().await;
         // Before the process exits: the write-ahead log goes into the store file, so what was
         // stored is in that one file (a copy of it taken while stopped is complete).
         shared.store.close().await;
@@ -561,6 +584,8 @@ async fn background(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_prune = 0i64;
     let mut quiet = crate::quiet::QuietAlert::default();
+    // Whether the last call's time was read from the store (see `Shared::restore_last_call`).
+    let mut last_call_read = false;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -572,6 +597,9 @@ async fn background(
                 shared.follow_wall_clock().await;
                 let now = shared.clock.now_ms();
                 let live = shared.live.load_full();
+                if !last_call_read {
+                    last_call_read = shared.restore_last_call().await;
+                }
                 shared.dead_letter_orphans().await;
                 if let Ok(stats) = shared.store.stats().await {
                     crate::metrics::queue(&stats, now);
@@ -584,7 +612,7 @@ async fn background(
                         Ok(_) => {}
                         Err(e) => tracing::warn!(error = %e, "pruning failed"),
                     }
-                    let _ = shared.store.set_meta("last_call_at".into(), shared.last_call_ms().to_string()).await;
+                    shared.save_last_call().await;
                 }
                 if live.config.server.watch_config
                     && watched.settled_change(

@@ -2656,3 +2656,58 @@ async fn a_restart_on_a_full_disk_with_a_send_interrupted_waits_for_room_then_se
     assert_eq!(get(&d.url("/readyz")).await.0, 200);
     assert_eq!(tokio::task::block_in_place(|| d.terminate()), Some(0));
 }
+
+/// The last call's time as the store keeps it (`meta.last_call_at`), read with the daemon stopped.
+fn stored_last_call_at(store: &std::path::Path) -> Option<String> {
+    use rusqlite::OptionalExtension;
+    rusqlite::Connection::open(store)
+        .unwrap()
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'last_call_at'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .unwrap()
+}
+
+/// A daemon started on a full disk could not read the last call's time, so it went on with 0:
+/// once the store opened it wrote that 0 over the stored time at its stop (and every hour), and
+/// the next start's `last_call_received_timestamp_seconds` (what a "no calls for N hours" alert
+/// reads) was gone. It now reads the time once the store opens, and never writes a 0 over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_on_a_full_disk_keeps_the_last_calls_time() {
+    let Some(disk) = Tmpfs::mount() else {
+        println!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let slack = FakeSlack::start().await;
+    let store = disk.0.path().join("store.db");
+    let store_name = store.display().to_string();
+    let mut d = Daemon::start_with_env(
+        &config(&slack, ""),
+        &[("CALLNOTIFY_STORE__PATH", &store_name)],
+    );
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAbeforefull")).await.0, 200);
+    slack.wait_accepted(1, WAIT).await;
+    assert_eq!(tokio::task::block_in_place(|| d.terminate()), Some(0));
+    let last: i64 = stored_last_call_at(&store).unwrap().parse().unwrap();
+    assert!(last > 0);
+
+    let filler = fill(&disk);
+    tokio::task::block_in_place(|| d.spawn());
+    assert!(d.logs().contains("is full"), "{}", d.logs());
+    std::fs::remove_file(&filler).unwrap();
+    eventually("the store open", WAIT, || {
+        d.logs().contains("the store has room again").then_some(())
+    })
+    .await;
+    eventually("the last call's time restored", WAIT, || {
+        let t = scrape(&d)?;
+        let at = metric(&t, "callnotify_last_call_received_timestamp_seconds");
+        ((at * 1000.0).round() as i64 == last).then_some(())
+    })
+    .await;
+    assert_eq!(tokio::task::block_in_place(|| d.terminate()), Some(0));
+    assert_eq!(stored_last_call_at(&store), Some(last.to_string()));
+}
