@@ -2258,4 +2258,105 @@ mod tests {
         let e = store.probe(1, vec![]).await.unwrap_err().to_string();
         assert!(e.contains("full"), "{e}");
     }
+
+    /// Polls `f` once: a store job is sent to the writer thread on its first poll, so jobs
+    /// polled in turn are queued in that order.
+    async fn queued<F: std::future::Future + Unpin>(f: &mut F) {
+        std::future::poll_fn(|cx| {
+            assert!(std::pin::Pin::new(&mut *f).poll(cx).is_pending());
+            std::task::Poll::Ready(())
+        })
+        .await
+    }
+
+    /// The readiness probe runs on the writer thread between webhooks' inserts, inside their
+    /// group transaction. Its savepoint undoes only its own rows, and a probe that fails (here
+    /// with an error that rolls back the whole transaction, as a full disk or an I/O error can)
+    /// costs the calls beside it a commit of their own, never their rows.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_probe_in_a_batch_of_calls_neither_keeps_its_rows_nor_loses_theirs() {
+        let (_dir, store) = temp_store();
+        for refused in [false, true] {
+            if refused {
+                store
+                    .run(|c| {
+                        c.execute_batch(
+                            "CREATE TRIGGER refuse_probe BEFORE INSERT ON calls
+                             WHEN NEW.event = 'readiness-probe'
+                             BEGIN SELECT RAISE(ROLLBACK, 'probe refused'); END",
+                        )
+                    })
+                    .await
+                    .unwrap();
+            }
+            // The writer thread is held by a job until the calls and the probe are queued
+            // behind it: they then go into one transaction.
+            let (go, wait) = std::sync::mpsc::channel::<()>();
+            let wait = std::sync::Mutex::new(wait);
+            let mut hold = Box::pin(store.run(move |_| {
+                let _ = wait.lock().unwrap().recv();
+                Ok(())
+            }));
+            queued(&mut hold).await;
+            let (first, second) = (format!("CAbefore{refused}"), format!("CAafter{refused}"));
+            let mut before = Box::pin(store.insert_call(
+                first.clone(),
+                "POST_CALL_DATA",
+                "{}".into(),
+                1,
+                owed(1),
+            ));
+            let mut probe = Box::pin(store.probe(2, vec![first.clone(), second.clone()]));
+            let mut after = Box::pin(store.insert_call(
+                second.clone(),
+                "POST_CALL_DATA",
+                "{}".into(),
+                3,
+                owed(2),
+            ));
+            queued(&mut before).await;
+            queued(&mut probe).await;
+            queued(&mut after).await;
+            drop(go);
+            hold.await.unwrap();
+            assert!(matches!(
+                before.await.unwrap(),
+                Inserted::Accepted { deliveries: 1, .. }
+            ));
+            match probe.await {
+                Ok(()) => assert!(!refused),
+                Err(e) => assert!(refused && e.to_string().contains("probe refused"), "{e}"),
+            }
+            assert!(matches!(
+                after.await.unwrap(),
+                Inserted::Accepted { deliveries: 2, .. }
+            ));
+            let kept: Vec<(String, String, i64)> = store
+                .run(|c| {
+                    c.prepare(
+                        "SELECT c.sid, c.event, COUNT(d.id) FROM calls c
+                         LEFT JOIN deliveries d ON d.call_id = c.id GROUP BY c.id ORDER BY c.id",
+                    )?
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect()
+                })
+                .await
+                .unwrap();
+            let want: Vec<(String, String, i64)> = [false, true]
+                .into_iter()
+                .take(usize::from(refused) + 1)
+                .flat_map(|r| {
+                    [
+                        (format!("CAbefore{r}"), "POST_CALL_DATA".into(), 1),
+                        (format!("CAafter{r}"), "POST_CALL_DATA".into(), 2),
+                    ]
+                })
+                .collect();
+            assert_eq!(kept, want);
+            assert_eq!(
+                store.stats().await.unwrap().pending,
+                3 * (i64::from(refused) + 1)
+            );
+        }
+    }
 }
