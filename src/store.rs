@@ -2359,4 +2359,53 @@ mod tests {
             );
         }
     }
+
+    /// A store from before 7023e85 has the backlog index on (status, created_at), named
+    /// `deliveries_open`. Opened by this version it loses that one (it would be kept up on
+    /// every write for nothing) and gets `deliveries_waiting` with the rows already there, and
+    /// the backlog gauges read through it.
+    #[tokio::test]
+    async fn a_store_from_before_the_waiting_index_is_given_it_with_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let store = Store::open(&path).unwrap();
+        stored(&store, "CAold", 7, 2).await;
+        store.close().await;
+        // The indexes as the previous version left them.
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "DROP INDEX deliveries_waiting;
+                 CREATE INDEX deliveries_open ON deliveries (status, created_at)
+                     WHERE status != 'done';",
+            )
+            .unwrap();
+        let store = Store::open(&path).unwrap();
+        let indexes: Vec<String> = store
+            .run(|c| {
+                c.prepare(
+                    "SELECT name FROM sqlite_master WHERE type = 'index'
+                     AND tbl_name = 'deliveries' AND sql IS NOT NULL ORDER BY name",
+                )?
+                .query_map([], |r| r.get(0))?
+                .collect()
+            })
+            .await
+            .unwrap();
+        assert_eq!(indexes, ["deliveries_pending", "deliveries_waiting"]);
+        let (check, plan): (String, String) = store
+            .run(|c| {
+                let check = c.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+                let plan = c.query_row(&format!("EXPLAIN QUERY PLAN {OLDEST_OPEN}"), [], |r| {
+                    r.get(3)
+                })?;
+                Ok((check, plan))
+            })
+            .await
+            .unwrap();
+        assert_eq!(check, "ok");
+        assert!(plan.contains("deliveries_waiting"), "{plan}");
+        let stats = store.stats().await.unwrap();
+        assert_eq!((stats.pending, stats.oldest_pending_since), (2, Some(7)));
+    }
 }
