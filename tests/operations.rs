@@ -2711,3 +2711,26 @@ async fn a_start_on_a_full_disk_keeps_the_last_calls_time() {
     assert_eq!(tokio::task::block_in_place(|| d.terminate()), Some(0));
     assert_eq!(stored_last_call_at(&store), Some(last.to_string()));
 }
+
+/// A daemon waiting for room on a full disk stops on SIGTERM as any daemon does: at once, with
+/// exit code 0 (systemd counts anything else as a failure), and it takes no call meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_waiting_for_room_stops_cleanly_on_sigterm() {
+    let Some(disk) = Tmpfs::mount() else {
+        println!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let slack = FakeSlack::start().await;
+    let store = disk.0.path().join("store.db");
+    let store_name = store.display().to_string();
+    fill(&disk);
+    let mut d = Daemon::start_with_env(
+        &config(&slack, ""),
+        &[("CALLNOTIFY_STORE__PATH", &store_name)],
+    );
+    assert!(d.logs().contains("is full"), "{}", d.logs());
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAwhilewaiting")).await.0, 503);
+    assert_eq!(tokio::task::block_in_place(|| d.terminate()), Some(0));
+    assert!(d.logs().contains("\"stopped\""), "{}", d.logs());
+    assert!(slack.received().is_empty());
+}
