@@ -320,6 +320,20 @@ fn stranded(config: &Config, needs: Vec<(String, Option<String>, String, usize)>
         .collect()
 }
 
+/// Warns of the unfinished deliveries `config` cannot send, as a start finds them.
+async fn warn_stranded(config: &Config, store: &Store) -> Result<(), crate::store::StoreError> {
+    for s in stranded(config, store.open_needs().await?) {
+        tracing::warn!(
+            channel = %s.channel,
+            template = %s.template,
+            deliveries = s.deliveries,
+            "unfinished deliveries this config cannot send: {}; {STRANDED_HINT}",
+            s.reason
+        );
+    }
+    Ok(())
+}
+
 /// Loads and validates a config, then renders the templates the rules and the quiet alert use
 /// against the sample payloads: the same bar at start-up and at reload (where a file with no
 /// settings is refused too, see [`config::load_for_reload`]), so a template that would fail on a
@@ -348,6 +362,9 @@ pub struct App {
     /// (a `systemctl reload` just after `start`) is a reload once it runs, not the end of the
     /// process.
     hup: Hangup,
+    /// The start could not look for unfinished deliveries its config cannot send (the store
+    /// was waiting for room): the background looks once the store answers.
+    stranded_unchecked: bool,
 }
 
 impl App {
@@ -391,22 +408,13 @@ impl App {
             Ok(_) => {}
         }
         // The config may have changed while the daemon was stopped, as at a reload.
-        match store.open_needs().await {
-            Ok(needs) => {
-                for s in stranded(&config, needs) {
-                    tracing::warn!(
-                        channel = %s.channel,
-                        template = %s.template,
-                        deliveries = s.deliveries,
-                        "unfinished deliveries this config cannot send: {}; {STRANDED_HINT}",
-                        s.reason
-                    );
-                }
-            }
+        let stranded_unchecked = match warn_stranded(&config, &store).await {
+            Ok(()) => false,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot check whether unfinished deliveries can be sent with this config")
+                tracing::warn!(error = %e, "cannot check whether unfinished deliveries can be sent with this config; checking once the store answers");
+                true
             }
-        }
+        };
         let listener = TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.server.listen))?;
@@ -449,6 +457,7 @@ impl App {
             listener,
             admin,
             hup,
+            stranded_unchecked,
         })
     }
 
@@ -474,6 +483,7 @@ impl App {
             listener,
             admin,
             hup,
+            stranded_unchecked,
         } = self;
         let stop = CancellationToken::new();
         let cfg = shared.live.load_full().config.clone();
@@ -514,7 +524,13 @@ impl App {
             )));
         }
         let worker = tokio::spawn(shared.worker.clone().run(stop.clone()));
-        let background = tokio::spawn(background(shared.clone(), stop.clone(), watched, hup));
+        let background = tokio::spawn(background(
+            shared.clone(),
+            stop.clone(),
+            watched,
+            hup,
+            stranded_unchecked,
+        ));
         crate::systemd::ready(&format!("listening on {}", listener_addr));
 
         shutdown.await;
@@ -579,6 +595,7 @@ async fn background(
     stop: CancellationToken,
     mut watched: Watch,
     mut hup: Hangup,
+    mut stranded_unchecked: bool,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -599,6 +616,9 @@ async fn background(
                 let live = shared.live.load_full();
                 if !last_call_read {
                     last_call_read = shared.restore_last_call().await;
+                }
+                if stranded_unchecked {
+                    stranded_unchecked = warn_stranded(&live.config, &shared.store).await.is_err();
                 }
                 shared.dead_letter_orphans().await;
                 if let Ok(stats) = shared.store.stats().await {

@@ -2734,3 +2734,55 @@ async fn a_daemon_waiting_for_room_stops_cleanly_on_sigterm() {
     assert!(d.logs().contains("\"stopped\""), "{}", d.logs());
     assert!(slack.received().is_empty());
 }
+
+/// A start looks for unfinished deliveries its config cannot send (a template renamed while the
+/// daemon was stopped). Started on a full disk, it could not read the store then, and never
+/// looked again once the store opened: the warning never came. It now comes once the store
+/// answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_on_a_full_disk_says_what_its_config_strands_once_the_store_opens() {
+    let Some(disk) = Tmpfs::mount() else {
+        println!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let tpl = tempfile::tempdir().unwrap();
+    for (path, text) in [("slack/s.hbs", "{{sid}}"), ("log/summary.hbs", "{{sid}}")] {
+        let p = tpl.path().join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+    let slack = FakeSlack::start().await;
+    slack.set_default(Reply::status(500, "internal_error"));
+    let yaml = config(&slack, "")
+        .replace("{templates}", &tpl.path().display().to_string())
+        .replace("slack/summary", "slack/s");
+    let store_name = disk.0.path().join("store.db").display().to_string();
+    let mut d = Daemon::start_with_env(&yaml, &[("CALLNOTIFY_STORE__PATH", &store_name)]);
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAstrandedfull")).await.0, 200);
+    eventually("a failed first attempt", WAIT, || {
+        let rows = d.deliveries(Some("pending"));
+        (rows.len() == 1 && rows[0]["attempts"] == 1).then_some(())
+    })
+    .await;
+    assert_eq!(tokio::task::block_in_place(|| d.terminate()), Some(0));
+    let original = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::rename(
+        tpl.path().join("slack/s.hbs"),
+        tpl.path().join("slack/t.hbs"),
+    )
+    .unwrap();
+    std::fs::write(&d.config, original.replace("slack/s", "slack/t")).unwrap();
+    let filler = fill(&disk);
+    tokio::task::block_in_place(|| d.spawn());
+    assert!(d.logs().contains("is full"), "{}", d.logs());
+    std::fs::remove_file(&filler).unwrap();
+    let warning = eventually("the stranded warning", WAIT, || {
+        d.logs()
+            .lines()
+            .find(|l| l.contains("unfinished deliveries this config cannot send"))
+            .map(String::from)
+    })
+    .await;
+    assert!(warning.contains("\"template\":\"slack/s\""), "{warning}");
+    assert!(warning.contains("\"deliveries\":1"), "{warning}");
+}
