@@ -1014,8 +1014,21 @@ fn wait_for_room(
                         );
                         return Some((conn, file));
                     }
-                    Err(StoreError::DiskFull(w)) => why = w,
-                    Err(e) => why = e.to_string(),
+                    Err(e) => {
+                        let now_why = match e {
+                            StoreError::DiskFull(w) => w,
+                            e => e.to_string(),
+                        };
+                        // Once the disk has room, something else can be in the way (a file
+                        // left to another user): the log says so, not only `/readyz`.
+                        if now_why != why {
+                            tracing::error!(
+                                store = %path.display(),
+                                "{now_why}: the store still cannot be opened; every call is answered 503 until it opens (tried every second)"
+                            );
+                            why = now_why;
+                        }
+                    }
                 }
             }
         }

@@ -2786,3 +2786,44 @@ async fn a_start_on_a_full_disk_says_what_its_config_strands_once_the_store_open
     assert!(warning.contains("\"template\":\"slack/s\""), "{warning}");
     assert!(warning.contains("\"deliveries\":1"), "{warning}");
 }
+
+/// A daemon waiting for room tries to open the store every second. Once the disk has room,
+/// something else can keep the store shut (here the store file cannot be written): `/readyz`
+/// named it, but the log's only word on the store was still that the disk was full (the new
+/// reason showed up at most as the error of some other task's retry). The store now logs each
+/// new reason once, as it logged the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_waiting_for_room_logs_what_else_keeps_the_store_shut() {
+    let Some(disk) = Tmpfs::mount() else {
+        println!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let slack = FakeSlack::start().await;
+    let store = disk.0.path().join("store.db");
+    let store_name = store.display().to_string();
+    let mut d = Daemon::start_with_env(
+        &config(&slack, ""),
+        &[("CALLNOTIFY_STORE__PATH", &store_name)],
+    );
+    assert_eq!(tokio::task::block_in_place(|| d.terminate()), Some(0));
+    let filler = fill(&disk);
+    tokio::task::block_in_place(|| d.spawn());
+    assert!(d.logs().contains("is full"), "{}", d.logs());
+    let Some(_undo) = Immutable::set(&store) else {
+        println!("skipped: cannot make a file immutable here");
+        return;
+    };
+    std::fs::remove_file(&filler).unwrap();
+    let shut = format!("{store_name} cannot be written by this process");
+    eventually("the new reason logged", WAIT, || {
+        d.logs()
+            .lines()
+            .any(|l| l.contains(&shut) && l.contains("the store still cannot be opened"))
+            .then_some(())
+    })
+    .await;
+    let (status, ready) = get(&d.url("/readyz")).await;
+    assert_eq!(status, 503, "{ready}");
+    assert!(ready.contains(&shut), "{ready}");
+    assert_eq!(tokio::task::block_in_place(|| d.terminate()), Some(0));
+}
