@@ -2827,3 +2827,51 @@ async fn a_daemon_waiting_for_room_logs_what_else_keeps_the_store_shut() {
     assert!(ready.contains(&shut), "{ready}");
     assert_eq!(tokio::task::block_in_place(|| d.terminate()), Some(0));
 }
+
+/// What scripts read from `deliveries list --json` and `deliveries show --json`: the same
+/// fields for a delivery in both, each attempt's fields, and for an id that is not there
+/// nothing on stdout (so no half document is parsed), a line naming it on stderr and exit 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_json_output_keeps_its_fields_and_a_missing_id_prints_nothing() {
+    let slack = FakeSlack::start().await;
+    let d = Daemon::start(&config(&slack, ""));
+    assert_eq!(d.post(&with_sid(FIXTURE, "CAjsonshape")).await.0, 200);
+    let rows = d.wait_settled(WAIT).await;
+    let keys = |v: &Value| -> Vec<String> {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    let delivery = [
+        "attempts",
+        "channel",
+        "created_at",
+        "event",
+        "id",
+        "last_error",
+        "next_attempt_at",
+        "rule",
+        "sid",
+        "status",
+        "updated_at",
+    ];
+    assert_eq!(keys(&rows[0]), delivery);
+    let id = rows[0]["id"].to_string();
+    let out = d.cli(&["deliveries", "show", &id, "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(keys(&v), ["attempts", "delivery"]);
+    assert_eq!(keys(&v["delivery"]), delivery);
+    assert_eq!(v["delivery"], rows[0]);
+    assert_eq!(
+        keys(&v["attempts"][0]),
+        ["at", "attempt", "detail", "latency_ms", "outcome"]
+    );
+    assert_eq!(v["attempts"][0]["outcome"], "done", "{v}");
+
+    let out = d.cli(&["deliveries", "show", "424242", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no delivery 424242"), "{err}");
+}
