@@ -17,25 +17,28 @@ use callnotify::{app, commands, config, notify::Outcome};
     long_about = "callnotify receives Air's POST_CALL_DATA / POST_CALL_OUTCOME webhooks, stores each call \
 on disk, decides by the rules in a YAML file which notifications it owes, renders them from Handlebars \
 templates and delivers them to Slack and email, retrying until they are delivered or dead-lettered.",
-    after_help = "Examples:\n  callnotify serve                                   # run on config/callnotify.yaml\n  callnotify check --config /etc/callnotify/callnotify.yaml\n  callnotify render tests/fixtures/post_call_data.json\n  callnotify deliveries list --status dead\n  callnotify send-test --config config/examples/slack.yaml --channel sales"
+    after_help = "Examples:\n  callnotify serve                                   # run on config/callnotify.yaml\n  callnotify check --config /etc/callnotify/callnotify.yaml\n  callnotify render tests/fixtures/post_call_data.json\n  callnotify deliveries list --status dead\n  callnotify deliveries show 17\n  callnotify deliveries retry --all-dead\n  callnotify send-test --config config/examples/slack.yaml --channel sales\n\n`callnotify COMMAND --help` explains each command, with examples."
 )]
 struct Cli {
     /// The config file.
+    // The global options come after each command's own in its --help.
     #[arg(
         long,
         short,
         global = true,
+        display_order = 100,
         env = "CALLNOTIFY_CONFIG",
         default_value = "config/callnotify.yaml"
     )]
     config: PathBuf,
     /// Log format.
-    #[arg(long, global = true, env = "CALLNOTIFY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    #[arg(long, global = true, env = "CALLNOTIFY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human, display_order = 101)]
     log_format: LogFormat,
     /// Log level or filter (`info`, `debug`, `callnotify=debug,warn`); RUST_LOG wins when set.
     #[arg(
         long,
         global = true,
+        display_order = 102,
         env = "CALLNOTIFY_LOG_LEVEL",
         default_value = "info"
     )]
@@ -52,16 +55,19 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the daemon: receive webhooks, deliver notifications. SIGTERM/Ctrl-C stop it cleanly;
-    /// SIGHUP reloads the config.
+    /// Run the daemon: receive webhooks, deliver notifications.
+    ///
+    /// SIGTERM or Ctrl-C stops it cleanly; SIGHUP reloads the config.
     #[command(
         after_help = "Examples:\n  callnotify serve                    the shipped config: no secrets, every call logged\n  AIR_WEBHOOK_TOKEN=... SLACK_SALES_WEBHOOK=https://hooks.slack.com/... \\\n    callnotify serve --config config/examples/slack.yaml"
     )]
     Serve,
-    /// Validate the config, compile every template and render those the rules and the quiet
-    /// alert use against sample payloads.
-    /// Exit 0 when all is well, 1 with every problem listed otherwise. An unset ${VAR} is a
-    /// problem, as it is for serve; --without-secrets checks the rest where secrets are absent.
+    /// Validate the config and render the rules' templates against sample calls.
+    ///
+    /// Every template is compiled; those the rules and the quiet alert use are rendered against
+    /// built-in sample payloads. Exit 0 when all is well, 1 with every problem listed otherwise.
+    /// An unset ${VAR} is a problem, as it is for serve; --without-secrets checks the rest where
+    /// secrets are absent.
     #[command(
         after_help = "Examples:\n  callnotify check --config config/examples/slack.yaml                     on the host, secrets set\n  callnotify check --without-secrets --config config/examples/slack.yaml   in CI, secrets unset"
     )]
@@ -72,7 +78,8 @@ enum Command {
         #[arg(long)]
         without_secrets: bool,
     },
-    /// Dry run: show which rules a payload matches (and why not) and exactly what would be sent.
+    /// Dry run: which rules a payload matches (and why not), and exactly what would be sent.
+    ///
     /// Nothing is sent, so no secret is needed: a placeholder stands in for each unset ${VAR},
     /// and one line on stderr names them. Exit 0 when every notification would go out (matching
     /// nothing is fine), 1 when one would fail (a template error, no valid recipient, a message
@@ -93,8 +100,11 @@ enum Command {
         after_help = "Examples:\n  callnotify deliveries list --status dead\n  callnotify deliveries show 17\n  callnotify deliveries retry 17 18\n  callnotify deliveries retry --all-dead"
     )]
     Deliveries(Deliveries),
-    /// Render a sample call for one channel and really send it; prints what the destination said.
-    /// What it sends with must be set; the Air token and other channels' settings need not be.
+    /// Really send a sample call to one channel, and print what the destination answered.
+    ///
+    /// The message is the first rule's that uses the channel (or a built-in test message),
+    /// rendered for a sample call (or --payload). What it sends with must be set; the Air token
+    /// and other channels' settings need not be.
     #[command(
         after_help = "Examples:\n  callnotify send-test --config config/examples/slack.yaml --channel sales\n  callnotify send-test --config config/examples/email.yaml --channel managers --to me@example.com \\\n    --payload tests/fixtures/post_call_data.json"
     )]
@@ -131,7 +141,9 @@ enum Deliveries {
         #[arg(long)]
         json: bool,
     },
-    /// Show one delivery and every attempt at it: when, the outcome, and what the destination
+    /// Show one delivery and every attempt at it.
+    ///
+    /// For each attempt: when it ended, its outcome, how long it took and what the destination
     /// answered (`list` shows only the last error).
     #[command(after_help = "Examples:\n  callnotify deliveries show 17")]
     Show {
@@ -141,8 +153,10 @@ enum Deliveries {
         #[arg(long)]
         json: bool,
     },
-    /// Put dead deliveries back in the queue, due now, with a fresh retry window; make pending
-    /// ones (waiting out the retry schedule) due now.
+    /// Requeue dead deliveries, or make pending ones due now.
+    ///
+    /// Dead ones go back in the queue, due now, with a fresh retry window; pending ones (waiting
+    /// out the retry schedule) become due now, keeping their attempts.
     #[command(
         after_help = "Examples:\n  callnotify deliveries retry 12 13\n  callnotify deliveries retry --all-dead\n  callnotify deliveries retry --all-pending     after an outage is fixed"
     )]

@@ -2875,3 +2875,82 @@ async fn deliveries_json_output_keeps_its_fields_and_a_missing_id_prints_nothing
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no delivery 424242"), "{err}");
 }
+
+/// `callnotify --help` listed check, render and send-test with their whole descriptions (up to
+/// 330 characters on one line), so the list of commands read as a wall; and each command's
+/// --help showed --log-format and --log-level between its own options. Now the list has one
+/// short line per command, each command's --help still says everything and gives examples,
+/// and the global options come after the command's own.
+#[test]
+fn help_lists_each_command_in_one_short_line_and_each_command_teaches_with_examples() {
+    let help = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let top = help(&["--help"]);
+    let commands: Vec<&str> = top
+        .lines()
+        .skip_while(|l| *l != "Commands:")
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .collect();
+    assert_eq!(commands.len(), 6, "{top}");
+    for line in &commands {
+        assert!(
+            line.chars().count() <= 100,
+            "a wall in the command list: {line}"
+        );
+    }
+    assert!(top.contains("callnotify deliveries show 17"), "{top}");
+    let long = [
+        (
+            &["check", "--help"][..],
+            "Exit 0 when all is well",
+            "--without-secrets",
+        ),
+        (&["render", "--help"][..], "no secret is needed", "--json"),
+        (
+            &["send-test", "--help"][..],
+            "What it sends with must be set",
+            "--payload",
+        ),
+        (
+            &["serve", "--help"][..],
+            "SIGHUP reloads the config",
+            "--config",
+        ),
+        (
+            &["deliveries", "show", "--help"][..],
+            "what the destination",
+            "--json",
+        ),
+        (
+            &["deliveries", "retry", "--help"][..],
+            "fresh retry window",
+            "--all-pending",
+        ),
+        (
+            &["deliveries", "list", "--help"][..],
+            "newest first",
+            "--json",
+        ),
+    ];
+    for (args, says, own) in long {
+        let text = help(args);
+        assert!(text.contains(says), "{args:?}:\n{text}");
+        assert!(
+            text.contains("Examples:\n  callnotify "),
+            "{args:?}:\n{text}"
+        );
+        let options = &text[text.find("Options:").unwrap()..];
+        assert!(
+            options.find(own).unwrap() <= options.find("--config").unwrap()
+                && options.find("--config").unwrap() < options.find("--log-format").unwrap(),
+            "global options before the command's own:\n{text}"
+        );
+    }
+}
