@@ -721,14 +721,25 @@ pub fn load_store(path: &Path) -> Result<StoreConfig, ConfigError> {
     })
 }
 
-/// The config file's text.
+/// The config file's text. A relative path that names nothing says where it was looked for:
+/// the default, `config/callnotify.yaml`, is found only from the directory that holds `config/`.
 fn read(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|e| ConfigError {
-        source: path.to_path_buf(),
-        problems: vec![Problem::new(
-            path.display().to_string(),
-            format!("cannot read the config file: {e}"),
-        )],
+    std::fs::read_to_string(path).map_err(|e| {
+        let hint = match std::env::current_dir() {
+            Ok(cwd) if e.kind() == std::io::ErrorKind::NotFound && path.is_relative() => format!(
+                "; a relative path is taken from the working directory, {}: give --config PATH \
+                 (or CALLNOTIFY_CONFIG)",
+                cwd.display()
+            ),
+            _ => String::new(),
+        };
+        ConfigError {
+            source: path.to_path_buf(),
+            problems: vec![Problem::new(
+                path.display().to_string(),
+                format!("cannot read the config file: {e}{hint}"),
+            )],
+        }
     })
 }
 

@@ -2954,3 +2954,29 @@ fn help_lists_each_command_in_one_short_line_and_each_command_teaches_with_examp
         );
     }
 }
+
+/// After `cargo install`, `callnotify serve` (or `check`) run from any directory but the one
+/// holding `config/` said only "config/callnotify.yaml: cannot read the config file: No such
+/// file or directory", which does not say where it looked nor how to point it elsewhere.
+#[test]
+fn a_missing_relative_config_says_where_it_was_looked_for_and_how_to_name_another() {
+    let dir = tempfile::tempdir().unwrap();
+    for command in ["check", "serve"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"))
+            .arg(command)
+            .current_dir(dir.path())
+            .env_remove("CALLNOTIFY_CONFIG")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{command}: {err}");
+        let cwd = dir.path().canonicalize().unwrap();
+        assert!(
+            err.contains(&format!(
+                "a relative path is taken from the working directory, {}",
+                cwd.display()
+            )) && err.contains("give --config PATH (or CALLNOTIFY_CONFIG)"),
+            "{command}: {err}"
+        );
+    }
+}
