@@ -1,10 +1,12 @@
 # Multi-stage build: a static-ish release binary on a small non-root runtime image.
 #   docker build -t callnotify .
 #   docker run -p 8080:8080 -v callnotify-data:/data -v $PWD/config:/config:ro \
-#     -e CALLNOTIFY_SERVER__TOKENS=... callnotify
+#     --stop-timeout 30 -e CALLNOTIFY_SERVER__TOKENS=... callnotify
 # (Air's token, 16+ characters. config/callnotify.yaml has `tokens: []`, so without the override
 # the endpoint is open; a config of your own that says ["${AIR_WEBHOOK_TOKEN}"] takes
 # -e AIR_WEBHOOK_TOKEN=... instead.)
+# --stop-timeout 30: Docker's default, 10 s, would kill the daemon while delivery.shutdown_grace
+# (also 10 s) lets in-flight deliveries finish and the store close (docs/DELIVERY.md, Shutdown).
 # The ENV below sets server.listen, store.path and templates_dir over any mounted config (the
 # start-up log and `check` name them). Templates of your own: mount them over /templates
 # (-v $PWD/templates:/templates:ro), or pass -e CALLNOTIFY_TEMPLATES_DIR=/config/templates.
