@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -292,6 +291,17 @@ impl Shared {
 
 /// Which groups of unfinished deliveries (see [`Store::open_needs`]) `config` cannot send, and
 /// why: the worker would find the same when it tries them.
+/// Why a listener could not be bound, naming the setting. An address in use is most often a
+/// callnotify started earlier (the walk-through's, or a second `serve`): it says what to do.
+fn cannot_listen(e: std::io::Error, addr: SocketAddr, key: &str) -> anyhow::Error {
+    let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+        format!("; another process listens there (a callnotify started earlier?): stop it, or change {key}")
+    } else {
+        String::new()
+    };
+    anyhow::anyhow!("cannot listen on {addr} ({key}): {e}{hint}")
+}
+
 fn stranded(config: &Config, needs: Vec<(String, Option<String>, String, usize)>) -> Vec<Stranded> {
     needs
         .into_iter()
@@ -417,12 +427,12 @@ impl App {
         };
         let listener = TcpListener::bind(config.server.listen)
             .await
-            .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+            .map_err(|e| cannot_listen(e, config.server.listen, "server.listen"))?;
         let admin = match &config.admin {
             Some(a) => Some(
                 TcpListener::bind(a.listen)
                     .await
-                    .with_context(|| format!("cannot listen on {} (admin)", a.listen))?,
+                    .map_err(|e| cannot_listen(e, a.listen, "admin.listen"))?,
             ),
             None => None,
         };

@@ -2980,3 +2980,48 @@ fn a_missing_relative_config_says_where_it_was_looked_for_and_how_to_name_anothe
         );
     }
 }
+
+/// A second `serve` on an address in use (the walk-through's daemon still running, say) said
+/// only "Address already in use"; it now says what is likely there and which setting moves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listen_address_in_use_says_to_stop_the_other_process_or_move_this_one() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (listen, key) in [
+        (
+            format!("server: {{ listen: \"{addr}\" }}\n"),
+            "server.listen",
+        ),
+        (
+            format!("server: {{ listen: \"127.0.0.1:0\" }}\nadmin: {{ listen: \"{addr}\" }}\n"),
+            "admin.listen",
+        ),
+    ] {
+        let path = dir.path().join("c.yaml");
+        std::fs::write(
+            &path,
+            format!(
+                "{listen}store: {{ path: \"{}/s.db\" }}\ntemplates_dir: \"{}\"\n",
+                dir.path().display(),
+                templates_dir().display()
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains(&format!("cannot start: cannot listen on {addr} ({key}): "))
+                && err.contains(&format!(
+                    "another process listens there (a callnotify started earlier?): stop it, \
+                     or change {key}"
+                )),
+            "{err}"
+        );
+    }
+}
