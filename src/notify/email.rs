@@ -1235,10 +1235,20 @@ mod tests {
         timeout: Duration,
         login: Option<(&str, &str)>,
     ) -> Transport {
+        transport_to(addr, SmtpTls::None, timeout, login)
+    }
+
+    /// A transport to `addr` with this TLS setting, timeout and, if given, login.
+    fn transport_to(
+        addr: std::net::SocketAddr,
+        tls: SmtpTls,
+        timeout: Duration,
+        login: Option<(&str, &str)>,
+    ) -> Transport {
         transport(&SmtpConfig {
             host: addr.ip().to_string(),
             port: addr.port(),
-            tls: SmtpTls::None,
+            tls,
             username: login.map(|(user, _)| user.to_string()),
             password: login.map(|(_, password)| password.to_string().into()),
             timeout,
@@ -1868,15 +1878,7 @@ mod tests {
                 _ => Answer::Say("250 ok".into()),
             })
             .await;
-            let t = transport(&SmtpConfig {
-                host: addr.ip().to_string(),
-                port: addr.port(),
-                tls: SmtpTls::Starttls,
-                username: None,
-                password: None,
-                timeout: Duration::from_secs(10),
-            })
-            .unwrap();
+            let t = transport_to(addr, SmtpTls::Starttls, Duration::from_secs(10), None);
             let from: Mailbox = "calls@example.com".parse().unwrap();
             let outcome = send(&t, &from, &parts_to(&["a@example.com"]), &meta()).await;
             let Outcome::Retry { after: None, error } = &outcome else {
@@ -1909,15 +1911,7 @@ mod tests {
         // "Connection error: Connection error: received corrupt message of type
         // InvalidContentType", which says nothing about the setting.
         let (addr, server) = line_peer(false, |_| Answer::Say("250 ok".into())).await;
-        let t = transport(&SmtpConfig {
-            host: addr.ip().to_string(),
-            port: addr.port(),
-            tls: SmtpTls::Tls,
-            username: None,
-            password: None,
-            timeout: Duration::from_secs(10),
-        })
-        .unwrap();
+        let t = transport_to(addr, SmtpTls::Tls, Duration::from_secs(10), None);
         let from: Mailbox = "calls@example.com".parse().unwrap();
         let outcome = send(&t, &from, &parts_to(&["a@example.com"]), &meta()).await;
         let Outcome::Retry { after: None, error } = &outcome else {
@@ -1947,15 +1941,7 @@ mod tests {
                 open.push(listener.accept().await.unwrap().0);
             }
         });
-        let t = transport(&SmtpConfig {
-            host: addr.ip().to_string(),
-            port: addr.port(),
-            tls: SmtpTls::Starttls,
-            username: None,
-            password: None,
-            timeout: Duration::from_millis(300),
-        })
-        .unwrap();
+        let t = transport_to(addr, SmtpTls::Starttls, Duration::from_millis(300), None);
         let from: Mailbox = "calls@example.com".parse().unwrap();
         let outcome = send(&t, &from, &parts_to(&["a@example.com"]), &meta()).await;
         assert_eq!(

@@ -82,9 +82,9 @@ pub fn redirected(status: u16, location: Option<&str>) -> Outcome {
     }
 }
 
-/// Slack's answer -> what to do: 2xx done, unless its body is `{"ok": false, ...}`; 429 retry after `Retry-After`; 5xx, 408, 421 and 425
-/// retry, no sooner than a `Retry-After` they carry; any other 4xx (`invalid_payload`,
-/// `channel_not_found`, `channel_is_archived`, ...) permanent.
+/// Slack's answer -> what to do: 2xx done, unless its body is `{"ok": false, ...}`; 429 retry
+/// after `Retry-After`; 5xx, 408, 421 and 425 retry, no sooner than a `Retry-After` they carry;
+/// any other 4xx (`invalid_payload`, `channel_not_found`, `channel_is_archived`, ...) permanent.
 ///
 /// 408 (Request Timeout), 421 (Misdirected Request: the connection reached a server that does
 /// not serve this host, a CDN or proxy's routing) and 425 (Too Early: TLS early data refused)
@@ -98,6 +98,12 @@ pub fn classify(status: u16, retry_after: Option<&str>, body: &str) -> Outcome {
     } else {
         format!("HTTP {status}: {}", excerpt(&body, 300))
     };
+    // How long the destination asked to be left alone (`Retry-After`), at most an hour.
+    let asked_to_wait = || {
+        retry_after
+            .and_then(rate_limit_wait)
+            .map(|wait| wait.min(MAX_RATE_LIMIT_WAIT))
+    };
     match status {
         200..=299 => match refusal(&body) {
             None => Outcome::Delivered { detail: Some(said) },
@@ -105,12 +111,7 @@ pub fn classify(status: u16, retry_after: Option<&str>, body: &str) -> Outcome {
             // `{"ok": false, "error": "..."}`: nothing was posted.
             Some(error) => match error.as_str() {
                 "ratelimited" | "rate_limited" => Outcome::Retry {
-                    after: Some(
-                        retry_after
-                            .and_then(rate_limit_wait)
-                            .map(|wait| wait.min(MAX_RATE_LIMIT_WAIT))
-                            .unwrap_or(DEFAULT_RATE_LIMIT_WAIT),
-                    ),
+                    after: Some(asked_to_wait().unwrap_or(DEFAULT_RATE_LIMIT_WAIT)),
                     error: said,
                 },
                 "internal_error" | "fatal_error" | "service_unavailable" | "request_timeout" => {
@@ -125,18 +126,11 @@ pub fn classify(status: u16, retry_after: Option<&str>, body: &str) -> Outcome {
             },
         },
         429 => Outcome::Retry {
-            after: Some(
-                retry_after
-                    .and_then(rate_limit_wait)
-                    .map(|wait| wait.min(MAX_RATE_LIMIT_WAIT))
-                    .unwrap_or(DEFAULT_RATE_LIMIT_WAIT),
-            ),
+            after: Some(asked_to_wait().unwrap_or(DEFAULT_RATE_LIMIT_WAIT)),
             error: said,
         },
         408 | 421 | 425 | 500..=599 => Outcome::Retry {
-            after: retry_after
-                .and_then(rate_limit_wait)
-                .map(|wait| wait.min(MAX_RATE_LIMIT_WAIT)),
+            after: asked_to_wait(),
             error: said,
         },
         _ => Outcome::Permanent { error: said },
