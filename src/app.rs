@@ -289,8 +289,6 @@ impl Shared {
     }
 }
 
-/// Which groups of unfinished deliveries (see [`Store::open_needs`]) `config` cannot send, and
-/// why: the worker would find the same when it tries them.
 /// Why a listener could not be bound, naming the setting. An address in use is most often a
 /// callnotify started earlier (the walk-through's, or a second `serve`): it says what to do.
 fn cannot_listen(e: std::io::Error, addr: SocketAddr, key: &str) -> anyhow::Error {
@@ -302,6 +300,8 @@ fn cannot_listen(e: std::io::Error, addr: SocketAddr, key: &str) -> anyhow::Erro
     anyhow::anyhow!("cannot listen on {addr} ({key}): {e}{hint}")
 }
 
+/// Which groups of unfinished deliveries (see [`Store::open_needs`]) `config` cannot send, and
+/// why: the worker would find the same when it tries them.
 fn stranded(config: &Config, needs: Vec<(String, Option<String>, String, usize)>) -> Vec<Stranded> {
     needs
         .into_iter()

@@ -2271,11 +2271,9 @@ async fn a_read_only_store_is_reported_with_the_file_that_is_read_only() {
     }
 }
 
-/// `deliveries list` showed a delivered message with the error of an attempt before it, under
-/// "last error", as if it had failed. That error is now labelled as an earlier attempt's; the
-/// error of a delivery still waiting or dead is shown as it is.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_delivered_row_labels_the_error_of_an_earlier_attempt() {
+/// A daemon whose Slack stand-in answers 500 once, then 200, with a retry after 1 s, and `sid`
+/// posted to it: delivered on its second attempt. The stand-in, the daemon and its settled rows.
+async fn delivered_on_the_second_attempt(sid: &str) -> (FakeSlack, Daemon, Vec<Value>) {
     let slack = FakeSlack::start().await;
     slack.script([Reply::status(500, "briefly down")]);
     let yaml = format!(
@@ -2283,8 +2281,17 @@ async fn a_delivered_row_labels_the_error_of_an_earlier_attempt() {
         config(&slack, "")
     );
     let d = Daemon::start(&yaml);
-    assert_eq!(d.post(&with_sid(FIXTURE, "CAretried")).await.0, 200);
+    assert_eq!(d.post(&with_sid(FIXTURE, sid)).await.0, 200);
     let rows = d.wait_settled(WAIT).await;
+    (slack, d, rows)
+}
+
+/// `deliveries list` showed a delivered message with the error of an attempt before it, under
+/// "last error", as if it had failed. That error is now labelled as an earlier attempt's; the
+/// error of a delivery still waiting or dead is shown as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivered_row_labels_the_error_of_an_earlier_attempt() {
+    let (_slack, d, rows) = delivered_on_the_second_attempt("CAretried").await;
     assert_eq!(rows[0]["status"], "done", "{rows:?}");
     assert_eq!(rows[0]["attempts"], 2, "{rows:?}");
     let out = d.cli(&["deliveries", "list"]);
@@ -2521,15 +2528,7 @@ async fn a_replayed_row_labels_the_error_it_died_of() {
 /// `deliveries show ID` prints the delivery and every attempt at it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_show_prints_every_attempt() {
-    let slack = FakeSlack::start().await;
-    slack.script([Reply::status(500, "briefly down")]);
-    let yaml = format!(
-        "{}delivery: {{ retry_schedule: [\"1s\"] }}\n",
-        config(&slack, "")
-    );
-    let d = Daemon::start(&yaml);
-    assert_eq!(d.post(&with_sid(FIXTURE, "CAshown")).await.0, 200);
-    let rows = d.wait_settled(WAIT).await;
+    let (_slack, d, rows) = delivered_on_the_second_attempt("CAshown").await;
     let id = rows[0]["id"].to_string();
     let out = d.cli(&["deliveries", "show", &id]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
