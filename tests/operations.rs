@@ -1980,11 +1980,10 @@ async fn with_watch_config_an_edit_applied_by_post_reload_is_not_reloaded_again(
     );
 }
 
-/// A reload that renames the template pending deliveries use is accepted (new calls use the new
-/// name), and says how many deliveries it strands, why, and how to get them sent: in its log
-/// line and in the `POST /-/reload` answer. Put back, they are sent.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reload_that_strands_pending_deliveries_says_how_many_and_how_to_replay_them() {
+/// A templates dir of the test's own (`slack/s`, `log/summary`, which a test may rename), a
+/// Slack stand-in that answers 500, and a config whose rule sends to it with `slack/s`: its
+/// deliveries wait, pending.
+async fn templates_of_its_own_and_slack_down() -> (tempfile::TempDir, FakeSlack, String) {
     let tpl = tempfile::tempdir().unwrap();
     for (path, text) in [("slack/s.hbs", "{{sid}}"), ("log/summary.hbs", "{{sid}}")] {
         let p = tpl.path().join(path);
@@ -1996,6 +1995,15 @@ async fn a_reload_that_strands_pending_deliveries_says_how_many_and_how_to_repla
     let yaml = config(&slack, "")
         .replace("{templates}", &tpl.path().display().to_string())
         .replace("slack/summary", "slack/s");
+    (tpl, slack, yaml)
+}
+
+/// A reload that renames the template pending deliveries use is accepted (new calls use the new
+/// name), and says how many deliveries it strands, why, and how to get them sent: in its log
+/// line and in the `POST /-/reload` answer. Put back, they are sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_strands_pending_deliveries_says_how_many_and_how_to_replay_them() {
+    let (tpl, slack, yaml) = templates_of_its_own_and_slack_down().await;
     let d = Daemon::start(&yaml);
     for sid in ["CAst1", "CAst2"] {
         assert_eq!(d.post(&with_sid(FIXTURE, sid)).await.0, 200);
@@ -2057,17 +2065,7 @@ async fn a_reload_that_strands_pending_deliveries_says_how_many_and_how_to_repla
 /// The same when the template was renamed while the daemon was stopped: the start says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_whose_config_strands_pending_deliveries_says_so() {
-    let tpl = tempfile::tempdir().unwrap();
-    for (path, text) in [("slack/s.hbs", "{{sid}}"), ("log/summary.hbs", "{{sid}}")] {
-        let p = tpl.path().join(path);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, text).unwrap();
-    }
-    let slack = FakeSlack::start().await;
-    slack.set_default(Reply::status(500, "internal_error"));
-    let yaml = config(&slack, "")
-        .replace("{templates}", &tpl.path().display().to_string())
-        .replace("slack/summary", "slack/s");
+    let (tpl, _slack, yaml) = templates_of_its_own_and_slack_down().await;
     let mut d = Daemon::start(&yaml);
     assert_eq!(d.post(&with_sid(FIXTURE, "CAstart")).await.0, 200);
     eventually("a failed first attempt", WAIT, || {
@@ -2744,17 +2742,7 @@ async fn a_start_on_a_full_disk_says_what_its_config_strands_once_the_store_open
         println!("skipped: cannot mount a tmpfs here (needs root)");
         return;
     };
-    let tpl = tempfile::tempdir().unwrap();
-    for (path, text) in [("slack/s.hbs", "{{sid}}"), ("log/summary.hbs", "{{sid}}")] {
-        let p = tpl.path().join(path);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, text).unwrap();
-    }
-    let slack = FakeSlack::start().await;
-    slack.set_default(Reply::status(500, "internal_error"));
-    let yaml = config(&slack, "")
-        .replace("{templates}", &tpl.path().display().to_string())
-        .replace("slack/summary", "slack/s");
+    let (tpl, _slack, yaml) = templates_of_its_own_and_slack_down().await;
     let store_name = disk.0.path().join("store.db").display().to_string();
     let mut d = Daemon::start_with_env(&yaml, &[("CALLNOTIFY_STORE__PATH", &store_name)]);
     assert_eq!(d.post(&with_sid(FIXTURE, "CAstrandedfull")).await.0, 200);
