@@ -2355,22 +2355,10 @@ async fn a_daemon_started_on_a_full_disk_waits_for_room_instead_of_exiting() {
         println!("skipped: cannot mount a tmpfs here (needs root)");
         return;
     };
-    let filler = disk.0.path().join("filler");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&filler).unwrap();
-        let block = vec![0u8; 64 * 1024];
-        while f.write_all(&block).is_ok() {}
-        while f.write_all(&[0u8; 512]).is_ok() {}
-    }
+    let filler = fill(&disk);
     let slack = FakeSlack::start().await;
-    let store = disk.0.path().join("store.db");
-    let store_name = store.display().to_string();
-    let d = Daemon::start_with_env(
-        &config(&slack, ""),
-        &[("CALLNOTIFY_STORE__PATH", &store_name)],
-    );
-    let full = format!("the disk holding {store_name} is full");
+    let (d, store) = start_with_store_on(&disk, &config(&slack, ""));
+    let full = format!("the disk holding {} is full", store.display());
     assert!(d.logs().contains(&full), "{}", d.logs());
 
     let r = http()
@@ -2590,6 +2578,14 @@ async fn retrying_a_sending_delivery_says_a_stopped_daemon_requeues_it_at_start(
 }
 
 /// Fills the tmpfs at `disk` to the last byte with one file, and returns its path (remove it to
+/// Starts a daemon on `yaml` with its store (`store.db`) on `disk`; the store's path with it.
+fn start_with_store_on(disk: &Tmpfs, yaml: &str) -> (Daemon, PathBuf) {
+    let store = disk.0.path().join("store.db");
+    let store_name = store.display().to_string();
+    let d = Daemon::start_with_env(yaml, &[("CALLNOTIFY_STORE__PATH", &store_name)]);
+    (d, store)
+}
+
 /// free the space).
 fn fill(disk: &Tmpfs) -> PathBuf {
     use std::io::Write;
@@ -2679,12 +2675,7 @@ async fn a_start_on_a_full_disk_keeps_the_last_calls_time() {
         return;
     };
     let slack = FakeSlack::start().await;
-    let store = disk.0.path().join("store.db");
-    let store_name = store.display().to_string();
-    let mut d = Daemon::start_with_env(
-        &config(&slack, ""),
-        &[("CALLNOTIFY_STORE__PATH", &store_name)],
-    );
+    let (mut d, store) = start_with_store_on(&disk, &config(&slack, ""));
     assert_eq!(d.post(&with_sid(FIXTURE, "CAbeforefull")).await.0, 200);
     slack.wait_accepted(1, WAIT).await;
     assert_eq!(tokio::task::block_in_place(|| d.terminate()), Some(0));
@@ -2786,12 +2777,7 @@ async fn a_daemon_waiting_for_room_logs_what_else_keeps_the_store_shut() {
         return;
     };
     let slack = FakeSlack::start().await;
-    let store = disk.0.path().join("store.db");
-    let store_name = store.display().to_string();
-    let mut d = Daemon::start_with_env(
-        &config(&slack, ""),
-        &[("CALLNOTIFY_STORE__PATH", &store_name)],
-    );
+    let (mut d, store) = start_with_store_on(&disk, &config(&slack, ""));
     assert_eq!(tokio::task::block_in_place(|| d.terminate()), Some(0));
     let filler = fill(&disk);
     tokio::task::block_in_place(|| d.spawn());
@@ -2801,7 +2787,7 @@ async fn a_daemon_waiting_for_room_logs_what_else_keeps_the_store_shut() {
         return;
     };
     std::fs::remove_file(&filler).unwrap();
-    let shut = format!("{store_name} cannot be written by this process");
+    let shut = format!("{} cannot be written by this process", store.display());
     eventually("the new reason logged", WAIT, || {
         d.logs()
             .lines()
